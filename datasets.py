@@ -1,0 +1,254 @@
+# Dataset and transform factories for the training CLI (DeiT-style).
+import csv
+import json
+import os
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import default_loader, find_classes
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+DATA_SETS = ('CIFAR10', 'CIFAR100', 'IMNET', 'INAT18', 'INAT19', 'IFOOD', 'FOLDER', 'DIGITS')
+INAT_CATEGORIES = ('name', 'genus', 'family', 'order', 'class', 'phylum', 'kingdom', 'supercategory')
+# torchvision's on-disk layout; listed so a missing file is reported before torchvision's vague error.
+CIFAR_FILES = {
+    'CIFAR10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'batches.meta'),
+    'CIFAR100': ('cifar-100-python', ['train'], ['test'], 'meta'),
+}
+DIGITS_VAL_FRACTION = 0.2
+DIGITS_SEED = 0
+
+
+class ListDataset(Dataset):
+    """(path, target) pairs read with the ImageFolder loader; for layouts ImageFolder cannot index."""
+
+    def __init__(self, samples, transform=None, loader=default_loader):
+        self.samples = samples
+        self.targets = [t for _, t in samples]
+        self.transform = transform
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        img = self.loader(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's bundled 8x8 digits (1797 images): a smoke-test dataset needing no download."""
+
+    def __init__(self, train=True, transform=None):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        digits = load_digits()
+        all_idx = np.arange(len(digits.target))
+        # Fixed seed + stratify: every process (DDP ranks, later eval runs) sees the same split.
+        train_idx, val_idx = train_test_split(all_idx, test_size=DIGITS_VAL_FRACTION,
+                                              stratify=digits.target, random_state=DIGITS_SEED)
+        self.indices = np.sort(train_idx if train else val_idx)
+        # Pixel values are 0..16; stretch to 8-bit so PIL-based augmentations behave normally.
+        self.images = np.round(digits.images[self.indices] * 255.0 / 16.0).astype(np.uint8)
+        self.targets = [int(t) for t in digits.target[self.indices]]
+        self.classes = [str(i) for i in range(10)]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.images[index]).convert('RGB')  # uint8 2-D array -> 'L'
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+def _require_file(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{what}: expected file {path}')
+
+
+def _require_dir(path, what):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'{what}: expected folder {path}')
+
+
+def _cifar(name, root, is_train, transform):
+    folder, train_files, val_files, meta = CIFAR_FILES[name]
+    base = os.path.join(root, folder)
+    # Check the val files too, so a half-copied dataset fails before training starts.
+    missing = [f for f in train_files + val_files + [meta] if not os.path.isfile(os.path.join(base, f))]
+    if missing:
+        raise FileNotFoundError(
+            f'{name} not found in {root}: put the extracted python-version archive there as {base}/ '
+            f'(missing: {", ".join(missing)}); downloading is disabled')
+    cls = datasets.CIFAR10 if name == 'CIFAR10' else datasets.CIFAR100
+    try:
+        return cls(root, train=is_train, transform=transform, download=False)
+    except RuntimeError as e:  # torchvision's md5 check
+        raise ValueError(f'{name} files in {base} are corrupted ({e}); re-extract the archive there') from e
+
+
+def _image_folder(root, is_train, transform):
+    """train/ and val/ class-folder trees; val must have exactly train's classes so indices agree."""
+    train_dir, val_dir = os.path.join(root, 'train'), os.path.join(root, 'val')
+    _require_dir(train_dir, f'dataset tree {root} has no train split')
+    _require_dir(val_dir, f'dataset tree {root} has no val split')
+    train_classes, _ = find_classes(train_dir)
+    val_classes, _ = find_classes(val_dir)
+    if val_classes != train_classes:
+        diff = sorted(set(train_classes) ^ set(val_classes))
+        raise ValueError(f'class folders of {train_dir} and {val_dir} differ: {diff[:10]}')
+    dataset = datasets.ImageFolder(train_dir if is_train else val_dir, transform=transform)
+    return dataset, len(train_classes)
+
+
+def _inat(root, year, category, is_train, transform):
+    if category not in INAT_CATEGORIES:
+        raise ValueError(f'unknown --inat-category {category!r}; choose from {", ".join(INAT_CATEGORIES)}')
+    paths = {name: os.path.join(root, f'{name}.json') for name in (f'train{year}', f'val{year}', 'categories')}
+    for name, path in paths.items():
+        _require_file(path, f'iNaturalist {year} annotations missing in {root}')
+
+    def load(name):
+        with open(paths[name]) as f:
+            return json.load(f)
+
+    catg = load('categories')
+    # Official files list categories by id (id == position); honour 'id' when present anyway.
+    catg = {int(c.get('id', i)): c for i, c in enumerate(catg)}
+
+    def level(cat_id, path):
+        try:
+            return catg[int(cat_id)][category]
+        except KeyError:
+            raise ValueError(f'{paths["categories"]} has no {category!r} for category_id {cat_id} '
+                             f'used in {path}') from None
+
+    train = load(f'train{year}')
+    # Classes are numbered by first appearance in the train annotations, as DeiT's INatDataset does,
+    # so the same label space is used for the train and val splits.
+    targeter = {}
+    for ann in train['annotations']:
+        targeter.setdefault(level(ann['category_id'], paths[f'train{year}']), len(targeter))
+
+    split = f'train{year}' if is_train else f'val{year}'
+    data = train if is_train else load(split)
+    image_cat = {ann['image_id']: ann['category_id'] for ann in data['annotations']}
+    samples = []
+    for img in data['images']:
+        if img['id'] not in image_cat:
+            raise ValueError(f'image id {img["id"]} ({img["file_name"]}) has no annotation in {paths[split]}')
+        key = level(image_cat[img['id']], paths[split])
+        if key not in targeter:
+            raise ValueError(f'{category} {key!r} in {paths[split]} never occurs in {paths[f"train{year}"]}')
+        samples.append((os.path.join(root, img['file_name']), targeter[key]))
+    return ListDataset(samples, transform), len(targeter)
+
+
+def _read_labels_csv(path, image_dir):
+    samples = []
+    with open(path, newline='') as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if header != ['img_name', 'label']:
+            raise ValueError(f'{path}: expected header "img_name,label", got {",".join(header)!r}')
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                name, label = row[0].strip(), int(row[1])
+            except (IndexError, ValueError):
+                raise ValueError(f'{path}:{lineno}: expected "img_name,label" with an integer label, '
+                                 f'got {row}') from None
+            samples.append((os.path.join(image_dir, name), label))
+    return samples
+
+
+def _ifood(root, is_train, transform):
+    if not os.path.exists(os.path.join(root, 'train_labels.csv')) and os.path.isdir(os.path.join(root, 'train')):
+        return _image_folder(root, is_train, transform)
+    parts = {}
+    for split in ('train', 'val'):
+        img_dir, csv_path = os.path.join(root, f'{split}_set'), os.path.join(root, f'{split}_labels.csv')
+        what = f'iFood tree {root} has no {split} split (official layout; or use {split}/ class folders)'
+        _require_dir(img_dir, what)
+        _require_file(csv_path, what)
+        parts[split] = _read_labels_csv(csv_path, img_dir)
+    labels = [t for split in parts.values() for _, t in split]
+    if labels and min(labels) < 0:
+        raise ValueError(f'negative label {min(labels)} in the label csvs of {root}')
+    class_list = os.path.join(root, 'class_list.txt')
+    if os.path.isfile(class_list):
+        with open(class_list) as f:
+            nb_classes = sum(1 for line in f if line.strip())
+        if labels and max(labels) >= nb_classes:
+            raise ValueError(f'label {max(labels)} out of range for the {nb_classes} classes of {class_list}')
+    else:
+        nb_classes = max(labels, default=-1) + 1
+    return ListDataset(parts['train' if is_train else 'val'], transform), nb_classes
+
+
+def build_dataset(is_train, args):
+    if args.data_set not in DATA_SETS:
+        raise ValueError(f'unknown --data-set {args.data_set!r}; choose from {", ".join(DATA_SETS)}')
+    transform = build_transform(is_train, args)
+    if args.data_set == 'DIGITS':
+        return DigitsDataset(train=is_train, transform=transform), 10
+
+    root = args.data_path
+    if not root:
+        raise ValueError(f'--data-path is required for --data-set {args.data_set}')
+    _require_dir(root, f'--data-path for --data-set {args.data_set} does not exist')
+    if args.data_set in CIFAR_FILES:
+        dataset = _cifar(args.data_set, root, is_train, transform)
+        return dataset, len(dataset.classes)
+    if args.data_set in ('IMNET', 'FOLDER'):
+        return _image_folder(root, is_train, transform)
+    if args.data_set in ('INAT18', 'INAT19'):
+        year = 2018 if args.data_set == 'INAT18' else 2019
+        return _inat(root, year, args.inat_category, is_train, transform)
+    return _ifood(root, is_train, transform)
+
+
+def build_transform(is_train, args):
+    size = args.input_size
+    small = size <= 32
+    if is_train:
+        transform = create_transform(
+            input_size=size,
+            is_training=True,
+            # A flipped digit is a different (or no) digit.
+            hflip=0.0 if args.data_set == 'DIGITS' else 0.5,
+            color_jitter=args.color_jitter,
+            auto_augment=args.aa,
+            interpolation=args.train_interpolation,
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+        )
+        if small:
+            # DeiT's CIFAR recipe: pad-and-crop instead of RandomResizedCrop at low resolution.
+            # The Resize is a no-op for CIFAR (already 32x32) and brings smaller images
+            # (DIGITS is 8x8) up to size, which RandomCrop alone cannot do.
+            transform.transforms[0] = transforms.Compose([
+                transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomCrop(size, padding=4),
+            ])
+        return transform
+
+    # Same 224 -> 256 resize ratio as DeiT/ImageNet; at CIFAR scale no margin is cropped away.
+    resize = size if small else int((256 / 224) * size)
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])

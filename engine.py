@@ -1,0 +1,115 @@
+"""Train and eval loops (DeiT's engine.py), device-agnostic, driving the pruner when there is one."""
+import math
+from contextlib import nullcontext
+from typing import Iterable, Optional
+
+import torch
+from timm.utils import accuracy
+
+import utils
+from utils import MetricLogger, NonFiniteLossError, SmoothedValue
+
+
+def _backward_and_step(loss, optimizer, loss_scaler, clip_grad, update):
+    """Backward, and on an update step clip and step. AMP's scaler exists only on CUDA."""
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    if loss_scaler is not None:
+        loss_scaler(loss, optimizer, clip_grad=clip_grad, parameters=params, need_update=update)
+        return
+    loss.backward()
+    if update:
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        optimizer.step()
+
+
+def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+                    loss_scaler=None, max_norm: Optional[float] = None, model_ema=None,
+                    mixup_fn=None, accum_steps: int = 1, amp: bool = False, print_freq: int = 10,
+                    writer=None, pruner=None, global_step: int = 0):
+    """One epoch. With a pruner, `model` returns (logits, aux) and the pruner adds the ΔΨ head
+    losses and is stepped after every optimizer step (METHOD.md §3, §5, §6).
+
+    A trailing group of fewer than `accum_steps` batches is skipped, so every optimizer step
+    sees the same number of samples. Returns the epoch averages and the new global step.
+    """
+    model.train()
+    metric_logger = MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    header = f'Epoch: [{epoch}]'
+    n_used = len(data_loader) // accum_steps * accum_steps
+    optimizer.zero_grad(set_to_none=True)
+    for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        if i >= n_used:
+            break
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        update = (i + 1) % accum_steps == 0
+        # gradients are all-reduced by DDP only on the micro-batch that completes a step
+        sync = model.no_sync() if not update and hasattr(model, 'no_sync') else nullcontext()
+        with sync:
+            with torch.autocast(device.type, enabled=amp):
+                if pruner is not None:
+                    outputs, aux = model(samples)
+                    loss = criterion(outputs, targets)
+                    loss = loss + pruner.aux_loss(aux, targets, criterion)
+                else:
+                    outputs = model(samples)
+                    loss = criterion(outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, iteration {i}: '
+                                         'stopping training')
+            grad_scale = loss_scaler.state_dict()['scale'] if loss_scaler is not None and update \
+                and pruner is not None else 1.0
+            _backward_and_step(loss / accum_steps, optimizer, loss_scaler, max_norm, update)
+        if update:
+            if pruner is not None:
+                pruner.step(grad_scale=grad_scale)
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(model)
+            global_step += 1
+        utils.synchronize(device)
+        metric_logger.update(loss=loss_value)
+        metric_logger.update(lr=optimizer.param_groups[0]['lr'])
+        if writer is not None and i % print_freq == 0:
+            writer.add_scalar('train/loss_iter', loss_value, global_step)
+    metric_logger.synchronize_between_processes()
+    print('Averaged stats:', metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, global_step
+
+
+@torch.no_grad()
+def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_freq: int = 10):
+    """Top-1 / top-5 and loss on a validation loader, summed exactly over processes.
+
+    With a pruner, also the accuracy of the last class-token and patch ΔΨ heads (METHOD.md §3).
+    """
+    criterion = torch.nn.CrossEntropyLoss()
+    metric_logger = MetricLogger(delimiter='  ')
+    model.eval()
+    for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=amp):
+            output = model(images)
+            if pruner is not None:
+                output, aux = output
+            loss = criterion(output, target)
+        k = min(5, output.shape[1])
+        acc1, acc5 = accuracy(output, target, topk=(1, k))
+        n = images.shape[0]
+        metric_logger.update(n=n, loss=loss.item(), acc1=acc1.item(), acc5=acc5.item())
+        if pruner is not None:
+            cls_logits, patch_logits = pruner.last_head_logits(aux)
+            metric_logger.update(n=n, acc1_cls_head=accuracy(cls_logits, target)[0].item(),
+                                 acc1_patch_head=accuracy(patch_logits, target)[0].item())
+    metric_logger.synchronize_between_processes()
+    m = metric_logger.meters
+    print(f'* Acc@1 {m["acc1"].global_avg:.3f} Acc@5 {m["acc5"].global_avg:.3f} '
+          f'loss {m["loss"].global_avg:.3f}')
+    return {k: meter.global_avg for k, meter in m.items()}

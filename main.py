@@ -1,0 +1,413 @@
+"""Fine-tune, prune (Depth Aware Pruning) and evaluate Vision Transformers, DeiT style.
+
+Runs as a single process, under `torchrun` and under `python -m torch.distributed.launch --use_env`.
+Only this file reads `args`; everything below it takes explicit values.
+"""
+import argparse
+import datetime
+import difflib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import timm
+import torch.backends.cudnn as cudnn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, NativeScaler
+
+import models
+import utils
+from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
+from engine import evaluate, train_one_epoch
+from utils import UsageError
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('DeiT training, Depth Aware Pruning and evaluation script',
+                                     add_help=False)
+    parser.add_argument('--batch-size', default=64, type=int)
+    parser.add_argument('--epochs', default=300, type=int)
+    parser.add_argument('--grad-accum-steps', default=1, type=int,
+                        help='micro-batches per optimizer step')
+    parser.add_argument('--unscale-lr', action='store_true',
+                        help='do not scale --lr by batch * world * accum / 512')
+
+    # Model parameters
+    parser.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
+                        help='name of the model to train')
+    parser.add_argument('--input-size', default=None, type=int,
+                        help='images input size (default: the model\'s own, 224 for deit_*)')
+    parser.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    parser.add_argument('--drop-path', type=float, default=0.1, metavar='PCT',
+                        help='drop path rate')
+    parser.add_argument('--model-ema', action='store_true')
+    parser.add_argument('--no-model-ema', action='store_false', dest='model_ema')
+    parser.set_defaults(model_ema=True)
+    parser.add_argument('--model-ema-decay', type=float, default=0.99996, help='')
+    parser.add_argument('--model-ema-force-cpu', action='store_true', default=False, help='')
+
+    # Optimizer parameters
+    parser.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER')
+    parser.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON')
+    parser.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    parser.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
+    parser.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    parser.add_argument('--weight-decay', type=float, default=0.05)
+
+    # Learning rate schedule parameters
+    parser.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER')
+    parser.add_argument('--lr', type=float, default=5e-4, metavar='LR')
+    parser.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct')
+    parser.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT')
+    parser.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV')
+    parser.add_argument('--warmup-lr', type=float, default=1e-6, metavar='LR')
+    parser.add_argument('--min-lr', type=float, default=1e-5, metavar='LR')
+    parser.add_argument('--decay-epochs', type=float, default=30, metavar='N')
+    parser.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
+    parser.add_argument('--cooldown-epochs', type=int, default=10, metavar='N')
+    parser.add_argument('--patience-epochs', type=int, default=10, metavar='N')
+    parser.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
+
+    # Augmentation parameters
+    parser.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT')
+    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME')
+    parser.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing')
+    parser.add_argument('--train-interpolation', type=str, default='bicubic')
+    parser.add_argument('--repeated-aug', action='store_true')
+    parser.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
+    parser.set_defaults(repeated_aug=True)
+
+    # * Random Erase params
+    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT')
+    parser.add_argument('--remode', type=str, default='pixel')
+    parser.add_argument('--recount', type=int, default=1)
+
+    # * Mixup params
+    parser.add_argument('--mixup', type=float, default=0.8)
+    parser.add_argument('--cutmix', type=float, default=1.0)
+    parser.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    parser.add_argument('--mixup-prob', type=float, default=1.0)
+    parser.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    parser.add_argument('--mixup-mode', type=str, default='batch')
+
+    # * Finetuning params
+    parser.add_argument('--model-path', '--finetune', dest='model_path', default='',
+                        help='checkpoint (path or URL) to start from: DeiT {"model": ...} or a '
+                             'bare state dict')
+
+    # Dataset parameters
+    parser.add_argument('--data-path', default=None, type=str, help='dataset path')
+    parser.add_argument('--data-set', default='IMNET', type=str.upper, choices=DATA_SETS,
+                        help='dataset')
+    parser.add_argument('--inat-category', default='name', type=str, choices=INAT_CATEGORIES,
+                        help='semantic granularity of the iNaturalist labels')
+    parser.add_argument('--output_dir', default='', help='path where to save, empty for no saving')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='device to use for training / testing')
+    parser.add_argument('--no-amp', action='store_false', dest='amp',
+                        help='disable mixed precision (it is only ever used on CUDA)')
+    parser.set_defaults(amp=True)
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='', help='resume from checkpoint (path or URL)')
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
+    parser.add_argument('--eval', action='store_true', help='perform evaluation only')
+    parser.add_argument('--dist-eval', action='store_true', default=False,
+                        help='enable distributed evaluation')
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--pin-mem', action='store_true')
+    parser.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument('--print-freq', default=10, type=int, help='iterations between log lines')
+
+    # distributed training parameters
+    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
+    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    return parser
+
+
+# ---- checks of the command line, before anything is written --------------------------------
+def check_args(args):
+    if args.model not in models.CONFIGS:
+        close = difflib.get_close_matches(args.model, list(models.CONFIGS), n=3, cutoff=0.5)
+        hint = f'; did you mean {" or ".join(close)}?' if close else ''
+        raise UsageError(f'unknown --model {args.model!r}{hint} (available: {", ".join(models.CONFIGS)})')
+    for flag, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
+                        ('--grad-accum-steps', args.grad_accum_steps),
+                        ('--print-freq', args.print_freq)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    if args.input_size is None:
+        args.input_size = models.CONFIGS[args.model][4]
+    if args.input_size % models.CONFIGS[args.model][0]:
+        raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
+                         f'{models.CONFIGS[args.model][0]} of {args.model}')
+
+
+def check_output_dir(output_dir):
+    """Fail early, and before writing anything there, if output_dir cannot be written."""
+    if not output_dir:
+        return
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise UsageError(f'--output_dir {output_dir} is not writable: {e.strerror or e}')
+
+
+def build_datasets(args):
+    try:
+        dataset_train, nb_classes = build_dataset(is_train=True, args=args)
+        dataset_val, _ = build_dataset(is_train=False, args=args)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e))
+    return dataset_train, dataset_val, nb_classes
+
+
+def build_model(args, nb_classes):
+    model = timm.create_model(args.model, num_classes=nb_classes, img_size=args.input_size,
+                          drop_rate=args.drop, drop_path_rate=args.drop_path)
+    if args.model_path:
+        checkpoint = utils.load_checkpoint_file(args.model_path, '--model-path')
+        try:
+            state_dict, notes = models.pretrained_state_dict(model, checkpoint)
+        except ValueError as e:
+            raise UsageError(f'--model-path {args.model_path}: {e}')
+        model.load_state_dict(state_dict)
+        print(f'Loaded weights from {args.model_path}' + ''.join(f'; {n}' for n in notes))
+    return model
+
+
+def load_resume_checkpoint(args):
+    checkpoint = utils.load_checkpoint_file(args.resume, '--resume')
+    if 'model' not in checkpoint:
+        raise UsageError(f'--resume {args.resume} has no "model" entry: not a checkpoint of this script')
+    return checkpoint
+
+
+def build_loaders(args, dataset_train, dataset_val):
+    world, rank = utils.get_world_size(), utils.get_rank()
+    if args.distributed and args.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+        sampler_train = RepeatAugSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True)
+    else:
+        # also in a single process, so that the order of an epoch depends on (seed, epoch) only
+        sampler_train = torch.utils.data.DistributedSampler(
+            dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    if args.distributed and args.dist_eval:
+        sampler_val = utils.ShardSampler(dataset_val, num_replicas=world, rank=rank)
+    else:
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    pin = args.pin_mem and str(args.device).startswith('cuda')
+    loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+        num_workers=args.num_workers, pin_memory=pin, drop_last=True,
+        persistent_workers=args.num_workers > 0)
+    loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
+        num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+    if len(loader_train) < args.grad_accum_steps:
+        raise UsageError(f'the training set gives {len(loader_train)} batches of {args.batch_size} '
+                         f'per process, fewer than --grad-accum-steps {args.grad_accum_steps}')
+    return loader_train, loader_val
+
+
+def build_optimizer(args, model, extra_param_groups=()):
+    # gates (METHOD.md §2) receive gradients but are set by the pruner only
+    gates = {id(p) for p in model.gate_parameters()}
+    groups = param_groups_weight_decay(model, args.weight_decay, model.no_weight_decay())
+    for g in groups:
+        g['params'] = [p for p in g['params'] if id(p) not in gates]
+    kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
+    if args.opt_betas is not None:
+        kwargs['betas'] = args.opt_betas
+    return create_optimizer_v2(groups + list(extra_param_groups), opt=args.opt, lr=args.lr,
+                               weight_decay=args.weight_decay, momentum=args.momentum, **kwargs)
+
+
+def build_scheduler(args, optimizer):
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs,
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
+        noise_std=args.lr_noise_std)
+    return scheduler
+
+
+def build_criterion(args, mixup_active):
+    if mixup_active:  # smoothing is folded into the mixup targets
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0.:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+class Run:
+    """Where a run writes: checkpoints, log.txt and TensorBoard, on the master process only."""
+
+    def __init__(self, output_dir):
+        self.dir = Path(output_dir) if output_dir else None
+        self.writer = None
+        if self.dir is not None and utils.is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.dir / 'tensorboard'))
+
+    def save(self, name, obj):
+        if self.dir is not None:
+            utils.save_on_master(obj, self.dir / name)
+
+    def log(self, stats, epoch):
+        if self.dir is None or not utils.is_main_process():
+            return
+        with (self.dir / 'log.txt').open('a') as f:
+            f.write(json.dumps(stats) + '\n')
+        for k, v in stats.items():
+            if k not in ('epoch', 'n_parameters') and isinstance(v, (int, float)):
+                self.writer.add_scalar(k.replace('_', '/', 1), v, epoch)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def main(args):
+    check_args(args)
+    utils.init_distributed_mode(args)
+    print(args)
+    device = torch.device(args.device)
+    amp = args.amp and device.type == 'cuda'
+    utils.seed_everything(args.seed + utils.get_rank())
+    if device.type == 'cuda':
+        cudnn.benchmark = True
+
+    # everything that can fail on bad input happens before output_dir is touched
+    dataset_train, dataset_val, nb_classes = build_datasets(args)
+    model = build_model(args, nb_classes)
+    checkpoint = load_resume_checkpoint(args) if args.resume else None
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint['model'])
+        except RuntimeError as e:
+            raise UsageError(f'--resume {args.resume} does not fit --model {args.model}: '
+                             f'{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}')
+    if not args.eval:
+        check_output_dir(args.output_dir)
+    args.lr_unscaled = args.lr
+    if not args.unscale_lr:
+        args.lr = args.lr * args.batch_size * utils.get_world_size() * args.grad_accum_steps / 512.0
+    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print('number of params:', n_parameters)
+
+    if args.eval:
+        test_stats = evaluate(loader_val, model, device, amp=amp, print_freq=args.print_freq)
+        print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
+        return test_stats
+
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                     cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+                     switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=nb_classes) if mixup_active else None
+    criterion = build_criterion(args, mixup_active)
+    optimizer = build_optimizer(args, model_without_ddp)
+    lr_scheduler = build_scheduler(args, optimizer)
+    loss_scaler = NativeScaler(device='cuda') if amp else None
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay,
+                               device='cpu' if args.model_ema_force_cpu else None)
+
+    max_accuracy = 0.0
+    if checkpoint is not None and 'optimizer' in checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        if lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:
+            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        if model_ema is not None and checkpoint.get('model_ema') is not None:
+            model_ema.module.load_state_dict(checkpoint['model_ema'])
+        if loss_scaler is not None and checkpoint.get('scaler'):
+            loss_scaler.load_state_dict(checkpoint['scaler'])
+        args.start_epoch = checkpoint['epoch'] + 1
+        max_accuracy = checkpoint.get('max_accuracy', 0.0)
+        print(f'Resumed from {args.resume} at epoch {args.start_epoch}')
+
+    run = Run(args.output_dir)
+    if run.dir is not None and utils.is_main_process():
+        (run.dir / 'args.json').write_text(json.dumps(vars(args), indent=2))
+    global_step = args.start_epoch * (len(loader_train) // args.grad_accum_steps)
+    print(f'Start training for {args.epochs} epochs')
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        # an epoch's randomness depends on (seed, epoch, rank) only: resuming repeats it exactly
+        utils.seed_everything(args.seed + 1000 * epoch + utils.get_rank())
+        loader_train.sampler.set_epoch(epoch)
+        train_stats, global_step = train_one_epoch(
+            model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+            max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
+            accum_steps=args.grad_accum_steps, amp=amp, print_freq=args.print_freq,
+            writer=run.writer, global_step=global_step)
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1)
+        test_stats = evaluate(loader_val, model, device, amp=amp, print_freq=args.print_freq)
+        print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
+
+        ckpt = {
+            'model': model_without_ddp.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
+            'epoch': epoch,
+            'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
+            'args': vars(args),
+            'max_accuracy': max(max_accuracy, test_stats['acc1']),
+        }
+        if model_ema is not None:
+            ckpt['model_ema'] = model_ema.module.state_dict()
+        run.save('checkpoint.pth', ckpt)
+        if test_stats['acc1'] > max_accuracy:
+            max_accuracy = test_stats['acc1']
+            run.save('best_checkpoint.pth', ckpt)
+        print(f'Max accuracy: {max_accuracy:.2f}%')
+        run.log({**{f'train_{k}': v for k, v in train_stats.items()},
+                 **{f'test_{k}': v for k, v in test_stats.items()},
+                 'epoch': epoch, 'n_parameters': n_parameters}, epoch)
+
+    total_time = time.time() - start_time
+    print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
+    print(f'[rank {utils.get_rank()}] parameter digest {utils.parameter_digest(model_without_ddp)}',
+          force=True) if args.distributed else print(
+        f'[rank 0] parameter digest {utils.parameter_digest(model_without_ddp)}')
+    run.close()
+    return {'max_accuracy': max_accuracy}
+
+
+def cli(argv=None):
+    parser = argparse.ArgumentParser('DeiT training, Depth Aware Pruning and evaluation script',
+                                     parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    except utils.NonFiniteLossError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    cli()

@@ -1,0 +1,54 @@
+"""Models registered with timm by name (`timm.create_model('deit_small_patch16_224', ...)`)."""
+import warnings
+
+from timm.models import register_model
+
+from .vision_transformer import (ATTN_GATES, GATE_NAMES, MLP_GATES, VisionTransformer,
+                                 build_from_arch, dense_block_arch)
+
+# The official DeiT ImageNet checkpoints (facebookresearch/deit), for --model-path.
+DEIT_URLS = {
+    'deit_tiny_patch16_224': 'https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth',
+    'deit_small_patch16_224': 'https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth',
+    'deit_base_patch16_224': 'https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth',
+}
+
+# name -> (patch_size, embed_dim, depth, num_heads, img_size)
+CONFIGS = {
+    'deit_tiny_patch16_224': (16, 192, 12, 3, 224),
+    'deit_small_patch16_224': (16, 384, 12, 6, 224),
+    'deit_base_patch16_224': (16, 768, 12, 12, 224),
+    'vit_tiny_patch16_224': (16, 192, 12, 3, 224),
+    'vit_small_patch16_224': (16, 384, 12, 6, 224),
+    'vit_base_patch16_224': (16, 768, 12, 12, 224),
+    # Sized for CPU tests and the DIGITS demo: 32x32 input, 8x8 patches grid, 4 layers.
+    'deit_micro_patch4_32': (4, 64, 4, 4, 32),
+}
+
+
+def _entrypoint(name):
+    patch_size, embed_dim, depth, num_heads, img_size = CONFIGS[name]
+
+    def create(pretrained=False, **kwargs):
+        if pretrained:
+            raise ValueError('pretrained=True is not supported: pass a checkpoint with --model-path')
+        for k in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
+            kwargs.pop(k, None)
+        kwargs.setdefault('img_size', img_size)
+        return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                 num_heads=num_heads, mlp_ratio=4., qkv_bias=True, family=name,
+                                 **kwargs)
+
+    create.__name__ = name
+    create.__qualname__ = name
+    create.__module__ = __name__
+    create.__doc__ = f'{name}: patch {patch_size}, width {embed_dim}, depth {depth}, {num_heads} heads.'
+    return create
+
+
+# Our deit_* / vit_* replace timm's entries of the same name (as DeiT's own models.py does):
+# timm warns about that on purpose, we mean it.
+with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    for _name in CONFIGS:
+        globals()[_name] = register_model(_entrypoint(_name))

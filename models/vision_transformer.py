@@ -1,0 +1,350 @@
+"""A Vision Transformer whose sub-blocks carry their own widths (METHOD.md §2, §7).
+
+With full widths it is DeiT / timm's VisionTransformer, parameter for parameter and with
+timm's state-dict names. After a cut, each sub-block (the Attention or the MLP of a layer)
+reads only some residual dims (`in_idx`) and writes only some (`out_idx`), has its own head
+size and hidden width, or is gone. Everything needed to rebuild such a model is its `arch`,
+a plain dict of ints and lists that `torch.load(weights_only=True)` accepts.
+
+The pruner attaches *gates* (soft masks) with `add_gates()`; the forward multiplies by them
+where they exist. The model owns this forward: nothing is patched at run time.
+"""
+import copy
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, PatchEmbed, trunc_normal_, use_fused_attn
+
+# Names of the six gates of one layer, in METHOD.md §2's order.
+ATTN_GATES = ('attn_in', 'attn_qkv', 'attn_out')
+MLP_GATES = ('mlp_in', 'mlp_hid', 'mlp_out')
+GATE_NAMES = ATTN_GATES + MLP_GATES
+
+
+class ReadNorm(nn.Module):
+    """LayerNorm over the full residual width, then keep the dims a sub-block reads.
+
+    METHOD.md §7 asks the cut model to compute exactly what the gated model computes. The
+    statistics are therefore taken over all `dim` channels; only the affine parameters of the
+    kept channels are stored (so a LayerNorm costs 2·|in| parameters, as §2 counts it).
+    With `in_idx=None` this is exactly `nn.LayerNorm(dim)` with the same parameter names.
+    """
+
+    def __init__(self, dim: int, in_idx: Optional[List[int]] = None, eps: float = 1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        width = dim if in_idx is None else len(in_idx)
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        if in_idx is None:
+            self.in_idx = None
+        else:
+            self.register_buffer('in_idx', torch.tensor(in_idx, dtype=torch.long), persistent=False)
+
+    def forward(self, x):
+        if self.in_idx is None:
+            return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+        x = F.layer_norm(x, (self.dim,), None, None, self.eps)
+        return torch.addcmul(self.bias, x.index_select(-1, self.in_idx), self.weight)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a free head size and free input / output widths.
+
+    `scale` stays the dense model's head_dim ** -0.5 after a cut, so that the cut model
+    computes the same logits as the masked one.
+    """
+
+    def __init__(self, dim_in, num_heads, head_dim, dim_out, scale, qkv_bias=True,
+                 attn_drop=0., proj_drop=0.):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim_in, 3 * num_heads * head_dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * head_dim, dim_out)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, qkv_gate: Optional[torch.Tensor] = None):
+        B, N, _ = x.shape
+        # qkv rows are ordered q|k|v, then head, then channel (timm's layout)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        if qkv_gate is not None:  # one mask shared by q, k, v and all heads (§2)
+            qkv = qkv * qkv_gate
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim_in, hidden_features, dim_out, drop=0.):
+        super().__init__()
+        self.fc1 = nn.Linear(dim_in, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, dim_out)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x, hid_gate: Optional[torch.Tensor] = None):
+        x = self.act(self.fc1(x))
+        if hid_gate is not None:
+            x = x * hid_gate
+        return self.drop2(self.fc2(self.drop1(x)))
+
+
+def dense_block_arch(embed_dim: int, num_heads: int, mlp_ratio: float) -> Dict:
+    """The `arch` entry of one uncut layer: every sub-block reads and writes all dims."""
+    return {
+        'attn': {'in_idx': None, 'out_idx': None, 'num_heads': num_heads,
+                 'head_dim': embed_dim // num_heads},
+        'mlp': {'in_idx': None, 'out_idx': None, 'hidden_features': int(embed_dim * mlp_ratio)},
+    }
+
+
+class Block(nn.Module):
+    """One transformer layer: two sub-blocks, each `x[..., out] += f(norm(x)[..., in])`.
+
+    A sub-block whose arch entry is None was removed by the cut and costs nothing.
+    """
+
+    def __init__(self, dim, block_arch: Dict, scale: float, qkv_bias=True, proj_drop=0.,
+                 attn_drop=0., drop_path=0.):
+        super().__init__()
+        self.dim = dim
+        self.arch = copy.deepcopy(block_arch)
+        a, m = block_arch['attn'], block_arch['mlp']
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.gates: Optional[nn.ParameterDict] = None
+        if a is not None:
+            self.norm1 = ReadNorm(dim, a['in_idx'])
+            self.attn = Attention(_width(dim, a['in_idx']), a['num_heads'], a['head_dim'],
+                                  _width(dim, a['out_idx']), scale, qkv_bias, attn_drop, proj_drop)
+            self._register_index('attn_out_idx', a['out_idx'])
+        if m is not None:
+            self.norm2 = ReadNorm(dim, m['in_idx'])
+            self.mlp = Mlp(_width(dim, m['in_idx']), m['hidden_features'],
+                           _width(dim, m['out_idx']), proj_drop)
+            self._register_index('mlp_out_idx', m['out_idx'])
+
+    def _register_index(self, name, idx):
+        if idx is None:
+            setattr(self, name, None)
+        else:
+            self.register_buffer(name, torch.tensor(idx, dtype=torch.long), persistent=False)
+
+    def _write(self, x, y, out_idx):
+        y = self.drop_path(y)
+        if out_idx is None:
+            return x + y
+        return x.index_add(-1, out_idx, y)
+
+    def forward_attn(self, x):
+        if self.arch['attn'] is None:
+            return x
+        g = self.gates
+        h = self.norm1(x)
+        if g is not None:
+            h = h * g['attn_in']
+        h = self.attn(h, None if g is None else g['attn_qkv'])
+        if g is not None:
+            h = h * g['attn_out']
+        return self._write(x, h, self.attn_out_idx)
+
+    def forward_mlp(self, x):
+        if self.arch['mlp'] is None:
+            return x
+        g = self.gates
+        h = self.norm2(x)
+        if g is not None:
+            h = h * g['mlp_in']
+        h = self.mlp(h, None if g is None else g['mlp_hid'])
+        if g is not None:
+            h = h * g['mlp_out']
+        return self._write(x, h, self.mlp_out_idx)
+
+    def forward(self, x):
+        return self.forward_mlp(self.forward_attn(x))
+
+
+def _width(dim, idx):
+    return dim if idx is None else len(idx)
+
+
+class VisionTransformer(nn.Module):
+    """DeiT / ViT with a class token, absolute position embedding and per-sub-block widths.
+
+    `blocks_arch` (one dict per layer, see `dense_block_arch`) describes a cut model; None
+    builds the dense model.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4., qkv_bias=True, drop_rate=0.,
+                 proj_drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,
+                 blocks_arch: Optional[List[Dict]] = None, family: Optional[str] = None):
+        super().__init__()
+        if blocks_arch is None:
+            blocks_arch = [dense_block_arch(embed_dim, num_heads, mlp_ratio) for _ in range(depth)]
+        if len(blocks_arch) != depth:
+            raise ValueError(f'arch has {len(blocks_arch)} blocks but depth is {depth}')
+        self.family = family
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.depth, self.num_heads, self.mlp_ratio, self.qkv_bias = depth, num_heads, mlp_ratio, qkv_bias
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
+        scale = (embed_dim // num_heads) ** -0.5
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, blocks_arch[i], scale, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i])
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        trunc_normal_(self.pos_embed, std=.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'pos_embed', 'cls_token'}
+
+    def reset_classifier(self, num_classes: int):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=.02)
+            nn.init.zeros_(self.head.bias)
+
+    # ---- architecture ----------------------------------------------------------------
+    def arch(self) -> Dict:
+        """Everything needed to rebuild this model (`build_from_arch`), as plain Python."""
+        return {
+            'family': self.family, 'img_size': self.img_size, 'patch_size': self.patch_size,
+            'in_chans': self.in_chans, 'num_classes': self.num_classes,
+            'embed_dim': self.embed_dim, 'depth': self.depth, 'num_heads': self.num_heads,
+            'mlp_ratio': self.mlp_ratio, 'qkv_bias': self.qkv_bias,
+            'blocks': [copy.deepcopy(b.arch) for b in self.blocks],
+        }
+
+    @property
+    def is_cut(self) -> bool:
+        dense = dense_block_arch(self.embed_dim, self.num_heads, self.mlp_ratio)
+        return any(b.arch != dense for b in self.blocks)
+
+    # ---- gates (METHOD.md §2) ------------------------------------------------------------
+    def add_gates(self) -> None:
+        """Attach the six gates of every layer, all ones. Only a dense model can be gated."""
+        if self.is_cut:
+            raise ValueError('gates can only be added to an uncut model')
+        d, hd = self.embed_dim, self.embed_dim // self.num_heads
+        hid = int(self.embed_dim * self.mlp_ratio)
+        sizes = {'attn_in': d, 'attn_qkv': hd, 'attn_out': d, 'mlp_in': d, 'mlp_hid': hid,
+                 'mlp_out': d}
+        for b in self.blocks:
+            dev = b.norm1.weight.device
+            b.gates = nn.ParameterDict({n: nn.Parameter(torch.ones(s, device=dev)) for n, s in sizes.items()})
+
+    def remove_gates(self) -> None:
+        for b in self.blocks:
+            b.gates = None
+
+    def gate_parameters(self):
+        return [p for b in self.blocks if b.gates is not None for p in b.gates.values()]
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward_embed(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_head(self, x):
+        x = self.norm(x)[:, 0]
+        return self.head(self.head_drop(x))
+
+    def forward_stream(self, x):
+        """Logits and the residual stream x_0 … x_{2L} around every sub-block (METHOD.md §3)."""
+        x = self.forward_embed(x)
+        stream = [x]
+        for blk in self.blocks:
+            x = blk.forward_attn(x)
+            stream.append(x)
+            x = blk.forward_mlp(x)
+            stream.append(x)
+        return self.forward_head(x), stream
+
+    def forward_features(self, x):
+        x = self.forward_embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def build_from_arch(arch: Dict, **kwargs) -> VisionTransformer:
+    """Rebuild a (possibly cut) model from `model.arch()`; kwargs set dropout rates etc."""
+    return VisionTransformer(
+        img_size=arch['img_size'], patch_size=arch['patch_size'], in_chans=arch['in_chans'],
+        num_classes=kwargs.pop('num_classes', arch['num_classes']), embed_dim=arch['embed_dim'],
+        depth=arch['depth'], num_heads=arch['num_heads'], mlp_ratio=arch['mlp_ratio'],
+        qkv_bias=arch['qkv_bias'], blocks_arch=arch['blocks'], family=arch['family'], **kwargs)
+
+
+def pretrained_state_dict(model: VisionTransformer, checkpoint: Dict) -> (Dict, List[str]):
+    """Fit a DeiT / timm checkpoint (`{'model': ...}` or a bare state dict) to `model`.
+
+    Resets the classifier when the class count differs and resamples `pos_embed` when the
+    input size differs (both reported in the returned notes); any other difference raises
+    ValueError naming the missing, unexpected and mis-shaped keys.
+    """
+    sd = checkpoint.get('model', checkpoint.get('state_dict', checkpoint))
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError('checkpoint holds no state dict (expected {"model": state_dict} or a bare state dict)')
+    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    own = model.state_dict()
+    notes = []
+    if 'head.weight' in sd and 'head.weight' in own and sd['head.weight'].shape != own['head.weight'].shape:
+        notes.append(f'classifier reset: checkpoint has {sd["head.weight"].shape[0]} classes, '
+                     f'model has {own["head.weight"].shape[0]}')
+        sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
+        sd.update({k: v for k, v in own.items() if k.startswith('head.')})
+    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape \
+            and sd['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
+        from timm.layers import resample_abs_pos_embed
+        old = sd['pos_embed'].shape[1]
+        sd['pos_embed'] = resample_abs_pos_embed(sd['pos_embed'], list(model.patch_embed.grid_size),
+                                                 num_prefix_tokens=1)
+        notes.append(f'pos_embed resampled from {old} to {sd["pos_embed"].shape[1]} tokens')
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    misshaped = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
+                 for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        parts = [f'{name} keys ({len(ks)}): {", ".join(ks[:4])}{" ..." if len(ks) > 4 else ""}'
+                 for name, ks in (('missing', missing), ('unexpected', unexpected),
+                                  ('mis-shaped', misshaped)) if ks]
+        raise ValueError('checkpoint does not fit the model: ' + '; '.join(parts))
+    return sd, notes
