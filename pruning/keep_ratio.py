@@ -1,0 +1,67 @@
+"""From ΔΨ to block keep ratios κ (METHOD.md §4): how many parameters each sub-block keeps."""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def block_importance(mean_delta: torch.Tensor, kept_params: torch.Tensor,
+                     previous: Optional[torch.Tensor], scale: float = 10.,
+                     gamma: float = 0.2) -> torch.Tensor:
+    """Steps 2–6 of §4 for one kind of ΔΨ (class or patch), given its window mean (step 1).
+
+    A sub-block that keeps no parameter gets importance 0 and stays removed: its ΔΨ is
+    exactly 0 (input and output are equal), and the 1e-6 guard of step 4 would otherwise
+    turn the soft clip's value at 0 into an unbounded importance.
+    """
+    imp = mean_delta.double()
+    top = imp.max()
+    imp = scale * imp / (top if top > 0 else imp.abs().max().clamp_min(1e-12))  # 2. scale to max
+    imp = F.softplus(1.4 * imp) - F.softplus(1.4 * imp - scale)                 # 3. soft clip [0, s]
+    kept = kept_params.double()
+    imp = torch.where(kept > 0, imp / (kept + 1e-6), torch.zeros_like(imp))       # 4. per parameter
+    imp = imp / imp.mean().clamp_min(1e-30)                                       # 5. normalise
+    if previous is not None:                                                      # 6. momentum
+        imp = gamma * imp + (1 - gamma) * previous.to(imp)
+    return imp
+
+
+def block_budget(dense_params: Sequence[int], non_block_params: int, prune_ratio: float,
+                 block_params_only: bool = False) -> float:
+    """Parameters the sub-blocks may keep in total so that the model keeps (1 − pr) of its own."""
+    blocks = float(sum(dense_params))
+    if block_params_only:
+        return (1 - prune_ratio) * blocks
+    return (1 - prune_ratio) * (blocks + non_block_params) - non_block_params
+
+
+def water_fill(importance: torch.Tensor, dense_params: torch.Tensor, budget: float,
+               max_rounds: int = 20) -> torch.Tensor:
+    """κ_i = clip(σ·I_i, 0, 1) with Σ κ_i·P_i = budget (§4).
+
+    Sub-blocks that reach 1 are fixed at 1, those at 0 are disabled, σ is recomputed for the
+    rest, until no κ is out of bounds.
+    """
+    imp = importance.double().clamp_min(0)
+    P = dense_params.double()
+    kappa = torch.zeros_like(imp)
+    full = torch.zeros_like(imp, dtype=torch.bool)
+    free = imp > 0
+    for _ in range(max_rounds):
+        rest = budget - (P * full).sum()
+        denom = (imp * P * free).sum()
+        if denom <= 0 or rest <= 0:
+            kappa = full.double()
+            break
+        kappa = torch.where(full, torch.ones_like(imp), (rest / denom) * imp * free)
+        over = free & (kappa >= 1)
+        if not over.any():
+            break
+        full |= over
+        free &= ~over
+    return kappa.clamp(0, 1)
+
+
+def ramp(goal: torch.Tensor, progress: float) -> torch.Tensor:
+    """Applied κ while the ramp runs: κ(step) = 1 − (1 − κ)·ρ (§4)."""
+    return 1 - (1 - goal) * progress

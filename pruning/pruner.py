@@ -1,0 +1,232 @@
+"""DepthAwarePruner: ties ΔΨ, κ, Taylor scores, soft masks, schedule and cut together.
+
+Usable from any training loop:
+
+    pruner = DepthAwarePruner(model, num_classes, PruneConfig(prune_ratio=0.5), schedule)
+    net = pruner.module                       # forward(x) -> (logits, aux); wrap it in DDP
+    optimizer = AdamW(model_params + pruner.param_groups(lr, weight_decay))
+    for step ...:
+        logits, aux = net(x)
+        loss = criterion(logits, y) + pruner.aux_loss(aux, y, criterion)
+        loss.backward(); optimizer.step()
+        pruner.step()                         # after the optimizer step, before zero_grad
+        optimizer.zero_grad()
+    cut = pruner.finalize()                   # the dense, smaller ViT
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .block_performance import BlockPerformance, BlockPerformanceHeads, PrunableViT
+from .cut import cut_model
+from .gates import gates_of, kept_params, non_block_params, sub_blocks
+from .keep_ratio import block_budget, block_importance, ramp, water_fill
+from .schedule import PruneSchedule
+from .taylor import DEFAULT_GATE_SCALE, TaylorScore, element_importance, sub_block_masks
+
+PRUNE_METHODS = ('block_pr',)
+
+
+class MaskMismatchError(RuntimeError):
+    """Processes of a distributed run disagree on the masks."""
+
+
+@dataclass
+class PruneConfig:
+    prune_ratio: float
+    method: str = 'block_pr'
+    keep_ratio_handcraft: Optional[Sequence[float]] = None  # 2L values of κ: skips ΔΨ (ablation)
+    gate_scale: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GATE_SCALE))
+    gamma: float = 0.2
+    alpha: float = 0.5
+    block_imp_scale: float = 10.
+    block_params_only: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.prune_ratio < 1:
+            raise ValueError(f'--prune-ratio must be in (0, 1), got {self.prune_ratio}')
+        if self.method not in PRUNE_METHODS:
+            raise ValueError(f'unknown --prune-method {self.method!r}; choose from {", ".join(PRUNE_METHODS)}')
+        from models import GATE_NAMES
+        for name in self.gate_scale:
+            if name not in GATE_NAMES:
+                raise ValueError(f'unknown gate {name!r} in --prune-scale-gate-imp; gates are {", ".join(GATE_NAMES)}')
+        if self.keep_ratio_handcraft is not None and not all(0 <= k <= 1 for k in self.keep_ratio_handcraft):
+            raise ValueError(f'--prune-kr-handcraft values must lie in [0, 1], got {list(self.keep_ratio_handcraft)}')
+
+
+class DepthAwarePruner:
+    def __init__(self, model, num_classes: int, config: PruneConfig, schedule: PruneSchedule,
+                 on_update: Optional[Callable[[dict], None]] = None):
+        self.cfg, self.schedule, self.on_update = config, schedule, on_update
+        self.sbs = sub_blocks(model)
+        n_sb = len(self.sbs)
+        if config.keep_ratio_handcraft is not None and len(config.keep_ratio_handcraft) != n_sb:
+            raise ValueError(f'--prune-kr-handcraft needs {n_sb} values (2 × depth {model.depth}), '
+                             f'got {len(config.keep_ratio_handcraft)}')
+        device = next(model.parameters()).device
+        model.add_gates()
+        self.model = model
+        self.heads = BlockPerformanceHeads(n_sb, model.embed_dim, num_classes,
+                                           tuple(model.patch_embed.grid_size)).to(device)
+        self.module = PrunableViT(model, self.heads)
+        self.performance = BlockPerformance(n_sb, device)
+        self.taylor = TaylorScore(self._gates())
+        self.dense = torch.tensor([sb.dense_params for sb in self.sbs], dtype=torch.float64)
+        self.non_block = non_block_params(model, self.sbs)
+        self.budget = block_budget(self.dense.tolist(), self.non_block, config.prune_ratio,
+                                   config.block_params_only)
+        if self.budget <= 0:
+            raise ValueError(f'--prune-ratio {config.prune_ratio} leaves no parameters for the blocks: '
+                             f'the {self.non_block} non-block parameters alone exceed the budget')
+        self.step_count = 0
+        self.imp_c: Optional[torch.Tensor] = None
+        self.imp_p: Optional[torch.Tensor] = None
+        self.goal = torch.ones(n_sb, dtype=torch.float64)
+        self.applied = torch.ones(n_sb, dtype=torch.float64)
+        self.records: List[dict] = []
+
+    def _gates(self) -> Dict[str, torch.nn.Parameter]:
+        return {f'{sb.index}.{n}': g for sb in self.sbs
+                for n, g in zip(sb.gate_names, gates_of(self.model, sb))}
+
+    # ---- hooks for the training loop ----------------------------------------------------
+    def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
+        """The ΔΨ heads' parameters, with their own learning rate (§3)."""
+        decay = [p for p in self.heads.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.heads.parameters() if p.ndim <= 1]
+        return [{'params': decay, 'lr': lr, 'weight_decay': weight_decay},
+                {'params': no_decay, 'lr': lr, 'weight_decay': 0.}]
+
+    def aux_loss(self, aux, targets, criterion) -> torch.Tensor:
+        """All 4·2L head losses, unweighted; records ΔΨ from the prune start step on (§3)."""
+        lc, lp = self.performance.head_losses(aux, targets, criterion)
+        if self.schedule.is_active(self.step_count):
+            self.performance.add(lc, lp)
+        return lc.sum() + lp.sum()
+
+    @staticmethod
+    def last_head_logits(aux):
+        """Logits of the last class head and last patch head on the final features."""
+        cls, patch = aux
+        return cls[-1, 1], patch[-1, 1]
+
+    def step(self, grad_scale: float = 1.0) -> Optional[dict]:
+        """After each optimizer step (gate gradients still present): Taylor scores, and the
+        mask update when one is due. Returns the update's record, if any."""
+        step, record = self.step_count, None
+        if self.schedule.is_active(step):
+            self.taylor.accumulate(self._gates(), grad_scale)
+            if self.schedule.is_update(step):
+                record = self.update_masks(step)
+        self.step_count += 1
+        return record
+
+    # ---- the mask update ---------------------------------------------------------------
+    def _goal_keep_ratio(self, kept: torch.Tensor) -> torch.Tensor:
+        """§4: goal κ from the window's ΔΨ (or handcrafted)."""
+        cfg = self.cfg
+        if cfg.keep_ratio_handcraft is not None:
+            return torch.tensor(cfg.keep_ratio_handcraft, dtype=torch.float64)
+        if self.performance.count.item() == 0:  # empty window: nothing new to judge by
+            return self.goal
+        mean_c, mean_p = (m.cpu() for m in self.performance.mean())
+        self.imp_c = block_importance(mean_c, kept, self.imp_c, cfg.block_imp_scale, cfg.gamma)
+        self.imp_p = block_importance(mean_p, kept, self.imp_p, cfg.block_imp_scale, cfg.gamma)
+        importance = cfg.alpha * self.imp_c + (1 - cfg.alpha) * self.imp_p
+        return water_fill(importance, self.dense, self.budget)
+
+    @torch.no_grad()
+    def update_masks(self, step: int, tau: Optional[float] = None) -> dict:
+        self.performance.all_reduce()
+        self.taylor.all_reduce()
+        kept_before = torch.tensor(kept_params(self.model, self.sbs), dtype=torch.float64)
+        mean_c, mean_p = (m.cpu() for m in self.performance.mean())
+        self.goal = self._goal_keep_ratio(kept_before)
+        self.applied = ramp(self.goal, self.schedule.ramp_progress(step))
+        tau = self.schedule.tau(step) if tau is None else tau
+        for sb in self.sbs:
+            gates = gates_of(self.model, sb)
+            scores = [self.taylor.mean(f'{sb.index}.{n}') for n in sb.gate_names]
+            importance = element_importance(scores, sb.gate_names, self.cfg.gate_scale)
+            target = float(self.applied[sb.index] * self.dense[sb.index])
+            for g, m in zip(gates, sub_block_masks(sb, importance, target, tau)):
+                g.copy_(m.to(g))
+        self._check_masks_consistent()
+        kept = kept_params(self.model, self.sbs)
+        record = {
+            'step': step, 'epoch': step / self.schedule.steps_per_epoch, 'tau': tau,
+            'delta_psi_cls': mean_c.tolist(), 'delta_psi_patch': mean_p.tolist(),
+            'importance_cls': None if self.imp_c is None else self.imp_c.tolist(),
+            'importance_patch': None if self.imp_p is None else self.imp_p.tolist(),
+            'goal_keep_ratio': self.goal.tolist(), 'applied_keep_ratio': self.applied.tolist(),
+            'kept_params': kept, 'total_kept_params': int(sum(kept) + self.non_block),
+            'window': int(self.performance.count.item()),
+        }
+        self.performance.reset()
+        self.records.append(record)
+        if self.on_update is not None:
+            self.on_update(record)
+        return record
+
+    def _check_masks_consistent(self):
+        """Every process must hold the same masks; a mismatch would silently fork the model."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        gates = list(self._gates().values())
+        checksum = torch.stack([
+            sum((g.double() * torch.arange(1, g.numel() + 1, device=g.device)).sum() for g in gates),
+            sum((g >= 0.5).sum().double() for g in gates)])
+        lo, hi = checksum.clone(), checksum.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise MaskMismatchError(f'masks differ across processes (checksums {lo.tolist()} vs {hi.tolist()})')
+
+    # ---- the end ------------------------------------------------------------------------
+    @torch.no_grad()
+    def finalize(self):
+        """§7: a last update with all scores at τ_min and the full ramp, binarised masks, cut.
+
+        Returns (cut_model, summary rows)."""
+        last = max(self.step_count - 1, self.schedule.step_final - 1)
+        self.update_masks(last, tau=self.schedule.tau_min)
+        for g in self._gates().values():
+            g.copy_((g >= 0.5).to(g))
+        kept = kept_params(self.model, self.sbs)
+        rows = [{'sub_block': sb.name, 'dense_params': sb.dense_params, 'kept_params': k,
+                 'goal_keep_ratio': float(self.goal[sb.index]),
+                 'keep_ratio': k / sb.dense_params, 'skipped': k == 0}
+                for sb, k in zip(self.sbs, kept)]
+        cut = cut_model(self.model)
+        self.model.remove_gates()
+        return cut, rows
+
+    # ---- checkpointing ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {'step': self.step_count, 'performance': self.performance.state_dict(),
+                'taylor': self.taylor.state_dict(), 'imp_c': self.imp_c, 'imp_p': self.imp_p,
+                'goal': self.goal, 'applied': self.applied, 'heads': self.heads.state_dict()}
+
+    def load_state_dict(self, sd: dict):
+        self.step_count = int(sd['step'])
+        self.performance.load_state_dict(sd['performance'])
+        self.taylor.load_state_dict(sd['taylor'])
+        self.imp_c, self.imp_p = sd['imp_c'], sd['imp_p']
+        self.goal, self.applied = sd['goal'], sd['applied']
+        self.heads.load_state_dict(sd['heads'])
+
+
+def format_summary(rows: Sequence[dict], flops_before: float, flops_after: float,
+                   params_before: int, params_after: int) -> str:
+    """The table printed at finalize: per sub-block, then totals."""
+    lines = [f'{"sub-block":<10}{"dense":>12}{"kept":>12}{"goal κ":>9}{"κ":>8}  skipped']
+    for r in rows:
+        lines.append(f'{r["sub_block"]:<10}{r["dense_params"]:>12,}{r["kept_params"]:>12,}'
+                     f'{r["goal_keep_ratio"]:>9.3f}{r["keep_ratio"]:>8.3f}  {"yes" if r["skipped"] else ""}')
+    lines.append(f'params: {params_before:,} -> {params_after:,} ({params_after / params_before:.3f}); '
+                 f'FLOPs: {flops_before / 1e6:,.1f}M -> {flops_after / 1e6:,.1f}M '
+                 f'({flops_after / flops_before:.3f})')
+    return '\n'.join(lines)

@@ -1,0 +1,118 @@
+"""Which elements a sub-block keeps: Taylor importance, threshold search, soft mask (METHOD.md §5)."""
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from .gates import SubBlock
+
+DEFAULT_GATE_SCALE = {'attn_out': 1.5, 'mlp_hid': 0.75, 'mlp_out': 1.5}
+
+
+class TaylorScore:
+    """S_j += (m_j · ∂L/∂m_j)² for every gate element, after every optimizer step
+    (Molchanov et al., CVPR 2019, "Taylor FO on gates")."""
+
+    def __init__(self, gates: Dict[str, torch.nn.Parameter]):
+        self.sum = {k: torch.zeros_like(g, dtype=torch.float64) for k, g in gates.items()}
+        self.count = 0
+
+    @torch.no_grad()
+    def accumulate(self, gates: Dict[str, torch.nn.Parameter], grad_scale: float = 1.0) -> bool:
+        """Add one step's scores; `grad_scale` undoes AMP's loss scaling. Returns False (and
+        adds nothing) when a gradient is missing or not finite, as AMP's skipped steps are."""
+        scores = {}
+        for k, g in gates.items():
+            if g.grad is None:
+                return False
+            s = (g.detach() * g.grad.detach() / grad_scale).double() ** 2
+            if not torch.isfinite(s).all():
+                return False
+            scores[k] = s
+        for k, s in scores.items():
+            self.sum[k] += s
+        self.count += 1
+        return True
+
+    def all_reduce(self):
+        """Mean over processes (the gate gradients are already DDP-averaged; this keeps the
+        scores identical even where they are not)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for s in self.sum.values():
+                torch.distributed.all_reduce(s)
+                s /= world
+
+    def mean(self, key: str) -> torch.Tensor:
+        return self.sum[key] / max(self.count, 1)
+
+    def state_dict(self):
+        return {'sum': {k: v.clone() for k, v in self.sum.items()}, 'count': self.count}
+
+    def load_state_dict(self, sd):
+        for k, v in sd['sum'].items():
+            self.sum[k].copy_(v)
+        self.count = int(sd['count'])
+
+
+def rank_percentile(score: torch.Tensor) -> torch.Tensor:
+    """r_j = (rank_j + 1) / n, rank ascending (1/n is the least important); ties by index."""
+    order = torch.argsort(score, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(len(score), device=score.device)
+    return (ranks + 1).double() / len(score)
+
+
+def element_importance(scores: Sequence[torch.Tensor], gate_names: Sequence[str],
+                       gate_scale: Dict[str, float]) -> torch.Tensor:
+    """Steps 1–2: per-gate percentiles times the per-gate factor, concatenated over the three gates."""
+    return torch.cat([rank_percentile(s) * gate_scale.get(n, 1.0)
+                      for s, n in zip(scores, gate_names)])
+
+
+def threshold_search(sb: SubBlock, importance: torch.Tensor, target: float) -> Tuple[int, torch.Tensor]:
+    """Steps 3–4: sort ascending and choose t, the number of lowest elements to drop, so that
+    the sub-block keeps as close to `target` parameters as possible.
+
+    Returns (t, order). The authors linearise the coupled cost and iterate; here the kept count
+    is evaluated exactly for every t at once: the kept elements of each gate after dropping t
+    are its size minus its elements among the first t, and §2's count is a closed form of those.
+    Kept params never grow with t, so the best t is within one element's cost of the target.
+    """
+    sizes = torch.tensor(sb.gate_sizes)
+    gate_of = torch.repeat_interleave(torch.arange(3), sizes).to(importance.device)
+    order = torch.argsort(importance, stable=True)  # ties: lower concatenated index first
+    onehot = torch.nn.functional.one_hot(gate_of[order], 3).double()
+    dropped = torch.cat([torch.zeros(1, 3, dtype=torch.float64, device=onehot.device),
+                         onehot.cumsum(0)])              # (n + 1, 3): dropped per gate for t = 0 … n
+    kept = sizes.to(dropped) - dropped
+    params = sb.params([kept[:, 0], kept[:, 1], kept[:, 2]])
+    t = int(torch.argmin((params - target).abs()))  # first minimum: the smaller cut on ties
+    return t, order
+
+
+def soft_mask(n: int, t: int, tau: float, device=None) -> torch.Tensor:
+    """Step 5: the mask value of the element at sorted position k = 1 … n.
+
+    m = sigmoid(ln 9 · (k − t − ½) / (n·τ)). The spec writes (k − t); centring on the boundary
+    between the t-th (last dropped) and the (t+1)-th (first kept) element makes the hard mask
+    m ≥ 0.5 keep exactly n − t elements. Positions ±n·τ from the boundary read 0.1 / 0.9;
+    τ = 0 is a hard step.
+    """
+    k = torch.arange(1, n + 1, dtype=torch.float64, device=device)
+    if tau <= 0:
+        return (k > t).double()
+    return torch.sigmoid(math.log(9) * (k - t - 0.5) / (n * tau))
+
+
+def sub_block_masks(sb: SubBlock, importance: torch.Tensor, target: float,
+                    tau: float) -> List[torch.Tensor]:
+    """Steps 3–5 for one sub-block: the soft masks of its three gates."""
+    t, order = threshold_search(sb, importance, target)
+    n = len(importance)
+    values = torch.empty(n, dtype=torch.float64, device=importance.device)
+    values[order] = soft_mask(n, t, tau, device=importance.device)
+    masks = list(torch.split(values, list(sb.gate_sizes)))
+    if any(int((m >= 0.5).sum()) == 0 for m in masks):
+        masks = [torch.zeros_like(m) for m in masks]  # an empty gate removes the sub-block (§2)
+    return masks
