@@ -26,6 +26,8 @@ import models
 import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
 from engine import evaluate, train_one_epoch
+from pruning import (PRUNE_METHODS, DepthAwarePruner, PruneConfig, PruneSchedule,
+                     format_summary)
 from utils import UsageError
 
 
@@ -126,6 +128,36 @@ def get_args_parser():
     parser.set_defaults(pin_mem=True)
     parser.add_argument('--print-freq', default=10, type=int, help='iterations between log lines')
 
+    # * Depth Aware Pruning parameters (METHOD.md)
+    parser.add_argument('--prune-method', default=None, type=str,
+                        help='pruning method: block_pr (Depth Aware Pruning); none to fine-tune')
+    parser.add_argument('--prune-ratio', default=0.5, type=float,
+                        help='fraction of the parameters to remove')
+    parser.add_argument('--prune-start-epoch', default=5, type=int,
+                        help='warm-up epochs before masking starts')
+    parser.add_argument('--prune-sparse-epoch', default=25, type=int,
+                        help='epoch at which the keep-ratio ramp ends and masks start to sharpen')
+    parser.add_argument('--prune-finalize-epoch', default=None, type=int,
+                        help='epoch after which masks are binarised and the model cut (default: --epochs)')
+    parser.add_argument('--prune-steps-update-mask', default='100', type=str,
+                        help='optimizer steps between mask updates, or "auto" for about 3 per epoch')
+    parser.add_argument('--prune-kr-handcraft', default=None, type=str, nargs='+',
+                        help='2 x depth keep ratios, one per sub-block (ablation: skips ΔΨ)')
+    parser.add_argument('--prune-scale-gate-imp', default='attn_out:1.5,mlp_hid:0.75,mlp_out:1.5',
+                        type=str, help='per-gate factors on the Taylor percentiles (others 1.0)')
+    parser.add_argument('--pr-gamma', default=0.2, type=float, help='momentum of the block importance')
+    parser.add_argument('--pr-tau-max', default=0.1, type=float, help='soft-mask temperature before sharpening')
+    parser.add_argument('--pr-tau-min', default=0.0, type=float, help='soft-mask temperature at finalize')
+    parser.add_argument('--pr-alpha', default=0.5, type=float, help='weight of class vs patch ΔΨ')
+    parser.add_argument('--pr-block-imp-scale', default=10., type=float, help='soft-clip range s of §4')
+    parser.add_argument('--prune-rate-by-block-param-only', action='store_true',
+                        help='the prune ratio counts block parameters only')
+    parser.add_argument('--lr-soft-head', default=5e-4, type=float,
+                        help='learning rate of the ΔΨ heads (scaled like --lr)')
+    parser.add_argument('--resize-model-by-checkpoint', '--model-resize-by-checkpoint',
+                        action='store_true', dest='resize_model_by_checkpoint',
+                        help='build the cut architecture stored in --model-path (first_sparse_checkpoint.pth)')
+
     # distributed training parameters
     parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
     parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
@@ -145,6 +177,65 @@ def check_args(args):
             raise UsageError(f'{flag} must be at least 1, got {value}')
     if args.input_size is None:
         args.input_size = models.CONFIGS[args.model][4]
+    if args.prune_method is not None and args.prune_method.lower() == 'none':
+        args.prune_method = None
+    if args.prune_method is not None:
+        if args.prune_method not in PRUNE_METHODS:
+            raise UsageError(f'unknown --prune-method {args.prune_method!r}; choose from '
+                             f'{", ".join(PRUNE_METHODS)} (or none)')
+        if args.prune_finalize_epoch is None:
+            args.prune_finalize_epoch = args.epochs
+        if args.prune_finalize_epoch > args.epochs:
+            raise UsageError(f'--prune-finalize-epoch {args.prune_finalize_epoch} is after --epochs {args.epochs}')
+        if args.prune_steps_update_mask != 'auto':
+            try:
+                n = int(args.prune_steps_update_mask)
+            except ValueError:
+                raise UsageError(f'--prune-steps-update-mask takes a whole number or "auto", '
+                                 f'got {args.prune_steps_update_mask!r}')
+            if n < 1:
+                raise UsageError(f'--prune-steps-update-mask must be at least 1, got {n}')
+        args.prune_kr_handcraft = parse_numbers(args.prune_kr_handcraft, '--prune-kr-handcraft')
+        args.prune_scale_gate_imp = parse_gate_scale(args.prune_scale_gate_imp)
+        try:  # the checks that need no model: ratio range, gate names, handcrafted values
+            prune_config(args)
+        except ValueError as e:
+            raise UsageError(str(e))
+
+
+def parse_numbers(values, flag):
+    """'0.5 0.7' or '0.5,0.7' (or a mix) -> [0.5, 0.7]; None stays None."""
+    if values is None or isinstance(values, list) and values and isinstance(values[0], float):
+        return values
+    items = [v for chunk in values for v in chunk.replace(',', ' ').split()]
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise UsageError(f'{flag} takes numbers, got {" ".join(values)!r}')
+
+
+def parse_gate_scale(text):
+    """'attn_out:1.5,mlp_hid:0.75' -> {'attn_out': 1.5, 'mlp_hid': 0.75}."""
+    if isinstance(text, dict):
+        return text
+    scale = {}
+    for item in filter(None, (t.strip() for t in text.split(','))):
+        name, sep, value = item.partition(':')
+        try:
+            scale[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f'--prune-scale-gate-imp takes gate:number pairs, got {item!r}')
+        if not sep:
+            raise UsageError(f'--prune-scale-gate-imp takes gate:number pairs, got {item!r}')
+    return scale
+
+
+def prune_config(args):
+    return PruneConfig(prune_ratio=args.prune_ratio, method=args.prune_method,
+                       keep_ratio_handcraft=args.prune_kr_handcraft,
+                       gate_scale=args.prune_scale_gate_imp, gamma=args.pr_gamma,
+                       alpha=args.pr_alpha, block_imp_scale=args.pr_block_imp_scale,
+                       block_params_only=args.prune_rate_by_block_param_only)
     if args.input_size % models.CONFIGS[args.model][0]:
         raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
                          f'{models.CONFIGS[args.model][0]} of {args.model}')
@@ -171,11 +262,34 @@ def build_datasets(args):
     return dataset_train, dataset_val, nb_classes
 
 
-def build_model(args, nb_classes):
-    model = timm.create_model(args.model, num_classes=nb_classes, img_size=args.input_size,
-                          drop_rate=args.drop, drop_path_rate=args.drop_path)
-    if args.model_path:
-        checkpoint = utils.load_checkpoint_file(args.model_path, '--model-path')
+def build_model(args, nb_classes, resume_checkpoint=None):
+    """The model to train: dense, or the cut architecture stored in a checkpoint (§7).
+
+    A checkpoint with `arch` holds a cut model; it is rebuilt from `--model-path` only with
+    --resize-model-by-checkpoint, and always from a `--resume` checkpoint.
+    """
+    kwargs = dict(num_classes=nb_classes, img_size=args.input_size, drop_rate=args.drop,
+                  drop_path_rate=args.drop_path)
+    checkpoint = utils.load_checkpoint_file(args.model_path, '--model-path') if args.model_path else None
+    arch = None
+    if resume_checkpoint is not None and resume_checkpoint.get('arch') is not None:
+        arch = resume_checkpoint['arch']
+    elif checkpoint is not None and checkpoint.get('arch') is not None:
+        if not args.resize_model_by_checkpoint:
+            raise UsageError(f'--model-path {args.model_path} holds a cut model (it has "arch"): '
+                             'add --resize-model-by-checkpoint to rebuild it')
+        arch = checkpoint['arch']
+    elif args.resize_model_by_checkpoint:
+        raise UsageError('--resize-model-by-checkpoint needs a --model-path with "arch" '
+                         f'(a first_sparse_checkpoint.pth); {args.model_path or "no --model-path"} has none')
+    if arch is not None:
+        if arch.get('family') != args.model or arch.get('depth') != models.CONFIGS[args.model][2]:
+            raise UsageError(f'the checkpoint holds a cut {arch.get("family")} of depth '
+                             f'{arch.get("depth")}, but --model is {args.model}')
+        model = models.build_from_arch(arch, **kwargs)
+    else:
+        model = timm.create_model(args.model, **kwargs)
+    if checkpoint is not None:
         try:
             state_dict, notes = models.pretrained_state_dict(model, checkpoint)
         except ValueError as e:
@@ -274,9 +388,53 @@ class Run:
                 self.writer.add_scalar(k.replace('_', '/', 1), v, epoch)
         self.writer.flush()
 
+    def log_pruning(self, record):
+        """One JSON line per mask update (and the finalize summary) in pruning_log.jsonl."""
+        if self.dir is None or not utils.is_main_process():
+            return
+        with (self.dir / 'pruning_log.jsonl').open('a') as f:
+            f.write(json.dumps(record) + '\n')
+        if 'step' in record:
+            step = record['step']
+            self.writer.add_scalar('pruning/total_kept_params', record['total_kept_params'], step)
+            self.writer.add_scalar('pruning/tau', record['tau'], step)
+            for i, (goal, applied, kept) in enumerate(zip(
+                    record['goal_keep_ratio'], record['applied_keep_ratio'], record['kept_params'])):
+                name = f'{"attn" if i % 2 == 0 else "mlp"}{i // 2}'
+                self.writer.add_scalar(f'keep_ratio_goal/{name}', goal, step)
+                self.writer.add_scalar(f'keep_ratio_applied/{name}', applied, step)
+                self.writer.add_scalar(f'kept_params/{name}', kept, step)
+                self.writer.add_scalar(f'delta_psi_cls/{name}', record['delta_psi_cls'][i], step)
+                self.writer.add_scalar(f'delta_psi_patch/{name}', record['delta_psi_patch'][i], step)
+
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def steps_between_mask_updates(args, steps_per_epoch):
+    """--prune-steps-update-mask, or about 3 updates per epoch for 'auto' (the authors' advice)."""
+    if args.prune_steps_update_mask == 'auto':
+        return max(1, round(steps_per_epoch / 3))
+    return int(args.prune_steps_update_mask)
+
+
+def build_pruner(args, model, nb_classes, steps_per_epoch, run):
+    try:
+        schedule = PruneSchedule(
+            steps_per_epoch=steps_per_epoch, start_epoch=args.prune_start_epoch,
+            sparse_epoch=args.prune_sparse_epoch, finalize_epoch=args.prune_finalize_epoch,
+            steps_update_mask=steps_between_mask_updates(args, steps_per_epoch),
+            tau_max=args.pr_tau_max, tau_min=args.pr_tau_min)
+        return DepthAwarePruner(model, nb_classes, prune_config(args), schedule,
+                                on_update=run.log_pruning)
+    except ValueError as e:
+        raise UsageError(str(e))
+
+
+def count_params(model):
+    """Parameters of the network itself: gates and ΔΨ heads are pruning machinery."""
+    return sum(p.numel() for n, p in model.named_parameters() if '.gates.' not in n)
 
 
 def main(args):
@@ -288,34 +446,52 @@ def main(args):
     utils.seed_everything(args.seed + utils.get_rank())
     if device.type == 'cuda':
         cudnn.benchmark = True
+    else:
+        # masked paths and AdamW's decaying second moments underflow into float32 denormals,
+        # which CPUs multiply about 10x slower (a pruning epoch went from 5 s to 50 s)
+        torch.set_flush_denormal(True)
 
     # everything that can fail on bad input happens before output_dir is touched
     dataset_train, dataset_val, nb_classes = build_datasets(args)
-    model = build_model(args, nb_classes)
     checkpoint = load_resume_checkpoint(args) if args.resume else None
+    model = build_model(args, nb_classes, checkpoint)
+    pruning = args.prune_method is not None and not (checkpoint and checkpoint.get('arch'))
+    if checkpoint is not None and checkpoint.get('pruner') is not None and not pruning:
+        raise UsageError(f'--resume {args.resume} was written while pruning: repeat the pruning flags')
+    if not args.eval:
+        check_output_dir(args.output_dir)
+    args.lr_unscaled, args.lr_soft_head_unscaled = args.lr, args.lr_soft_head
+    if not args.unscale_lr:
+        factor = args.batch_size * utils.get_world_size() * args.grad_accum_steps / 512.0
+        args.lr, args.lr_soft_head = args.lr * factor, args.lr_soft_head * factor
+    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+    steps_per_epoch = len(loader_train) // args.grad_accum_steps
+    run = Run(args.output_dir if not args.eval else '')
+
+    model.to(device)
+    pruner = build_pruner(args, model, nb_classes, steps_per_epoch, run) if pruning else None
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint['model'])
         except RuntimeError as e:
+            lines = str(e).splitlines()
             raise UsageError(f'--resume {args.resume} does not fit --model {args.model}: '
-                             f'{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}')
-    if not args.eval:
-        check_output_dir(args.output_dir)
-    args.lr_unscaled = args.lr
-    if not args.unscale_lr:
-        args.lr = args.lr * args.batch_size * utils.get_world_size() * args.grad_accum_steps / 512.0
-    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+                             f'{lines[1].strip() if len(lines) > 1 else e}')
+        if pruner is not None and checkpoint.get('pruner') is not None:
+            pruner.load_state_dict(checkpoint['pruner'])
 
-    model.to(device)
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    def wrap(net):
+        if not args.distributed:
+            return net
+        return torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[args.gpu] if device.type == 'cuda' else None)
+
+    net = wrap(pruner.module if pruner is not None else model)
+    n_parameters = count_params(model)
     print('number of params:', n_parameters)
 
     if args.eval:
-        test_stats = evaluate(loader_val, model, device, amp=amp, print_freq=args.print_freq)
+        test_stats = evaluate(loader_val, net, device, amp=amp, pruner=pruner, print_freq=args.print_freq)
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
         return test_stats
 
@@ -325,12 +501,15 @@ def main(args):
                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                      label_smoothing=args.smoothing, num_classes=nb_classes) if mixup_active else None
     criterion = build_criterion(args, mixup_active)
-    optimizer = build_optimizer(args, model_without_ddp)
-    lr_scheduler = build_scheduler(args, optimizer)
+    optimizer = build_optimizer(args, model, pruner.param_groups(args.lr_soft_head, args.weight_decay)
+                                if pruner is not None else ())
+    # a pruning run keeps the learning rate constant, also after the cut (METHOD.md §6)
+    lr_scheduler = None if args.prune_method else build_scheduler(args, optimizer)
     loss_scaler = NativeScaler(device='cuda') if amp else None
+    # EMA of a gated model would average masks as well as weights: it starts after the cut
     model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay,
+    if args.model_ema and pruner is None:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device='cpu' if args.model_ema_force_cpu else None)
 
     max_accuracy = 0.0
@@ -346,10 +525,9 @@ def main(args):
         max_accuracy = checkpoint.get('max_accuracy', 0.0)
         print(f'Resumed from {args.resume} at epoch {args.start_epoch}')
 
-    run = Run(args.output_dir)
     if run.dir is not None and utils.is_main_process():
         (run.dir / 'args.json').write_text(json.dumps(vars(args), indent=2))
-    global_step = args.start_epoch * (len(loader_train) // args.grad_accum_steps)
+    global_step = args.start_epoch * steps_per_epoch
     print(f'Start training for {args.epochs} epochs')
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -357,17 +535,29 @@ def main(args):
         utils.seed_everything(args.seed + 1000 * epoch + utils.get_rank())
         loader_train.sampler.set_epoch(epoch)
         train_stats, global_step = train_one_epoch(
-            model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+            net, criterion, loader_train, optimizer, device, epoch, loss_scaler,
             max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
             accum_steps=args.grad_accum_steps, amp=amp, print_freq=args.print_freq,
-            writer=run.writer, global_step=global_step)
+            writer=run.writer, pruner=pruner, global_step=global_step)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1)
-        test_stats = evaluate(loader_val, model, device, amp=amp, print_freq=args.print_freq)
+
+        if pruner is not None and epoch + 1 == args.prune_finalize_epoch:
+            model, test_stats = finalize_pruning(pruner, model, args, loader_val, device, amp,
+                                                 epoch, run)
+            pruner, n_parameters = None, count_params(model)
+            net = wrap(model)
+            optimizer = build_optimizer(args, model)
+            if args.model_ema:
+                model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                                       device='cpu' if args.model_ema_force_cpu else None)
+        else:
+            test_stats = evaluate(loader_val, net, device, amp=amp, pruner=pruner,
+                                  print_freq=args.print_freq)
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
 
         ckpt = {
-            'model': model_without_ddp.state_dict(),
+            'model': model.state_dict(),
             'optimizer': optimizer.state_dict(),
             'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
             'epoch': epoch,
@@ -377,6 +567,10 @@ def main(args):
         }
         if model_ema is not None:
             ckpt['model_ema'] = model_ema.module.state_dict()
+        if model.is_cut:
+            ckpt['arch'] = model.arch()
+        if pruner is not None:
+            ckpt['pruner'] = pruner.state_dict()
         run.save('checkpoint.pth', ckpt)
         if test_stats['acc1'] > max_accuracy:
             max_accuracy = test_stats['acc1']
@@ -388,16 +582,42 @@ def main(args):
 
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
-    print(f'[rank {utils.get_rank()}] parameter digest {utils.parameter_digest(model_without_ddp)}',
-          force=True) if args.distributed else print(
-        f'[rank 0] parameter digest {utils.parameter_digest(model_without_ddp)}')
+    print(f'[rank {utils.get_rank()}] parameter digest {utils.parameter_digest(model)}', force=True) \
+        if args.distributed else print(f'[rank 0] parameter digest {utils.parameter_digest(model)}')
     run.close()
     return {'max_accuracy': max_accuracy}
 
 
+def finalize_pruning(pruner, model, args, loader_val, device, amp, epoch, run):
+    """METHOD.md §7: binarise, cut, report, measure the cut model, write first_sparse_checkpoint.pth."""
+    params_before = count_params(model)
+    flops_before = utils.count_flops(model, args.input_size, device)
+    cut, rows = pruner.finalize()
+    params_after = count_params(cut)
+    flops_after = utils.count_flops(cut, args.input_size, device)
+    print(format_summary(rows, flops_before, flops_after, params_before, params_after))
+    summary = {'event': 'finalize', 'epoch': epoch, 'sub_blocks': rows,
+               'params_dense': params_before, 'params_cut': params_after,
+               'flops_dense': flops_before, 'flops_cut': flops_after}
+    run.log_pruning(summary)
+    print('Accuracy of the cut model:')
+    test_stats = evaluate(loader_val, cut, device, amp=amp, print_freq=args.print_freq)
+    run.save('first_sparse_checkpoint.pth', {
+        'model': cut.state_dict(), 'arch': cut.arch(), 'args': vars(args), 'epoch': epoch,
+        'acc1': test_stats['acc1'], 'summary': summary})
+    return cut, test_stats
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f'error: {message}\n')
+
+
 def cli(argv=None):
-    parser = argparse.ArgumentParser('DeiT training, Depth Aware Pruning and evaluation script',
-                                     parents=[get_args_parser()])
+    parser = ArgumentParser('DeiT training, Depth Aware Pruning and evaluation script',
+                            parents=[get_args_parser()])
     args = parser.parse_args(argv)
     try:
         main(args)

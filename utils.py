@@ -245,3 +245,17 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.indices)
+
+
+@torch.no_grad()
+def count_flops(model: torch.nn.Module, img_size: int, device='cpu') -> int:
+    """FLOPs of one image's forward, counted by torch.utils.flop_counter (matmuls and
+    convolutions, a multiply-add counted as 2; norms, softmax and GELU are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, 3, img_size, img_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops()

@@ -305,10 +305,12 @@ class VisionTransformer(nn.Module):
 
 
 def build_from_arch(arch: Dict, **kwargs) -> VisionTransformer:
-    """Rebuild a (possibly cut) model from `model.arch()`; kwargs set dropout rates etc."""
+    """Rebuild a (possibly cut) model from `model.arch()`; kwargs set dropout rates and may
+    override `img_size` and `num_classes`."""
     return VisionTransformer(
-        img_size=arch['img_size'], patch_size=arch['patch_size'], in_chans=arch['in_chans'],
-        num_classes=kwargs.pop('num_classes', arch['num_classes']), embed_dim=arch['embed_dim'],
+        img_size=kwargs.pop('img_size', arch['img_size']), patch_size=arch['patch_size'],
+        in_chans=arch['in_chans'], num_classes=kwargs.pop('num_classes', arch['num_classes']),
+        embed_dim=arch['embed_dim'],
         depth=arch['depth'], num_heads=arch['num_heads'], mlp_ratio=arch['mlp_ratio'],
         qkv_bias=arch['qkv_bias'], blocks_arch=arch['blocks'], family=arch['family'], **kwargs)
 
