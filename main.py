@@ -419,15 +419,14 @@ def steps_between_mask_updates(args, steps_per_epoch):
     return int(args.prune_steps_update_mask)
 
 
-def build_pruner(args, model, nb_classes, steps_per_epoch, run):
+def build_pruner(args, model, nb_classes, steps_per_epoch):
     try:
         schedule = PruneSchedule(
             steps_per_epoch=steps_per_epoch, start_epoch=args.prune_start_epoch,
             sparse_epoch=args.prune_sparse_epoch, finalize_epoch=args.prune_finalize_epoch,
             steps_update_mask=steps_between_mask_updates(args, steps_per_epoch),
             tau_max=args.pr_tau_max, tau_min=args.pr_tau_min)
-        return DepthAwarePruner(model, nb_classes, prune_config(args), schedule,
-                                on_update=run.log_pruning)
+        return DepthAwarePruner(model, nb_classes, prune_config(args), schedule)
     except ValueError as e:
         raise UsageError(str(e))
 
@@ -458,18 +457,20 @@ def main(args):
     pruning = args.prune_method is not None and not (checkpoint and checkpoint.get('arch'))
     if checkpoint is not None and checkpoint.get('pruner') is not None and not pruning:
         raise UsageError(f'--resume {args.resume} was written while pruning: repeat the pruning flags')
-    if not args.eval:
-        check_output_dir(args.output_dir)
     args.lr_unscaled, args.lr_soft_head_unscaled = args.lr, args.lr_soft_head
     if not args.unscale_lr:
         factor = args.batch_size * utils.get_world_size() * args.grad_accum_steps / 512.0
         args.lr, args.lr_soft_head = args.lr * factor, args.lr_soft_head * factor
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
     steps_per_epoch = len(loader_train) // args.grad_accum_steps
-    run = Run(args.output_dir if not args.eval else '')
 
     model.to(device)
-    pruner = build_pruner(args, model, nb_classes, steps_per_epoch, run) if pruning else None
+    pruner = build_pruner(args, model, nb_classes, steps_per_epoch) if pruning else None
+    if not args.eval:
+        check_output_dir(args.output_dir)
+    run = Run(args.output_dir if not args.eval else '')
+    if pruner is not None:
+        pruner.on_update = run.log_pruning
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint['model'])
@@ -582,8 +583,8 @@ def main(args):
 
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
-    print(f'[rank {utils.get_rank()}] parameter digest {utils.parameter_digest(model)}', force=True) \
-        if args.distributed else print(f'[rank 0] parameter digest {utils.parameter_digest(model)}')
+    print(f'[rank {utils.get_rank()}] parameter digest {utils.parameter_digest(model)}',
+          flush=True, **({'force': True} if args.distributed else {}))
     run.close()
     return {'max_accuracy': max_accuracy}
 
