@@ -114,12 +114,18 @@ class DepthAwarePruner:
 
     def step(self, grad_scale: float = 1.0) -> Optional[dict]:
         """After each optimizer step (gate gradients still present): Taylor scores, and the
-        mask update when one is due. Returns the update's record, if any."""
+        mask update when one is due; then clears the gate gradients (the optimizer does not
+        hold the gates, so its zero_grad does not). Returns the update's record, if any."""
         step, record = self.step_count, None
+        gates = self._gates()
         if self.schedule.is_active(step):
-            self.taylor.accumulate(self._gates(), grad_scale)
+            self.taylor.accumulate(gates, grad_scale)
             if self.schedule.is_update(step):
                 record = self.update_masks(step)
+        # the gates are not in the optimizer, so its zero_grad leaves their gradients alone:
+        # clear them here, or every step's score would use the sum of all earlier gradients
+        for g in gates.values():
+            g.grad = None
         self.step_count += 1
         return record
 
