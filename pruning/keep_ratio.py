@@ -23,7 +23,7 @@ def block_importance(mean_delta: torch.Tensor, kept_params: torch.Tensor,
     imp = imp / imp.mean().clamp_min(1e-30)                                       # 5. normalise
     if previous is not None:                                                      # 6. momentum
         imp = gamma * imp + (1 - gamma) * previous.to(imp)
-    return imp
+    return torch.where(kept > 0, imp, torch.zeros_like(imp))  # momentum must not revive it
 
 
 def block_budget(dense_params: Sequence[int], non_block_params: int, prune_ratio: float,
@@ -35,19 +35,19 @@ def block_budget(dense_params: Sequence[int], non_block_params: int, prune_ratio
     return (1 - prune_ratio) * (blocks + non_block_params) - non_block_params
 
 
-def water_fill(importance: torch.Tensor, dense_params: torch.Tensor, budget: float,
-               max_rounds: int = 20) -> torch.Tensor:
+def water_fill(importance: torch.Tensor, dense_params: torch.Tensor, budget: float) -> torch.Tensor:
     """κ_i = clip(σ·I_i, 0, 1) with Σ κ_i·P_i = budget (§4).
 
     Sub-blocks that reach 1 are fixed at 1, those at 0 are disabled, σ is recomputed for the
-    rest, until no κ is out of bounds.
+    rest, until no κ is out of bounds. Each round fixes at least one sub-block, so 2L + 1
+    rounds always suffice (the authors cap at 20, which 24 sub-blocks could exceed).
     """
     imp = importance.double().clamp_min(0)
     P = dense_params.double()
     kappa = torch.zeros_like(imp)
     full = torch.zeros_like(imp, dtype=torch.bool)
     free = imp > 0
-    for _ in range(max_rounds):
+    for _ in range(len(imp) + 1):
         rest = budget - (P * full).sum()
         denom = (imp * P * free).sum()
         if denom <= 0 or rest <= 0:

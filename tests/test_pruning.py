@@ -227,7 +227,7 @@ def reference_importance(mean, kept, prev=None, s=10., gamma=0.2):
     imp = [v / avg for v in imp]                                        # 5
     if prev is not None:
         imp = [gamma * v + (1 - gamma) * p for v, p in zip(imp, prev)]  # 6
-    return imp
+    return [v if k > 0 else 0.0 for v, k in zip(imp, kept)]  # a removed sub-block stays removed
 
 
 @pytest.mark.parametrize('seed', range(3))
@@ -256,6 +256,9 @@ def test_block_importance_zero_kept_gets_zero():
     assert (got[[0, 2, 3]] > 0).all()
     assert torch.allclose(got, torch.tensor(reference_importance(mean.tolist(), kept.tolist()),
                                             dtype=torch.float64), rtol=1e-10)
+    # momentum with a previous non-zero importance must not revive a removed sub-block
+    got = block_importance(mean, kept, torch.ones(5, dtype=torch.float64))
+    assert got[1] == 0 and got[4] == 0 and (got[[0, 2, 3]] > 0).all()
 
 
 # ---------------------------------------------------------------- 3. schedule (§4 ramp, §5 τ, §6)
