@@ -2,16 +2,14 @@ import argparse
 import json
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import datasets  # noqa: E402
-from datasets import build_dataset, build_transform  # noqa: E402
+import datasets
+from datasets import build_dataset, build_transform
 
 SIZE = 32
 
