@@ -1,0 +1,300 @@
+"""main.py as a user runs it: `python main.py ...` in a subprocess, on DIGITS, on the CPU."""
+import json
+import os
+import re
+import shutil
+import sys
+
+import pytest
+import timm
+import torch
+
+import models  # noqa: F401  (registers deit_micro_patch4_32 with timm)
+import utils
+from conftest import BASE_ARGS, SCHEDULE_ARGS, check_ok, eval_lines, free_port, run_cli
+from datasets import DigitsDataset
+
+MICRO = 'deit_micro_patch4_32'
+EPOCHS = 2
+DEIT_LOG_KEYS = {'train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5', 'epoch',
+                 'n_parameters'}
+CKPT_KEYS = {'model', 'optimizer', 'lr_scheduler', 'epoch', 'scaler', 'args', 'model_ema'}
+BATCH = int(BASE_ARGS[BASE_ARGS.index('--batch-size') + 1])
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def logged_eval_line(stats):
+    """The console line main.py prints for these log.txt test stats."""
+    return f'{stats["test_acc1"]:.3f}', f'{stats["test_acc5"]:.3f}', f'{stats["test_loss"]:.3f}'
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+    """One 2-epoch DIGITS run, shared by the tests that read what it wrote."""
+    tmp = tmp_path_factory.mktemp('digits')
+    out = tmp / 'out'
+    proc = check_ok(run_cli([*SCHEDULE_ARGS, '--epochs', EPOCHS, '--output_dir', out], tmp))
+    return out, proc
+
+
+# ---------------------------------------------------------------- one training run
+
+def test_log_and_console(digits_run):
+    out, proc = digits_run
+    log = read_log(out)
+    assert [set(stats) for stats in log] == [DEIT_LOG_KEYS] * EPOCHS
+    assert [stats['epoch'] for stats in log] == list(range(EPOCHS))
+    assert log[0]['n_parameters'] == sum(p.numel() for p in timm.create_model(MICRO, num_classes=10).parameters())
+    # warm-up epoch at --warmup-lr, then --lr scaled by batch / 512 (DeiT's linear scaling rule)
+    assert log[0]['train_lr'] == pytest.approx(1e-4)
+    assert log[1]['train_lr'] == pytest.approx(5e-3 * BATCH / 512)
+    assert eval_lines(proc.stdout) == [logged_eval_line(stats) for stats in log]
+    # epoch timing, for the record: `Epoch: [0] Total time: 0:00:02 (0.1 s / it)`
+    times = re.findall(r'^Epoch: \[\d+\] Total time: (\S+) \((\S+) s / it\)$', proc.stdout, re.M)
+    assert len(times) == EPOCHS
+    print('DIGITS epoch of the micro model:', times)
+
+
+def test_checkpoints(digits_run):
+    out, _ = digits_run
+    log = read_log(out)
+    last, best = load(out / 'checkpoint.pth'), load(out / 'best_checkpoint.pth')
+    for ckpt in (last, best):
+        assert CKPT_KEYS <= set(ckpt)
+        assert isinstance(ckpt['args'], dict)
+        assert ckpt['args']['model'] == MICRO and ckpt['args']['epochs'] == EPOCHS
+        model = timm.create_model(MICRO, num_classes=10)
+        model.load_state_dict(ckpt['model'], strict=True)
+        model.load_state_dict(ckpt['model_ema'], strict=True)
+        assert ckpt['optimizer']['state']  # AdamW moments were saved
+    assert last['epoch'] == EPOCHS - 1
+    best_epoch = max(range(EPOCHS), key=lambda e: (log[e]['test_acc1'], -e))  # the first best
+    assert best['epoch'] == best_epoch
+    if best_epoch != EPOCHS - 1:
+        assert not torch.equal(best['model']['head.weight'], last['model']['head.weight'])
+
+
+def test_tensorboard(digits_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, _ = digits_run
+    assert list((out / 'tensorboard').glob('events.out.tfevents.*'))
+    acc = EventAccumulator(str(out / 'tensorboard'))
+    acc.Reload()
+    log = read_log(out)
+    for tag, key in (('train/loss', 'train_loss'), ('train/lr', 'train_lr'),
+                     ('test/acc1', 'test_acc1'), ('test/acc5', 'test_acc5'),
+                     ('test/loss', 'test_loss')):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == list(range(EPOCHS))
+        assert [e.value for e in events] == pytest.approx([s[key] for s in log], rel=1e-6)
+    # per-iteration loss every --print-freq (10) iterations, at the optimizer step it follows
+    steps_per_epoch = len(DigitsDataset(train=True)) // BATCH
+    iters = acc.Scalars('train/loss_iter')
+    assert [e.step for e in iters] == [e * steps_per_epoch + i + 1 for e in range(EPOCHS)
+                                       for i in range(0, steps_per_epoch, 10)]
+    assert all(0 < e.value < 10 for e in iters)
+
+
+# ---------------------------------------------------------------- --model-path
+
+def loaded_line(stdout):
+    return [line for line in stdout.splitlines() if line.startswith('Loaded weights from')]
+
+
+def test_model_path_file_reproduces_logged_accuracy(digits_run, cli):
+    out, _ = digits_run
+    ckpt = out / 'checkpoint.pth'
+    proc = check_ok(cli(['--eval', '--model-path', ckpt]))
+    assert loaded_line(proc.stdout) == [f'Loaded weights from {ckpt}']
+    assert eval_lines(proc.stdout) == [logged_eval_line(read_log(out)[-1])]
+
+
+def test_model_path_url_bare_state_dict(digits_run, cli, tmp_path):
+    out, _ = digits_run
+    bare = tmp_path / 'bare.pth'
+    torch.save(load(out / 'checkpoint.pth')['model'], bare)
+    url = bare.as_uri()
+    assert url.startswith('file://')
+    proc = check_ok(cli(['--eval', '--model-path', url]))
+    assert loaded_line(proc.stdout) == [f'Loaded weights from {url}']
+    assert eval_lines(proc.stdout) == [logged_eval_line(read_log(out)[-1])]
+    assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'bare.pth').is_file()
+
+
+def test_model_path_with_1000_classes_resets_head(digits_run, cli, tmp_path):
+    out, _ = digits_run
+    sd = load(out / 'checkpoint.pth')['model']
+    sd['head.weight'], sd['head.bias'] = torch.randn(1000, 64), torch.randn(1000)
+    torch.save({'model': sd}, tmp_path / 'imagenet_head.pth')
+    proc = check_ok(cli(['--eval', '--model-path', tmp_path / 'imagenet_head.pth']))
+    assert loaded_line(proc.stdout) == [
+        f'Loaded weights from {tmp_path / "imagenet_head.pth"}; '
+        'classifier reset: checkpoint has 1000 classes, model has 10']
+    assert len(eval_lines(proc.stdout)) == 1
+
+
+def test_model_path_at_other_input_size_resamples_pos_embed(digits_run, cli):
+    out, _ = digits_run
+    proc = check_ok(cli(['--eval', '--model-path', out / 'checkpoint.pth', '--input-size', 48]))
+    assert loaded_line(proc.stdout) == [
+        f'Loaded weights from {out / "checkpoint.pth"}; pos_embed resampled from 65 to 145 tokens']
+    assert len(eval_lines(proc.stdout)) == 1
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_is_exact(digits_run, cli, tmp_path):
+    """4 epochs straight == 2 epochs, then --resume to 4: bit for bit, with mixup, cutmix,
+    RandAugment, random erasing, drop path and EMA all on (their randomness is reseeded from
+    (seed, epoch) at every epoch start, and the sampler order from (seed, epoch))."""
+    first_half, _ = digits_run
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    check_ok(cli([*SCHEDULE_ARGS, '--epochs', 4, '--output_dir', straight]))
+    proc = check_ok(cli([*SCHEDULE_ARGS, '--epochs', 4, '--output_dir', resumed,
+                         '--resume', first_half / 'checkpoint.pth']))
+    assert f'Resumed from {first_half / "checkpoint.pth"} at epoch {EPOCHS}' in proc.stdout
+    # the short run was the start of the long one, and the resumed run is its end
+    assert read_log(straight) == read_log(first_half) + read_log(resumed)
+    a, b = load(straight / 'checkpoint.pth'), load(resumed / 'checkpoint.pth')
+    assert a['epoch'] == b['epoch'] == 3
+    for key in ('model', 'model_ema'):
+        assert a[key].keys() == b[key].keys()
+        unequal = [k for k in a[key] if not torch.equal(a[key][k], b[key][k])]
+        assert not unequal, f'{key}: {unequal[:5]}'
+    for i, state in a['optimizer']['state'].items():
+        assert all(torch.equal(v, b['optimizer']['state'][i][k]) for k, v in state.items())
+    # and the last two epochs did train: the weights moved on from the resumed checkpoint
+    start = load(first_half / 'checkpoint.pth')['model']
+    assert not torch.equal(start['blocks.0.attn.qkv.weight'], a['model']['blocks.0.attn.qkv.weight'])
+
+
+# ---------------------------------------------------------------- distributed (gloo, 2 processes)
+
+def torchrun():
+    exe = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    return [exe] if os.path.exists(exe) else [sys.executable, '-m', 'torch.distributed.run']
+
+
+LAUNCHERS = {
+    'launch': lambda port: [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
+                            '--master_port', port, '--use_env'],
+    'torchrun': lambda port: [*torchrun(), '--nproc_per_node=2', '--master_port', port],
+}
+
+
+@pytest.mark.parametrize('launcher', sorted(LAUNCHERS))
+def test_distributed_ranks_agree(launcher, tmp_path):
+    out = tmp_path / 'out'
+    proc = check_ok(run_cli([*SCHEDULE_ARGS, '--warmup-epochs', 0, '--epochs', 1, '--output_dir', out],
+                            tmp_path, launcher=LAUNCHERS[launcher](free_port())))
+    # not anchored to line starts: the two ranks share one stdout, and an unbuffered print()
+    # writes its text and its newline separately, so lines of different ranks can run together
+    found = re.findall(r'\[rank (\d)\] parameter digest ([0-9a-f]{16})', proc.stdout)
+    digests = dict(found)
+    # each rank was initialised with its own seed: equal digests mean DDP synchronised them
+    assert len(found) == 2 and set(digests) == {'0', '1'}, proc.stdout[-3000:]
+    assert digests['0'] == digests['1']
+    assert '| distributed init (rank 1)' in proc.stdout
+    assert [s['epoch'] for s in read_log(out)] == [0]  # written by rank 0 only
+    model = timm.create_model(MICRO, num_classes=10)
+    model.load_state_dict(load(out / 'checkpoint.pth')['model'])
+    assert utils.parameter_digest(model) == digests['0']
+
+
+def test_dist_eval_equals_single_process_eval(tmp_path):
+    """On 7 validation images, a padding sampler would count 8 and change acc1 and loss."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split, per_class in (('train', (4, 4, 4)), ('val', (3, 2, 2))):
+        for c, n in zip('abc', per_class):
+            (tmp_path / 'tree' / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / 'tree' / split / c / f'{i}.png')
+    torch.manual_seed(0)
+    torch.save(timm.create_model(MICRO, num_classes=3).state_dict(), tmp_path / 'three.pth')
+    # main.py insists on one training batch per process even with --eval
+    args = ['--eval', '--batch-size', 4, '--data-set', 'FOLDER', '--data-path', tmp_path / 'tree',
+            '--model-path', tmp_path / 'three.pth']
+    single = check_ok(run_cli(args, tmp_path))
+    dist = check_ok(run_cli([*args, '--dist-eval'], tmp_path,
+                            launcher=LAUNCHERS['torchrun'](free_port())))
+    assert 'Accuracy of the network on the 7 test images' in single.stdout
+    assert '| distributed init (rank 1)' in dist.stdout
+    assert len(eval_lines(single.stdout)) == 1
+    assert eval_lines(dist.stdout) == eval_lines(single.stdout)
+
+
+# ---------------------------------------------------------------- bad input
+
+def snapshot(folder):
+    """Every entry under `folder` with its size and mtime, and the folder's own mtime."""
+    entries = {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+               for p in sorted(folder.rglob('*'))}
+    return entries, folder.stat().st_mtime_ns
+
+
+@pytest.fixture(scope='module')
+def bad_files(tmp_path_factory, digits_run):
+    d = tmp_path_factory.mktemp('bad')
+    (d / 'tree' / 'train' / 'a').mkdir(parents=True)       # a FOLDER tree without val/
+    (d / 'notes.txt').write_text('not a checkpoint\n')
+    (d / 'regular_file').write_text('x')
+    torch.save(timm.create_model('deit_tiny_patch16_224').state_dict(), d / 'deit_tiny.pth')
+    data = (digits_run[0] / 'checkpoint.pth').read_bytes()
+    (d / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    return d
+
+
+BAD_INPUTS = {  # name: (flags, with {d} the folder of bad_files, regex the error line must match)
+    'no data path': (['--data-set', 'FOLDER'], r'--data-path is required for --data-set FOLDER'),
+    'no val split': (['--data-set', 'FOLDER', '--data-path', '{d}/tree'], r'no val split.*{d}/tree/val'),
+    'unknown model': (['--model', 'deit_smal_patch16_224'],
+                      r"unknown --model 'deit_smal_patch16_224'; did you mean deit_small_patch16_224"),
+    'missing model path': (['--model-path', '{d}/nope.pth'], r'--model-path {d}/nope.pth does not exist'),
+    'text model path': (['--model-path', '{d}/notes.txt'],
+                        r'--model-path {d}/notes.txt is not a readable PyTorch checkpoint'),
+    'other architecture': (['--model-path', '{d}/deit_tiny.pth'],
+                           r'--model-path {d}/deit_tiny.pth: checkpoint does not fit the model: .*mis-shaped'),
+    'zero batch size': (['--batch-size', 0], r'--batch-size must be at least 1, got 0'),
+    'truncated resume': (['--resume', '{d}/truncated.pth'],
+                         r'--resume {d}/truncated.pth is not a readable PyTorch checkpoint'),
+    'unwritable output_dir': (['--output_dir', '{d}/regular_file/out'],
+                              r'--output_dir {d}/regular_file/out is not writable'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_input(case, bad_files, tmp_path):
+    flags, pattern = BAD_INPUTS[case]
+    flags = [str(f).format(d=bad_files) for f in flags]
+    out = tmp_path / 'existing_out'
+    out.mkdir()
+    (out / 'sentinel.txt').write_text('keep me\n')
+    before, before_bad = snapshot(out), snapshot(bad_files)
+    proc = run_cli(['--epochs', 1, '--output_dir', out, *flags], tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
+    assert re.search(pattern.format(d=re.escape(str(bad_files))), lines[0]), lines[0]
+    assert snapshot(out) == before
+    assert snapshot(bad_files) == before_bad
+
+
+def test_non_finite_loss_stops_the_run(cli, tmp_path):
+    out = tmp_path / 'out'
+    proc = cli(['--lr', '1e30', '--warmup-epochs', 0, '--epochs', 1, '--output_dir', out])
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert re.fullmatch(r'error: loss is (nan|inf|-inf) at epoch 0, iteration \d+: stopping training',
+                        lines[0]), lines[0]
+    assert not (out / 'checkpoint.pth').exists() and not (out / 'log.txt').exists()
