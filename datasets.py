@@ -228,7 +228,7 @@ def build_transform(is_train, args):
             # A flipped digit is a different (or no) digit.
             hflip=0.0 if args.data_set == 'DIGITS' else 0.5,
             color_jitter=args.color_jitter,
-            auto_augment=args.aa,
+            auto_augment=None if str(args.aa).lower() in ('', 'none') else args.aa,
             interpolation=args.train_interpolation,
             re_prob=args.reprob,
             re_mode=args.remode,

@@ -1,0 +1,142 @@
+"""Dense vs cut ViT: parameters, FLOPs, throughput and latency, measured in one run.
+
+Either give a cut checkpoint (first_sparse_checkpoint.pth or a fine-tuned one with `arch`):
+
+    python scripts/benchmark.py --checkpoint OUT/first_sparse_checkpoint.pth
+
+or a model name and a prune ratio: a cut architecture is then made with DAP's budget from
+random ΔΨ and random Taylor scores, so speed can be measured without training:
+
+    python scripts/benchmark.py --model deit_small_patch16_224 --prune-ratio 0.5 --batch-size 32
+
+FLOPs are counted by torch.utils.flop_counter (matmuls and convolutions; a multiply-add is 2
+FLOPs). The dense model is the uncut model of the same family, input size and class count.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402
+import timm  # noqa: E402
+from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
+from utils import count_flops, load_checkpoint_file, synchronize  # noqa: E402
+
+
+def random_cut(name, prune_ratio, num_classes, img_size, seed=0):
+    """A cut architecture with DAP's budget: random ΔΨ decide κ, random Taylor scores the elements."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=num_classes, img_size=img_size)
+    schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1,
+                             steps_update_mask=1)
+    pruner = DepthAwarePruner(model, num_classes, PruneConfig(prune_ratio=prune_ratio), schedule)
+    g = torch.Generator().manual_seed(seed)
+    n = len(pruner.sbs)
+    pruner.performance.sum_c.copy_(torch.rand(n, generator=g, dtype=torch.float64))
+    pruner.performance.sum_p.copy_(torch.rand(n, generator=g, dtype=torch.float64))
+    pruner.performance.count.fill_(1)
+    for s in pruner.taylor.sum.values():
+        s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64))
+    pruner.taylor.count = 1
+    cut, _ = pruner.finalize()
+    model.remove_gates()
+    return model, cut
+
+
+def from_checkpoint(path):
+    ckpt = load_checkpoint_file(path, '--checkpoint')
+    if ckpt.get('arch') is None:
+        sys.exit(f'error: {path} has no "arch": it is not a cut model (first_sparse_checkpoint.pth)')
+    arch = ckpt['arch']
+    cut = models.build_from_arch(arch)
+    cut.load_state_dict(ckpt['model'])
+    dense = timm.create_model(arch['family'], num_classes=arch['num_classes'], img_size=arch['img_size'])
+    return dense, cut
+
+
+@torch.no_grad()
+def measure(model, x, amp, warmup, iters):
+    """Seconds per batch (median of `iters` timed forwards)."""
+    model.eval()
+    times = []
+    for i in range(warmup + iters):
+        synchronize(x.device)
+        t = time.perf_counter()
+        with torch.autocast(x.device.type, enabled=amp):
+            model(x)
+        synchronize(x.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--checkpoint', default=None, help='a cut checkpoint (with "arch")')
+    p.add_argument('--model', default='deit_small_patch16_224')
+    p.add_argument('--prune-ratio', type=float, default=0.5)
+    p.add_argument('--num-classes', type=int, default=1000)
+    p.add_argument('--input-size', type=int, default=None)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--iters', type=int, default=10)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', default=None, help='also write the figures here')
+    args = p.parse_args(argv)
+
+    if args.checkpoint:
+        dense, cut = from_checkpoint(args.checkpoint)
+        source = args.checkpoint
+    else:
+        if args.model not in models.CONFIGS:
+            sys.exit(f'error: unknown --model {args.model!r}')
+        size = args.input_size or models.CONFIGS[args.model][4]
+        dense, cut = random_cut(args.model, args.prune_ratio, args.num_classes, size, args.seed)
+        source = f'{args.model}, prune ratio {args.prune_ratio}, random ΔΨ (seed {args.seed})'
+    device = torch.device(args.device)
+    amp = device.type == 'cuda'
+    size = cut.img_size
+    dense, cut = dense.to(device), cut.to(device)
+    x = torch.randn(args.batch_size, 3, size, size, device=device)
+
+    # interleave dense and cut so that both see the same machine state
+    t_dense, t_cut = [], []
+    for _ in range(3):
+        t_dense.append(measure(dense, x, amp, args.warmup, args.iters))
+        t_cut.append(measure(cut, x, amp, args.warmup, args.iters))
+    t_dense, t_cut = min(t_dense), min(t_cut)
+    res = {'source': source, 'family': cut.family, 'input_size': size,
+           'batch_size': args.batch_size, 'amp': amp,
+           'device': torch.cuda.get_device_name(device) if device.type == 'cuda'
+           else f'cpu ({torch.get_num_threads()} threads)',
+           'flop_counter': 'torch.utils.flop_counter (matmul + conv, 2 FLOPs per multiply-add)'}
+    for name, model, t in (('dense', dense, t_dense), ('cut', cut, t_cut)):
+        res[name] = {'params': sum(q.numel() for q in model.parameters()),
+                     'flops_per_image': count_flops(model, size, device),
+                     'latency_ms_per_batch': 1e3 * t, 'throughput_img_s': args.batch_size / t}
+    res['speedup'] = t_dense / t_cut
+    res['flops_ideal_speedup'] = res['dense']['flops_per_image'] / res['cut']['flops_per_image']
+    res['speedup_vs_ideal'] = res['speedup'] / res['flops_ideal_speedup']
+
+    print(f'{source}\n{res["family"]} @ {size}px, batch {args.batch_size}, {res["device"]}'
+          f'{", AMP" if amp else ""}')
+    print(f'{"":8}{"params":>14}{"GFLOPs/img":>12}{"ms/batch":>11}{"img/s":>10}')
+    for name in ('dense', 'cut'):
+        r = res[name]
+        print(f'{name:8}{r["params"]:>14,}{r["flops_per_image"] / 1e9:>12.3f}'
+              f'{r["latency_ms_per_batch"]:>11.1f}{r["throughput_img_s"]:>10.1f}')
+    print(f'speedup {res["speedup"]:.2f}x, FLOPs-ideal {res["flops_ideal_speedup"]:.2f}x '
+          f'({res["speedup_vs_ideal"]:.2f} of ideal)')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == '__main__':
+    main()

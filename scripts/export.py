@@ -1,0 +1,68 @@
+"""Export a cut (or dense) ViT checkpoint to ONNX and check it against PyTorch in onnxruntime.
+
+    python scripts/export.py OUT/first_sparse_checkpoint.pth --out model.onnx
+
+The checkpoint needs `arch` (a first_sparse_checkpoint.pth or a fine-tuned cut model); a dense
+checkpoint needs `--model`. The batch dimension is dynamic.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402
+import timm  # noqa: E402
+from utils import load_checkpoint_file  # noqa: E402
+
+
+def load_model(path, model_name=None):
+    ckpt = load_checkpoint_file(path, 'checkpoint')
+    if ckpt.get('arch') is not None:
+        model = models.build_from_arch(ckpt['arch'])
+        model.load_state_dict(ckpt['model'])
+        return model
+    if model_name is None:
+        sys.exit(f'error: {path} has no "arch": name the dense model with --model')
+    model = timm.create_model(model_name, num_classes=ckpt['model']['head.weight'].shape[0])
+    model.load_state_dict(ckpt['model'])
+    return model
+
+
+def export(model, path, batch_size=2):
+    """Write `model` to ONNX (opset 17, dynamic batch); returns the example input used."""
+    model.eval()
+    x = torch.randn(batch_size, model.in_chans, model.img_size, model.img_size)
+    torch.onnx.export(model, (x,), path, input_names=['images'], output_names=['logits'],
+                      dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}},
+                      opset_version=18, dynamo=True)
+    return x
+
+
+def max_difference(model, path, x):
+    """max |logits(PyTorch) − logits(onnxruntime)| on x."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    (got,) = session.run(None, {'images': x.numpy()})
+    with torch.no_grad():
+        want = model(x).numpy()
+    return float(np.abs(got - want).max())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('checkpoint')
+    p.add_argument('--out', default='model.onnx')
+    p.add_argument('--model', default=None, help='family of a dense checkpoint')
+    args = p.parse_args(argv)
+    model = load_model(args.checkpoint, args.model)
+    x = export(model, args.out)
+    diff = max_difference(model, args.out, torch.randn(3, *x.shape[1:]))
+    print(f'wrote {args.out} ({sum(q.numel() for q in model.parameters()):,} parameters); '
+          f'onnxruntime vs PyTorch max |Δlogit| = {diff:.2e} at batch 3')
+
+
+if __name__ == '__main__':
+    main()
