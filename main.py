@@ -323,11 +323,14 @@ def build_loaders(args, dataset_train, dataset_val):
     loader_train = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train, batch_size=args.batch_size,
         num_workers=args.num_workers, pin_memory=pin, drop_last=True,
-        persistent_workers=args.num_workers > 0)
+        # not persistent: workers seed from the torch RNG, just reseeded for this epoch, when
+        # the epoch's iterator starts; persistent ones keep the RNG of this process's first
+        # epoch, and a resumed run would augment differently from the uninterrupted one
+        persistent_workers=False)
     loader_val = torch.utils.data.DataLoader(
         dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
         num_workers=args.num_workers, pin_memory=pin, drop_last=False)
-    if len(loader_train) < args.grad_accum_steps:
+    if not args.eval and len(loader_train) < args.grad_accum_steps:
         raise UsageError(f'the training set gives {len(loader_train)} batches of {args.batch_size} '
                          f'per process, fewer than --grad-accum-steps {args.grad_accum_steps}')
     return loader_train, loader_val
