@@ -177,6 +177,9 @@ def check_args(args):
             raise UsageError(f'{flag} must be at least 1, got {value}')
     if args.input_size is None:
         args.input_size = models.CONFIGS[args.model][4]
+    if args.input_size % models.CONFIGS[args.model][0]:
+        raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
+                         f'{models.CONFIGS[args.model][0]} of {args.model}')
     if args.prune_method is not None and args.prune_method.lower() == 'none':
         args.prune_method = None
     if args.prune_method is not None:
@@ -236,9 +239,6 @@ def prune_config(args):
                        gate_scale=args.prune_scale_gate_imp, gamma=args.pr_gamma,
                        alpha=args.pr_alpha, block_imp_scale=args.pr_block_imp_scale,
                        block_params_only=args.prune_rate_by_block_param_only)
-    if args.input_size % models.CONFIGS[args.model][0]:
-        raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
-                         f'{models.CONFIGS[args.model][0]} of {args.model}')
 
 
 def check_output_dir(output_dir):
