@@ -268,6 +268,8 @@ BAD_INPUTS = {  # name: (flags, with {d} the folder of bad_files, regex the erro
     'other architecture': (['--model-path', '{d}/deit_tiny.pth'],
                            r'--model-path {d}/deit_tiny.pth: checkpoint does not fit the model: .*mis-shaped'),
     'zero batch size': (['--batch-size', 0], r'--batch-size must be at least 1, got 0'),
+    'input size off the patch grid': (['--input-size', 30],
+                                      r'--input-size 30 is not a multiple of the patch size 4'),
     'truncated resume': (['--resume', '{d}/truncated.pth'],
                          r'--resume {d}/truncated.pth is not a readable PyTorch checkpoint'),
     'unwritable output_dir': (['--output_dir', '{d}/regular_file/out'],
