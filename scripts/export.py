@@ -32,12 +32,13 @@ def load_model(path, model_name=None):
 
 
 def export(model, path, batch_size=2):
-    """Write `model` to ONNX (opset 17, dynamic batch); returns the example input used."""
+    """Write `model` to ONNX (opset 18, dynamic batch, torch.export-based exporter; the
+    TorchScript one bakes the batch size into the residual-write ops); returns the example input."""
     model.eval()
     x = torch.randn(batch_size, model.in_chans, model.img_size, model.img_size)
     torch.onnx.export(model, (x,), path, input_names=['images'], output_names=['logits'],
-                      dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}},
-                      opset_version=18, dynamo=True)
+                      dynamic_shapes={'x': {0: torch.export.Dim('batch')}},
+                      opset_version=18, dynamo=True, verbose=False)
     return x
 
 
