@@ -250,12 +250,23 @@ class ShardSampler(torch.utils.data.Sampler):
 @torch.no_grad()
 def count_flops(model: torch.nn.Module, img_size: int, device='cpu') -> int:
     """FLOPs of one image's forward, counted by torch.utils.flop_counter (matmuls and
-    convolutions, a multiply-add counted as 2; norms, softmax and GELU are not counted)."""
+    convolutions, a multiply-add counted as 2; norms, softmax and GELU are not counted).
+
+    Attention runs unfused while counting: the counter has no formula for the CPU kernel of
+    scaled_dot_product_attention and would leave out q·kᵀ and attn·v.
+    """
     from torch.utils.flop_counter import FlopCounterMode
     was_training = model.training
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
     model.eval()
+    for m in fused:
+        m.fused_attn = False
     x = torch.zeros(1, 3, img_size, img_size, device=device)
-    with FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m, f in fused.items():
+            m.fused_attn = f
+        model.train(was_training)
     return counter.get_total_flops()

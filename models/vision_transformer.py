@@ -47,7 +47,9 @@ class ReadNorm(nn.Module):
         if self.in_idx is None:
             return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         x = F.layer_norm(x, (self.dim,), None, None, self.eps)
-        return torch.addcmul(self.bias, x.index_select(-1, self.in_idx), self.weight)
+        # on a 2-D view the gather is ~10x faster on CPU than on the last dim of (B, N, D)
+        kept = x.reshape(-1, self.dim).index_select(1, self.in_idx)
+        return torch.addcmul(self.bias, kept, self.weight).view(*x.shape[:-1], -1)
 
 
 class Attention(nn.Module):
@@ -145,7 +147,8 @@ class Block(nn.Module):
         y = self.drop_path(y)
         if out_idx is None:
             return x + y
-        return x.index_add(-1, out_idx, y)
+        # x[..., out_idx] += y, on 2-D views (faster than index_add on the last of 3 dims)
+        return x.reshape(-1, self.dim).index_add(1, out_idx, y.reshape(-1, y.shape[-1])).view_as(x)
 
     def forward_attn(self, x):
         if self.arch['attn'] is None:
