@@ -148,7 +148,10 @@ class Block(nn.Module):
         if out_idx is None:
             return x + y
         # x[..., out_idx] += y, on 2-D views (faster than index_add on the last of 3 dims)
-        return x.reshape(-1, self.dim).index_add(1, out_idx, y.reshape(-1, y.shape[-1])).view_as(x)
+        # (under autocast y is half precision while the residual stream stays float32, as x + y
+        # would promote it)
+        y = y.reshape(-1, y.shape[-1]).to(x.dtype)
+        return x.reshape(-1, self.dim).index_add(1, out_idx, y).view_as(x)
 
     def forward_attn(self, x):
         if self.arch['attn'] is None:

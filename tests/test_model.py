@@ -233,3 +233,20 @@ def test_pretrained_rejects_other_architectures():
     assert 'mis-shaped keys (' in msg and 'pos_embed (1, 197, 192) vs (1, 65, 64)' in msg
     with pytest.raises(ValueError, match='no state dict'):
         pretrained_state_dict(dst, {'epoch': 3, 'args': {}})
+
+
+def test_cut_model_runs_under_autocast():
+    """AMP (CUDA's float16; here the CPU's bfloat16) gives half-precision sub-block outputs that
+    are written into a float32 residual stream: the cut model must accept that."""
+    model = timm.create_model('deit_micro_patch4_32', num_classes=10).eval()
+    arch = model.arch()
+    arch['blocks'][0]['attn']['out_idx'] = list(range(0, 64, 2))
+    arch['blocks'][1]['mlp']['in_idx'] = list(range(10, 50))
+    cut = models.build_from_arch(arch).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = cut(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = cut(x)
+    assert low.shape == ref.shape and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
