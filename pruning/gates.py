@@ -5,7 +5,7 @@ Each sub-block has three gates; the parameters a gate element controls depend on
 elements the *other* gates of the same sub-block keep, so counting is done per sub-block.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -78,6 +78,3 @@ def non_block_params(model, sbs: Sequence[SubBlock]) -> int:
     total = sum(p.numel() for n, p in model.named_parameters() if '.gates.' not in n)
     return total - sum(sb.dense_params for sb in sbs)
 
-
-def mask_summary(model, sbs: Sequence[SubBlock]) -> Dict[str, List[int]]:
-    return {sb.name: [int(m.sum()) for m in hard_masks(model, sb)] for sb in sbs}
