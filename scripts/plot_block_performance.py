@@ -1,7 +1,7 @@
 """Draw ΔΨ per block over training (the paper's Figure 1) from a run's pruning_log.jsonl.
 
 Columns: Attention / MLP sub-blocks; rows: class-token ΔΨ^c / patch ΔΨ^p; x: block index;
-one curve per chosen epoch, each scaled to its own maximum (METHOD.md §3).
+one curve per chosen epoch, each divided by its largest magnitude (METHOD.md §3).
 
     python scripts/plot_block_performance.py OUTPUT_DIR/pruning_log.jsonl \
         --epochs 1 2 4 --out fig/BlockPerformance_overTrainingEpochs.png
