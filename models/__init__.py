@@ -3,7 +3,7 @@ import warnings
 
 from timm.models import register_model
 
-from .vision_transformer import (ATTN_GATES, GATE_NAMES, MLP_GATES, VisionTransformer,
+from .vision_transformer import (ATTN_GATES, GATE_NAMES, MLP_GATES, VisionTransformer, align_widths,
                                  build_from_arch, dense_block_arch, pretrained_state_dict)
 
 # The official DeiT ImageNet checkpoints (facebookresearch/deit), for --model-path.

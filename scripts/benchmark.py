@@ -86,6 +86,9 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--align', type=int, default=0,
+                   help='also measure the cut model with widths padded to this multiple '
+                        '(models.align_widths; 8 suits GPU tensor cores)')
     p.add_argument('--json', default=None, help='also write the figures here')
     args = p.parse_args(argv)
 
@@ -102,36 +105,43 @@ def main(argv=None):
     amp = device.type == 'cuda'
     size = cut.img_size
     dense, cut = dense.to(device), cut.to(device)
+    variants = {'dense': dense, 'cut': cut}
+    if args.align:
+        variants[f'cut, aligned to {args.align}'] = models.align_widths(cut, args.align)
     x = torch.randn(args.batch_size, 3, size, size, device=device)
 
-    # interleave dense and cut so that both see the same machine state
-    t_dense, t_cut = [], []
+    # interleave the models so that all see the same machine state
+    times = {name: [] for name in variants}
     for _ in range(3):
-        t_dense.append(measure(dense, x, amp, args.warmup, args.iters))
-        t_cut.append(measure(cut, x, amp, args.warmup, args.iters))
-    t_dense, t_cut = min(t_dense), min(t_cut)
+        for name, model in variants.items():
+            times[name].append(measure(model, x, amp, args.warmup, args.iters))
+    times = {name: min(t) for name, t in times.items()}
     res = {'source': source, 'family': cut.family, 'input_size': size,
            'batch_size': args.batch_size, 'amp': amp,
            'device': torch.cuda.get_device_name(device) if device.type == 'cuda'
            else f'cpu ({torch.get_num_threads()} threads)',
            'flop_counter': 'torch.utils.flop_counter (matmul + conv, 2 FLOPs per multiply-add)'}
-    for name, model, t in (('dense', dense, t_dense), ('cut', cut, t_cut)):
+    for name, model in variants.items():
+        t = times[name]
         res[name] = {'params': sum(q.numel() for q in model.parameters()),
                      'flops_per_image': count_flops(model, size, device),
                      'latency_ms_per_batch': 1e3 * t, 'throughput_img_s': args.batch_size / t}
-    res['speedup'] = t_dense / t_cut
+    res['speedup'] = times['dense'] / times['cut']
     res['flops_ideal_speedup'] = res['dense']['flops_per_image'] / res['cut']['flops_per_image']
     res['speedup_vs_ideal'] = res['speedup'] / res['flops_ideal_speedup']
+    if args.align:
+        res['speedup_aligned'] = times['dense'] / times[f'cut, aligned to {args.align}']
 
     print(f'{source}\n{res["family"]} @ {size}px, batch {args.batch_size}, {res["device"]}'
           f'{", AMP" if amp else ""}')
-    print(f'{"":8}{"params":>14}{"GFLOPs/img":>12}{"ms/batch":>11}{"img/s":>10}')
-    for name in ('dense', 'cut'):
+    print(f'{"":20}{"params":>14}{"GFLOPs/img":>12}{"ms/batch":>11}{"img/s":>10}')
+    for name in variants:
         r = res[name]
-        print(f'{name:8}{r["params"]:>14,}{r["flops_per_image"] / 1e9:>12.3f}'
+        print(f'{name:20}{r["params"]:>14,}{r["flops_per_image"] / 1e9:>12.3f}'
               f'{r["latency_ms_per_batch"]:>11.1f}{r["throughput_img_s"]:>10.1f}')
     print(f'speedup {res["speedup"]:.2f}x, FLOPs-ideal {res["flops_ideal_speedup"]:.2f}x '
-          f'({res["speedup_vs_ideal"]:.2f} of ideal)')
+          f'({res["speedup_vs_ideal"]:.2f} of ideal)'
+          + (f'; aligned cut: {res["speedup_aligned"]:.2f}x' if args.align else ''))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(res, f, indent=2)

@@ -250,3 +250,29 @@ def test_cut_model_runs_under_autocast():
             low = cut(x)
     assert low.shape == ref.shape and torch.isfinite(low).all()
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_align_widths_pads_with_exact_zeros():
+    """The deployment copy with widths padded to multiples of 8 computes the same logits."""
+    torch.manual_seed(0)
+    model = timm.create_model('deit_micro_patch4_32', num_classes=10)
+    arch = model.arch()
+    arch['blocks'][0]['attn'].update(in_idx=list(range(3, 60, 2)), out_idx=list(range(1, 64, 3)),
+                                     head_dim=13)
+    arch['blocks'][1]['mlp'].update(in_idx=[5, 1, 9, 30, 44], hidden_features=101,
+                                    out_idx=list(range(0, 61)))
+    arch['blocks'][2]['attn'] = None
+    cut = models.build_from_arch(arch).eval()
+    for p in cut.parameters():  # non-trivial biases and norms, so that padding errors would show
+        torch.nn.init.normal_(p, std=0.2)
+    aligned = models.align_widths(cut, 8).eval()
+    for blk in aligned.arch()['blocks']:
+        for sub in blk.values():
+            if sub is None:
+                continue
+            widths = [len(i) for i in (sub['in_idx'], sub['out_idx']) if i is not None]
+            widths.append(sub.get('head_dim', sub.get('hidden_features')))
+            assert all(w % 8 == 0 for w in widths), sub
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (aligned(x) - cut(x)).abs().max() < 1e-5
