@@ -89,6 +89,8 @@ def main(argv=None):
     p.add_argument('--align', type=int, default=0,
                    help='also measure the cut model with widths padded to this multiple '
                         '(models.align_widths; 8 suits GPU tensor cores)')
+    p.add_argument('--compile', action='store_true',
+                   help='measure torch.compile\'d models (fuses the norms, gathers and scatters)')
     p.add_argument('--json', default=None, help='also write the figures here')
     args = p.parse_args(argv)
 
@@ -109,15 +111,16 @@ def main(argv=None):
     if args.align:
         variants[f'cut, aligned to {args.align}'] = models.align_widths(cut, args.align)
     x = torch.randn(args.batch_size, 3, size, size, device=device)
+    run = {name: torch.compile(m) if args.compile else m for name, m in variants.items()}
 
     # interleave the models so that all see the same machine state
     times = {name: [] for name in variants}
     for _ in range(3):
-        for name, model in variants.items():
+        for name, model in run.items():
             times[name].append(measure(model, x, amp, args.warmup, args.iters))
     times = {name: min(t) for name, t in times.items()}
     res = {'source': source, 'family': cut.family, 'input_size': size,
-           'batch_size': args.batch_size, 'amp': amp,
+           'batch_size': args.batch_size, 'amp': amp, 'compiled': args.compile,
            'device': torch.cuda.get_device_name(device) if device.type == 'cuda'
            else f'cpu ({torch.get_num_threads()} threads)',
            'flop_counter': 'torch.utils.flop_counter (matmul + conv, 2 FLOPs per multiply-add)'}
@@ -133,7 +136,7 @@ def main(argv=None):
         res['speedup_aligned'] = times['dense'] / times[f'cut, aligned to {args.align}']
 
     print(f'{source}\n{res["family"]} @ {size}px, batch {args.batch_size}, {res["device"]}'
-          f'{", AMP" if amp else ""}')
+          f'{", AMP" if amp else ""}{", torch.compile" if args.compile else ""}')
     print(f'{"":20}{"params":>14}{"GFLOPs/img":>12}{"ms/batch":>11}{"img/s":>10}')
     for name in variants:
         r = res[name]
