@@ -1,0 +1,82 @@
+"""The table scripts: every command of reproduce_table.sh parses; make_table.py reads runs."""
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main
+from conftest import REPO
+
+sys.path.insert(0, f'{REPO}/scripts')
+import make_table  # noqa: E402
+
+
+def dry_run(env=None):
+    proc = subprocess.run(['bash', 'scripts/reproduce_table.sh', '--dry-run'], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()
+
+
+def test_dry_run_lists_every_cell_and_every_command_parses():
+    parser = main.ArgumentParser('t', parents=[main.get_args_parser()])
+    cells, dense, finetunes = set(), set(), set()
+    for line in dry_run():
+        argv = shlex.split(line)
+        assert argv[:3] == ['python', '-m', 'torch.distributed.launch'] and '--use_env' in argv
+        args = parser.parse_args(argv[argv.index('main.py') + 1:])
+        main.check_args(args)  # model name, pruning flags and schedule are valid
+        if args.prune_method:
+            cells.add((args.data_set, args.model, args.prune_ratio))
+            assert args.epochs == 50 and args.batch_size == 64 and args.grad_accum_steps == 2
+            assert args.model_path.startswith('https://dl.fbaipublicfiles.com/deit/')
+        elif args.resize_model_by_checkpoint:
+            finetunes.add(args.model_path)
+        else:
+            dense.add((args.data_set, args.model))
+    datasets, models_ = ('IFOOD', 'INAT19'), ('deit_small_patch16_224', 'deit_tiny_patch16_224')
+    assert cells == {(d, m, r) for d in datasets for m in models_ for r in (0.5, 0.75)}
+    assert dense == {(d, m) for d in datasets for m in models_}
+    assert len(finetunes) == 8 and all(p.endswith('prune/first_sparse_checkpoint.pth') for p in finetunes)
+
+
+def test_prune_sh_needs_a_data_path():
+    proc = subprocess.run(['bash', 'scripts/prune.sh'], cwd=REPO, capture_output=True, text=True,
+                          env={'PATH': '/usr/bin:/bin', 'DRY_RUN': '1'})
+    assert proc.returncode != 0 and 'DATA_PATH' in proc.stderr
+
+
+def write_log(path, accs, n_parameters):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(''.join(json.dumps({'test_acc1': a, 'epoch': i, 'n_parameters': n_parameters}) + '\n'
+                            for i, a in enumerate(accs)))
+
+
+def test_make_table_on_fabricated_runs(tmp_path):
+    base = tmp_path / 'IFOOD' / 'deit_small_patch16_224'
+    write_log(base / 'deit' / 'log.txt', [70.0, 74.25, 73.0], 21_700_000)
+    run = base / 'block_pr_pr0.5'
+    write_log(run / 'finetune' / 'log.txt', [72.0, 74.04], 10_900_000)
+    (run / 'prune').mkdir(parents=True)
+    torch.save({'summary': {'params_cut': 10_900_000, 'flops_cut': 4.6e9}},
+               run / 'prune' / 'first_sparse_checkpoint.pth')
+    # a pruning run without its fine-tuning yet: sizes known, top-1 missing
+    torch.save({'summary': {'params_cut': 5_400_000, 'flops_cut': 2.3e9}},
+               (base / 'block_pr_pr0.75' / 'prune').mkdir(parents=True) or
+               base / 'block_pr_pr0.75' / 'prune' / 'first_sparse_checkpoint.pth')
+    table = make_table.make_table(tmp_path).splitlines()
+    rows = {(line.split('|')[1].strip(), line.split('|')[2].strip()): [c.strip() for c in line.split('|')[3:-1]]
+            for line in table[2:]}
+    # columns: IFOOD 50 (top-1, size), IFOOD 75, INAT19 50, INAT19 75
+    small_deit = rows[('Deit-Small', 'Deit')]
+    assert small_deit[0] == '74.2 / 73.9' and small_deit[1] == '21.70M'
+    dap_rows = [line for line in table if '| DAP |' in line]
+    cells = [c.strip() for c in dap_rows[0].split('|')[3:-1]]
+    assert cells[0] == '74.0 / 74.3' and cells[1] == '10.90M, 4.60 GFLOPs'
+    assert cells[2] == '– / 73.4' and cells[3] == '5.40M, 2.30 GFLOPs'
+    assert cells[4] == '– / 75.5' and cells[5] == '–'
+    tiny_dap = [c.strip() for c in dap_rows[1].split('|')[3:-1]]
+    assert tiny_dap[0] == '– / 71.5'
