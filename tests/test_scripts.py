@@ -80,3 +80,11 @@ def test_make_table_on_fabricated_runs(tmp_path):
     assert cells[4] == '– / 75.5' and cells[5] == '–'
     tiny_dap = [c.strip() for c in dap_rows[1].split('|')[3:-1]]
     assert tiny_dap[0] == '– / 71.5'
+
+
+@pytest.mark.parametrize('steps_per_epoch,expected', [(231, 77), (22, 7), (2, 1), (1, 1)])
+def test_auto_mask_updates_are_about_three_per_epoch(steps_per_epoch, expected):
+    args = main.ArgumentParser('t', parents=[main.get_args_parser()]).parse_args(
+        ['--prune-method', 'block_pr', '--prune-steps-update-mask', 'auto'])
+    n = main.steps_between_mask_updates(args, steps_per_epoch)
+    assert n == expected and 2 <= steps_per_epoch // n <= 3 or steps_per_epoch < 3
