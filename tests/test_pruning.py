@@ -653,3 +653,35 @@ def test_good_config_accepted():
                       gate_scale={n: 1.0 for n in GATE_NAMES})
     DepthAwarePruner(micro(), C, cfg, PruneSchedule(steps_per_epoch=2, start_epoch=0,
                                                     sparse_epoch=1, finalize_epoch=2))
+
+
+# ---------------------------------------------------------------- distributed mask check
+
+def _mask_check_worker(rank, world, init_file, results):
+    import torch.distributed as dist
+    from pruning import MaskMismatchError
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model('deit_micro_patch4_32', num_classes=10, img_size=16)
+        pruner = DepthAwarePruner(model, 10, PruneConfig(prune_ratio=0.5),
+                                  PruneSchedule(steps_per_epoch=4, start_epoch=0, sparse_epoch=1,
+                                                finalize_epoch=2, steps_update_mask=2))
+        pruner._check_masks_consistent()  # identical masks pass
+        if rank == 1:
+            with torch.no_grad():
+                model.blocks[0].gates['mlp_hid'][3] = 0.
+        try:
+            pruner._check_masks_consistent()
+            results[rank] = 'passed'
+        except MaskMismatchError:
+            results[rank] = 'mismatch'
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mask_mismatch_across_processes_stops_the_run(tmp_path):
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_mask_check_worker, args=(2, str(tmp_path / 'init'), results), nprocs=2)
+    assert dict(results) == {0: 'mismatch', 1: 'mismatch'}  # every rank stops, none hangs
