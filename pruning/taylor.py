@@ -21,14 +21,12 @@ class TaylorScore:
     def accumulate(self, gates: Dict[str, torch.nn.Parameter], grad_scale: float = 1.0) -> bool:
         """Add one step's scores; `grad_scale` undoes AMP's loss scaling. Returns False (and
         adds nothing) when a gradient is missing or not finite, as AMP's skipped steps are."""
-        scores = {}
-        for k, g in gates.items():
-            if g.grad is None:
-                return False
-            s = (g.detach() * g.grad.detach() / grad_scale).double() ** 2
-            if not torch.isfinite(s).all():
-                return False
-            scores[k] = s
+        if any(g.grad is None for g in gates.values()):
+            return False
+        scores = {k: (g.detach() * g.grad.detach() / grad_scale).double() ** 2 for k, g in gates.items()}
+        # one device synchronisation per step, not one per gate
+        if not bool(torch.stack([torch.isfinite(s).all() for s in scores.values()]).all()):
+            return False
         for k, s in scores.items():
             self.sum[k] += s
         self.count += 1
