@@ -27,7 +27,7 @@ echo "== 2/4 prune (paper's first command, 2 processes) -> $OUT/prune"
   --prune-ratio 0.5 --prune-steps-update-mask auto --prune-start-epoch 2 \
   --prune-sparse-epoch 8 --dist-eval > "$OUT/prune.log" 2>&1
 grep -A12 '^sub-block' "$OUT/prune.log" | grep -E '^(sub-block|attn|mlp|params)'
-echo "cut model, right after the cut: $(grep -A3 'Accuracy of the cut model' "$OUT/prune.log" | grep '^\*')"
+echo "cut model, right after the cut: $(grep -A10 'Accuracy of the cut model' "$OUT/prune.log" | grep -m1 '^\*')"
 
 echo "== 3/4 fine-tune the cut model (paper's second command) -> $OUT/finetune"
 "${LAUNCH[@]}" main.py "${COMMON[@]}" --output_dir "$OUT/finetune" --epochs 15 --batch-size 32 \
