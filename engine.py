@@ -12,7 +12,9 @@ from utils import MetricLogger, NonFiniteLossError, SmoothedValue
 
 def _backward_and_step(loss, optimizer, loss_scaler, clip_grad, update):
     """Backward, and on an update step clip and step. AMP's scaler exists only on CUDA."""
-    params = [p for g in optimizer.param_groups for p in g['params']]
+    # the parameter list is only needed to clip, on update steps
+    params = [p for g in optimizer.param_groups for p in g['params']] \
+        if update and clip_grad is not None else None
     if loss_scaler is not None:
         loss_scaler(loss, optimizer, clip_grad=clip_grad, parameters=params, need_update=update)
         return

@@ -130,14 +130,14 @@ class DepthAwarePruner:
         return record
 
     # ---- the mask update ---------------------------------------------------------------
-    def _goal_keep_ratio(self, kept: torch.Tensor) -> torch.Tensor:
-        """§4: goal κ from the window's ΔΨ (or handcrafted)."""
+    def _goal_keep_ratio(self, mean_c: torch.Tensor, mean_p: torch.Tensor,
+                         kept: torch.Tensor) -> torch.Tensor:
+        """§4: goal κ from the window's mean ΔΨ (or handcrafted)."""
         cfg = self.cfg
         if cfg.keep_ratio_handcraft is not None:
             return torch.tensor(cfg.keep_ratio_handcraft, dtype=torch.float64)
         if self.performance.count.item() == 0:  # empty window: nothing new to judge by
             return self.goal
-        mean_c, mean_p = (m.cpu() for m in self.performance.mean())
         self.imp_c = block_importance(mean_c, kept, self.imp_c, cfg.block_imp_scale, cfg.gamma)
         self.imp_p = block_importance(mean_p, kept, self.imp_p, cfg.block_imp_scale, cfg.gamma)
         importance = cfg.alpha * self.imp_c + (1 - cfg.alpha) * self.imp_p
@@ -149,7 +149,7 @@ class DepthAwarePruner:
         self.taylor.all_reduce()
         kept_before = torch.tensor(kept_params(self.model, self.sbs), dtype=torch.float64)
         mean_c, mean_p = (m.cpu() for m in self.performance.mean())
-        self.goal = self._goal_keep_ratio(kept_before)
+        self.goal = self._goal_keep_ratio(mean_c, mean_p, kept_before)
         self.applied = ramp(self.goal, self.schedule.ramp_progress(step))
         tau = self.schedule.tau(step) if tau is None else tau
         for sb in self.sbs:
