@@ -3,8 +3,9 @@ import warnings
 
 from timm.models import register_model
 
-from .vision_transformer import (ATTN_GATES, GATE_NAMES, MLP_GATES, VisionTransformer, align_widths,
-                                 build_from_arch, dense_block_arch, pretrained_state_dict)
+from .vision_transformer import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, HEAD_GATE, MLP_GATES,
+                                 VisionTransformer, align_widths, build_from_arch,
+                                 dense_block_arch, masked_layer_norm, pretrained_state_dict)
 
 # The official DeiT ImageNet checkpoints (facebookresearch/deit), for --model-path.
 DEIT_URLS = {

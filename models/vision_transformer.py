@@ -17,10 +17,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, trunc_normal_, use_fused_attn
 
-# Names of the six gates of one layer, in METHOD.md §2's order.
+# Names of the six gates of one layer that DAP uses, in METHOD.md §2's order.
 ATTN_GATES = ('attn_in', 'attn_qkv', 'attn_out')
 MLP_GATES = ('mlp_in', 'mlp_hid', 'mlp_out')
 GATE_NAMES = ATTN_GATES + MLP_GATES
+# The baselines (BASELINES.md) also gate whole heads, after attention·V; SaViT also gates the
+# embedding channels with one gate shared by all layers (`VisionTransformer.embed_gate`).
+HEAD_GATE = 'attn_head'
+ALL_GATE_NAMES = GATE_NAMES + (HEAD_GATE,)
+
+
+def masked_layer_norm(x, keep, weight, bias, eps):
+    """LayerNorm over the channels where `keep` is 1 only; the others come out 0.
+
+    With an embedding gate the pruned channels of the residual stream are 0; a cut model that
+    drops them normalises over the kept ones, so the gated model must do the same (§7 exactness).
+    """
+    n = keep.sum()
+    mean = (x * keep).sum(-1, keepdim=True) / n
+    var = (((x - mean) * keep) ** 2).sum(-1, keepdim=True) / n
+    return ((x - mean) * torch.rsqrt(var + eps) * weight + bias) * keep
 
 
 class ReadNorm(nn.Module):
@@ -43,7 +59,9 @@ class ReadNorm(nn.Module):
         else:
             self.register_buffer('in_idx', torch.tensor(in_idx, dtype=torch.long), persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, keep: Optional[torch.Tensor] = None):
+        if keep is not None:  # an embedding gate is attached (only to an uncut model)
+            return masked_layer_norm(x, keep, self.weight, self.bias, self.eps)
         if self.in_idx is None:
             return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         x = F.layer_norm(x, (self.dim,), None, None, self.eps)
@@ -69,7 +87,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(num_heads * head_dim, dim_out)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, qkv_gate: Optional[torch.Tensor] = None):
+    def forward(self, x, qkv_gate: Optional[torch.Tensor] = None,
+                head_gate: Optional[torch.Tensor] = None):
         B, N, _ = x.shape
         # qkv rows are ordered q|k|v, then head, then channel (timm's layout)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
@@ -83,6 +102,8 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
+        if head_gate is not None:  # one value per head, on attention·V (the baselines' head gate)
+            x = x * head_gate.view(1, -1, 1, 1)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
 
@@ -143,42 +164,50 @@ class Block(nn.Module):
         else:
             self.register_buffer(name, torch.tensor(idx, dtype=torch.long), persistent=False)
 
-    def _write(self, x, y, out_idx):
+    def _write(self, x, y, out_idx, inplace=False, embed_gate=None):
+        """x[..., out_idx] += y. `inplace` (inference only) writes into x itself: after a cut
+        most of x passes through unchanged, and copying it per sub-block costs ~7% on CPU."""
         y = self.drop_path(y)
+        if embed_gate is not None:  # SaViT: the shared gate follows every residual add
+            return (x + y) * embed_gate
         if out_idx is None:
-            return x + y
-        # x[..., out_idx] += y, on 2-D views (faster than index_add on the last of 3 dims)
-        # (under autocast y is half precision while the residual stream stays float32, as x + y
-        # would promote it)
+            return x.add_(y) if inplace else x + y
+        # on 2-D views (faster than index_add on the last of 3 dims); under autocast y is half
+        # precision while the residual stream stays float32, as x + y would promote it
         y = y.reshape(-1, y.shape[-1]).to(x.dtype)
+        if inplace:
+            x.view(-1, self.dim).index_add_(1, out_idx, y)
+            return x
         return x.reshape(-1, self.dim).index_add(1, out_idx, y).view_as(x)
 
-    def forward_attn(self, x):
+    def _gate(self, name):
+        return None if self.gates is None else self.gates.get(name)
+
+    @staticmethod
+    def _mul(h, gate):
+        return h if gate is None else h * gate
+
+    def forward_attn(self, x, embed_gate=None, inplace=False):
+        """`embed_gate` is the model's shared embedding gate, if one is attached."""
         if self.arch['attn'] is None:
             return x
-        g = self.gates
-        h = self.norm1(x)
-        if g is not None:
-            h = h * g['attn_in']
-        h = self.attn(h, None if g is None else g['attn_qkv'])
-        if g is not None:
-            h = h * g['attn_out']
-        return self._write(x, h, self.attn_out_idx)
+        keep = None if embed_gate is None else (embed_gate != 0).to(x.dtype).detach()
+        h = self._mul(self.norm1(x, keep), self._gate('attn_in'))
+        h = self.attn(h, self._gate('attn_qkv'), self._gate(HEAD_GATE))
+        h = self._mul(h, self._gate('attn_out'))
+        return self._write(x, h, self.attn_out_idx, inplace, embed_gate)
 
-    def forward_mlp(self, x):
+    def forward_mlp(self, x, embed_gate=None, inplace=False):
         if self.arch['mlp'] is None:
             return x
-        g = self.gates
-        h = self.norm2(x)
-        if g is not None:
-            h = h * g['mlp_in']
-        h = self.mlp(h, None if g is None else g['mlp_hid'])
-        if g is not None:
-            h = h * g['mlp_out']
-        return self._write(x, h, self.mlp_out_idx)
+        keep = None if embed_gate is None else (embed_gate != 0).to(x.dtype).detach()
+        h = self._mul(self.norm2(x, keep), self._gate('mlp_in'))
+        h = self.mlp(h, self._gate('mlp_hid'))
+        h = self._mul(h, self._gate('mlp_out'))
+        return self._write(x, h, self.mlp_out_idx, inplace, embed_gate)
 
-    def forward(self, x):
-        return self.forward_mlp(self.forward_attn(x))
+    def forward(self, x, embed_gate=None, inplace=False):
+        return self.forward_mlp(self.forward_attn(x, embed_gate, inplace), embed_gate, inplace)
 
 
 def _width(dim, idx):
@@ -189,19 +218,26 @@ class VisionTransformer(nn.Module):
     """DeiT / ViT with a class token, absolute position embedding and per-sub-block widths.
 
     `blocks_arch` (one dict per layer, see `dense_block_arch`) describes a cut model; None
-    builds the dense model.
+    builds the dense model. A cut may also narrow the shared `embed_dim` (SaViT) or keep only
+    the first `depth` of the `dense_depth` layers (WD-Prune); `attn_scale` then keeps the dense
+    model's head_dim ** -0.5.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4., qkv_bias=True, drop_rate=0.,
                  proj_drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,
-                 blocks_arch: Optional[List[Dict]] = None, family: Optional[str] = None):
+                 blocks_arch: Optional[List[Dict]] = None, family: Optional[str] = None,
+                 attn_scale: Optional[float] = None, dense_depth: Optional[int] = None,
+                 cut: bool = False):
         super().__init__()
         if blocks_arch is None:
             blocks_arch = [dense_block_arch(embed_dim, num_heads, mlp_ratio) for _ in range(depth)]
         if len(blocks_arch) != depth:
             raise ValueError(f'arch has {len(blocks_arch)} blocks but depth is {depth}')
         self.family = family
+        self.dense_depth = depth if dense_depth is None else dense_depth
+        self._cut = cut
+        self.embed_gate: Optional[nn.Parameter] = None
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.depth, self.num_heads, self.mlp_ratio, self.qkv_bias = depth, num_heads, mlp_ratio, qkv_bias
@@ -214,7 +250,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
-        scale = (embed_dim // num_heads) ** -0.5
+        scale = self.attn_scale = (embed_dim // num_heads) ** -0.5 if attn_scale is None else attn_scale
         self.blocks = nn.ModuleList([
             Block(embed_dim, blocks_arch[i], scale, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i])
             for i in range(depth)])
@@ -251,42 +287,62 @@ class VisionTransformer(nn.Module):
             'in_chans': self.in_chans, 'num_classes': self.num_classes,
             'embed_dim': self.embed_dim, 'depth': self.depth, 'num_heads': self.num_heads,
             'mlp_ratio': self.mlp_ratio, 'qkv_bias': self.qkv_bias,
+            'attn_scale': self.attn_scale, 'dense_depth': self.dense_depth, 'cut': self.is_cut,
             'blocks': [copy.deepcopy(b.arch) for b in self.blocks],
         }
 
     @property
     def is_cut(self) -> bool:
         dense = dense_block_arch(self.embed_dim, self.num_heads, self.mlp_ratio)
-        return any(b.arch != dense for b in self.blocks)
+        return self._cut or self.depth != self.dense_depth or any(b.arch != dense for b in self.blocks)
 
-    # ---- gates (METHOD.md §2) ------------------------------------------------------------
-    def add_gates(self) -> None:
-        """Attach the six gates of every layer, all ones. Only a dense model can be gated."""
+    # ---- gates (METHOD.md §2, BASELINES.md) ----------------------------------------------
+    def gate_sizes(self) -> Dict[str, int]:
+        d, hid = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
+        return {'attn_in': d, 'attn_qkv': d // self.num_heads, 'attn_out': d, 'mlp_in': d,
+                'mlp_hid': hid, 'mlp_out': d, HEAD_GATE: self.num_heads}
+
+    def add_gates(self, names=GATE_NAMES, embed: bool = False) -> None:
+        """Attach the named gates to every layer (DAP's six by default), all ones, and with
+        `embed` the shared embedding gate. Only an uncut model can be gated."""
         if self.is_cut:
             raise ValueError('gates can only be added to an uncut model')
-        d, hd = self.embed_dim, self.embed_dim // self.num_heads
-        hid = int(self.embed_dim * self.mlp_ratio)
-        sizes = {'attn_in': d, 'attn_qkv': hd, 'attn_out': d, 'mlp_in': d, 'mlp_hid': hid,
-                 'mlp_out': d}
+        unknown = [n for n in names if n not in ALL_GATE_NAMES]
+        if unknown:
+            raise ValueError(f'unknown gates {unknown}; gates are {", ".join(ALL_GATE_NAMES)}')
+        sizes = self.gate_sizes()
+        dev = self.cls_token.device
         for b in self.blocks:
-            dev = b.norm1.weight.device
-            b.gates = nn.ParameterDict({n: nn.Parameter(torch.ones(s, device=dev)) for n, s in sizes.items()})
+            b.gates = nn.ParameterDict({n: nn.Parameter(torch.ones(sizes[n], device=dev)) for n in names})
+        self.embed_gate = nn.Parameter(torch.ones(self.embed_dim, device=dev)) if embed else None
 
     def remove_gates(self) -> None:
         for b in self.blocks:
             b.gates = None
+        self.embed_gate = None
 
     def gate_parameters(self):
-        return [p for b in self.blocks if b.gates is not None for p in b.gates.values()]
+        gates = [p for b in self.blocks if b.gates is not None for p in b.gates.values()]
+        return gates + ([self.embed_gate] if self.embed_gate is not None else [])
 
     # ---- forward -------------------------------------------------------------------------
     def forward_embed(self, x):
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        x = self.pos_drop(x + self.pos_embed)
+        return x if self.embed_gate is None else x * self.embed_gate
+
+    def final_norm(self, x, norm=None):
+        """The final LayerNorm (or a shallow classifier's `norm`), over the kept embedding
+        channels when an embedding gate is attached."""
+        norm = self.norm if norm is None else norm
+        if self.embed_gate is None:
+            return norm(x)
+        keep = (self.embed_gate != 0).to(x.dtype).detach()
+        return masked_layer_norm(x, keep, norm.weight, norm.bias, norm.eps)
 
     def forward_head(self, x):
-        x = self.norm(x)[:, 0]
+        x = self.final_norm(x)[:, 0]
         return self.head(self.head_drop(x))
 
     def forward_stream(self, x):
@@ -294,16 +350,19 @@ class VisionTransformer(nn.Module):
         x = self.forward_embed(x)
         stream = [x]
         for blk in self.blocks:
-            x = blk.forward_attn(x)
+            x = blk.forward_attn(x, self.embed_gate)
             stream.append(x)
-            x = blk.forward_mlp(x)
+            x = blk.forward_mlp(x, self.embed_gate)
             stream.append(x)
         return self.forward_head(x), stream
 
     def forward_features(self, x):
         x = self.forward_embed(x)
+        # without autograd nothing else holds the residual stream (forward_embed made it), so
+        # the sub-blocks may add into it in place
+        inplace = not torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, self.embed_gate, inplace)
         return x
 
     def forward(self, x):
@@ -318,7 +377,9 @@ def build_from_arch(arch: Dict, **kwargs) -> VisionTransformer:
         in_chans=arch['in_chans'], num_classes=kwargs.pop('num_classes', arch['num_classes']),
         embed_dim=arch['embed_dim'],
         depth=arch['depth'], num_heads=arch['num_heads'], mlp_ratio=arch['mlp_ratio'],
-        qkv_bias=arch['qkv_bias'], blocks_arch=arch['blocks'], family=arch['family'], **kwargs)
+        qkv_bias=arch['qkv_bias'], blocks_arch=arch['blocks'], family=arch['family'],
+        attn_scale=arch.get('attn_scale'), dense_depth=arch.get('dense_depth'),
+        cut=arch.get('cut', True), **kwargs)
 
 
 def pretrained_state_dict(model: VisionTransformer, checkpoint: Dict) -> (Dict, List[str]):

@@ -3,74 +3,123 @@
 Each Linear and LayerNorm keeps only its kept rows / columns; each sub-block records which
 residual dims it reads (`in_idx`) and writes (`out_idx`); sub-blocks with an empty gate are
 dropped. With binary gates, the cut model computes the same function as the gated one.
+
+The same cut serves the baselines (BASELINES.md): whole heads (`attn_head`), a narrower shared
+embedding (the model's `embed_gate`) and a truncated depth whose last layer feeds a promoted
+shallow classifier (WD-Prune).
 """
 import copy
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
-from models import VisionTransformer, build_from_arch
+from models import HEAD_GATE, VisionTransformer, build_from_arch
 
 
-def _index(mask: torch.Tensor) -> Optional[list]:
+def _index(mask: Optional[torch.Tensor]) -> Optional[list]:
     """Kept positions of a binary gate as a list; None when all are kept (the fast path)."""
-    idx = torch.nonzero(mask >= 0.5).flatten().tolist()
+    if mask is None:
+        return None
+    idx = torch.nonzero(mask).flatten().tolist()
     return None if len(idx) == mask.numel() else idx
 
 
-def _rows(t, idx):
-    return t if idx is None else t[idx]
+def _take(t, dim, idx):
+    return t if idx is None else t.index_select(dim, torch.as_tensor(idx, device=t.device))
 
 
-def _cols(t, idx):
-    return t if idx is None else t[:, idx]
+def _residual_index(gate_idx, embed_idx, D):
+    """A sub-block's read / write dims: the original dims it keeps (`sel`, indexing the dense
+    weights) and their positions in the cut residual stream (`pos`, None = all of them)."""
+    keep = set(range(D) if embed_idx is None else embed_idx)
+    sel = [i for i in (range(D) if gate_idx is None else gate_idx) if i in keep]
+    if gate_idx is None:
+        return (None if embed_idx is None else sel), None
+    where = {c: p for p, c in enumerate(sorted(keep))}
+    pos = [where[i] for i in sel]
+    return sel, (None if len(pos) == len(keep) else pos)
+
+
+def _cut_attn(blk, g, embed_idx, D, H, hd):
+    """The arch entry and weights of one Attention sub-block, or (None, {}) if it is removed."""
+    i_in, r_in = _residual_index(_index(g.get('attn_in')), embed_idx, D)
+    i_out, r_out = _residual_index(_index(g.get('attn_out')), embed_idx, D)
+    i_q, i_h = _index(g.get('attn_qkv')), _index(g.get(HEAD_GATE))
+    heads = H if i_h is None else len(i_h)
+    nq = hd if i_q is None else len(i_q)
+    if min(heads, nq, D if i_in is None else len(i_in), D if i_out is None else len(i_out)) == 0:
+        return None, {}
+    w = blk.attn.qkv.weight.view(3, H, hd, D)
+    w = _take(_take(_take(w, 1, i_h), 2, i_q).reshape(3 * heads * nq, D), 1, i_in)
+    b = _take(_take(blk.attn.qkv.bias.view(3, H, hd), 1, i_h), 2, i_q).reshape(-1)
+    pw = blk.attn.proj.weight.view(D, H, hd)
+    pw = _take(_take(_take(pw, 1, i_h), 2, i_q).reshape(D, heads * nq), 0, i_out)
+    arch = {'in_idx': r_in, 'out_idx': r_out, 'num_heads': heads, 'head_dim': nq}
+    return arch, {'attn.qkv.weight': w, 'attn.qkv.bias': b, 'attn.proj.weight': pw,
+                  'attn.proj.bias': _take(blk.attn.proj.bias, 0, i_out),
+                  'norm1.weight': _take(blk.norm1.weight, 0, i_in),
+                  'norm1.bias': _take(blk.norm1.bias, 0, i_in)}
+
+
+def _cut_mlp(blk, g, embed_idx, D):
+    i_in, r_in = _residual_index(_index(g.get('mlp_in')), embed_idx, D)
+    i_out, r_out = _residual_index(_index(g.get('mlp_out')), embed_idx, D)
+    i_h = _index(g.get('mlp_hid'))
+    hid = blk.mlp.fc1.out_features if i_h is None else len(i_h)
+    if min(hid, D if i_in is None else len(i_in), D if i_out is None else len(i_out)) == 0:
+        return None, {}
+    arch = {'in_idx': r_in, 'out_idx': r_out, 'hidden_features': hid}
+    return arch, {'mlp.fc1.weight': _take(_take(blk.mlp.fc1.weight, 0, i_h), 1, i_in),
+                  'mlp.fc1.bias': _take(blk.mlp.fc1.bias, 0, i_h),
+                  'mlp.fc2.weight': _take(_take(blk.mlp.fc2.weight, 0, i_out), 1, i_h),
+                  'mlp.fc2.bias': _take(blk.mlp.fc2.bias, 0, i_out),
+                  'norm2.weight': _take(blk.norm2.weight, 0, i_in),
+                  'norm2.bias': _take(blk.norm2.bias, 0, i_in)}
 
 
 @torch.no_grad()
-def cut_model(model: VisionTransformer) -> VisionTransformer:
-    """A new model without gates, built from `model`'s binarised gates and weights."""
-    if model.is_cut or any(b.gates is None for b in model.blocks):
-        raise ValueError('cut_model needs a dense model with gates attached')
-    d, H = model.embed_dim, model.num_heads
-    hd = d // H
+def cut_model(model: VisionTransformer, depth: Optional[int] = None,
+              classifier: Optional[Dict[str, torch.Tensor]] = None) -> VisionTransformer:
+    """A new model without gates, built from `model`'s binarised gates (≥ 0.5) and weights.
+
+    `depth` keeps only the first layers; `classifier` (keys `norm.weight`, `norm.bias`,
+    `head.weight`, `head.bias`) then replaces the final norm and head: the shallow classifier
+    that read the last kept layer is promoted to be the model's head.
+    """
+    if model.is_cut or not model.gate_parameters():
+        raise ValueError('cut_model needs an uncut model with gates attached')
+    depth = model.depth if depth is None else depth
+    if not 1 <= depth <= model.depth:
+        raise ValueError(f'depth {depth} is outside 1 … {model.depth}')
+    D, H = model.embed_dim, model.num_heads
+    embed_idx = None if model.embed_gate is None else _index(model.embed_gate.detach() >= 0.5)
+    if embed_idx is not None and not embed_idx:
+        raise ValueError('the embedding gate keeps no channel')
     blocks_arch, weights = [], {}
-    for l, blk in enumerate(model.blocks):
-        g = {k: (v.detach() >= 0.5) for k, v in blk.gates.items()}
-        arch = {'attn': None, 'mlp': None}
-        p = f'blocks.{l}.'
-        if all(g[k].any() for k in ('attn_in', 'attn_qkv', 'attn_out')):
-            i_in, i_q, i_out = _index(g['attn_in']), _index(g['attn_qkv']), _index(g['attn_out'])
-            nq = hd if i_q is None else len(i_q)
-            arch['attn'] = {'in_idx': i_in, 'out_idx': i_out, 'num_heads': H, 'head_dim': nq}
-            w = blk.attn.qkv.weight.view(3, H, hd, d)
-            w = w if i_q is None else w[:, :, i_q]
-            weights[p + 'attn.qkv.weight'] = _cols(w.reshape(3 * H * nq, d), i_in)
-            b = blk.attn.qkv.bias.view(3, H, hd)
-            weights[p + 'attn.qkv.bias'] = (b if i_q is None else b[:, :, i_q]).reshape(-1)
-            w = blk.attn.proj.weight.view(d, H, hd)
-            w = w if i_q is None else w[:, :, i_q]
-            weights[p + 'attn.proj.weight'] = _rows(w.reshape(d, H * nq), i_out)
-            weights[p + 'attn.proj.bias'] = _rows(blk.attn.proj.bias, i_out)
-            weights[p + 'norm1.weight'] = _rows(blk.norm1.weight, i_in)
-            weights[p + 'norm1.bias'] = _rows(blk.norm1.bias, i_in)
-        if all(g[k].any() for k in ('mlp_in', 'mlp_hid', 'mlp_out')):
-            i_in, i_h, i_out = _index(g['mlp_in']), _index(g['mlp_hid']), _index(g['mlp_out'])
-            hid = blk.mlp.fc1.out_features if i_h is None else len(i_h)
-            arch['mlp'] = {'in_idx': i_in, 'out_idx': i_out, 'hidden_features': hid}
-            weights[p + 'mlp.fc1.weight'] = _cols(_rows(blk.mlp.fc1.weight, i_h), i_in)
-            weights[p + 'mlp.fc1.bias'] = _rows(blk.mlp.fc1.bias, i_h)
-            weights[p + 'mlp.fc2.weight'] = _cols(_rows(blk.mlp.fc2.weight, i_out), i_h)
-            weights[p + 'mlp.fc2.bias'] = _rows(blk.mlp.fc2.bias, i_out)
-            weights[p + 'norm2.weight'] = _rows(blk.norm2.weight, i_in)
-            weights[p + 'norm2.bias'] = _rows(blk.norm2.bias, i_in)
-        blocks_arch.append(arch)
+    for l, blk in enumerate(model.blocks[:depth]):
+        g = {} if blk.gates is None else {k: v.detach() >= 0.5 for k, v in blk.gates.items()}
+        a, wa = _cut_attn(blk, g, embed_idx, D, H, D // H)
+        m, wm = _cut_mlp(blk, g, embed_idx, D)
+        blocks_arch.append({'attn': a, 'mlp': m})
+        weights.update({f'blocks.{l}.{k}': v for k, v in {**wa, **wm}.items()})
+
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith('blocks.') and k != 'embed_gate'}
+    if classifier is not None:
+        state.update(classifier)
+    if embed_idx is not None:  # a narrower residual stream: every tensor that touches it
+        for k in ('cls_token', 'pos_embed'):
+            state[k] = _take(state[k], 2, embed_idx)
+        for k in ('patch_embed.proj.weight', 'patch_embed.proj.bias', 'norm.weight', 'norm.bias'):
+            state[k] = _take(state[k], 0, embed_idx)
+        if 'head.weight' in state:
+            state['head.weight'] = _take(state['head.weight'], 1, embed_idx)
+    state.update(weights)
 
     arch = model.arch()
-    arch['blocks'] = blocks_arch
+    arch.update(blocks=blocks_arch, depth=depth, cut=True, attn_scale=model.attn_scale,
+                embed_dim=D if embed_idx is None else len(embed_idx))
     cut = build_from_arch(arch)
-    state = {k: v for k, v in model.state_dict().items()
-             if not k.startswith('blocks.')}  # embeddings, final norm, head: unchanged
-    state.update(weights)
     cut.load_state_dict(state)
     # carry the dropout / drop-path modules of the source, so training can continue as configured
     for src, dst in zip(model.blocks, cut.blocks):
