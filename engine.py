@@ -89,7 +89,8 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
 def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_freq: int = 10):
     """Top-1 / top-5 and loss on a validation loader, summed exactly over processes.
 
-    With a pruner, also the accuracy of the last class-token and patch ΔΨ heads (METHOD.md §3).
+    With a pruner, also the accuracy of its auxiliary heads (the last ΔΨ heads of METHOD.md §3,
+    WD-Prune's shallow classifiers).
     """
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = MetricLogger(delimiter='  ')
@@ -98,20 +99,44 @@ def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_f
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=amp):
-            output = model(images)
-            if pruner is not None:
+            output, aux = model(images), None
+            if isinstance(output, tuple):  # a pruner's module: (logits, auxiliary outputs)
                 output, aux = output
             loss = criterion(output, target)
         k = min(5, output.shape[1])
         acc1, acc5 = accuracy(output, target, topk=(1, k))
         n = images.shape[0]
         metric_logger.update(n=n, loss=loss.item(), acc1=acc1.item(), acc5=acc5.item())
-        if pruner is not None:
-            cls_logits, patch_logits = pruner.last_head_logits(aux)
-            metric_logger.update(n=n, acc1_cls_head=accuracy(cls_logits, target)[0].item(),
-                                 acc1_patch_head=accuracy(patch_logits, target)[0].item())
+        if pruner is not None and aux is not None:
+            metric_logger.update(n=n, **{f'acc1_{name}': accuracy(logits, target)[0].item()
+                                         for name, logits in pruner.eval_heads(aux).items()})
     metric_logger.synchronize_between_processes()
     m = metric_logger.meters
     print(f'* Acc@1 {m["acc1"].global_avg:.3f} Acc@5 {m["acc5"].global_avg:.3f} '
           f'loss {m["loss"].global_avg:.3f}')
     return {k: meter.global_avg for k, meter in m.items()}
+
+
+def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int, amp: bool = False,
+                      mixup_fn=None, print_freq: int = 10):
+    """Forward and backward on `steps` training batches without updating any weight; after
+    each, the pruner reads its gates' gradients (SaViT's Taylor scores, BASELINES.md)."""
+    model.train()
+    metric_logger = MetricLogger(delimiter='  ')
+    # without a GradScaler, a fixed loss scale keeps half-precision gradients from underflowing
+    scale = 2. ** 12 if amp else 1.
+    for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, 'Scores:')):
+        if i >= steps:
+            break
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        with torch.autocast(device.type, enabled=amp):
+            loss = criterion(model(samples), targets)
+        (loss * scale).backward()
+        pruner.accumulate(grad_scale=scale)
+        model.zero_grad(set_to_none=True)
+        metric_logger.update(loss=loss.item())
+    metric_logger.synchronize_between_processes()
+    print('Averaged stats:', metric_logger)

@@ -7,6 +7,7 @@ import argparse
 import datetime
 import difflib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -25,8 +26,8 @@ from timm.utils import ModelEmaV3, NativeScaler
 import models
 import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
-from engine import evaluate, train_one_epoch
-from pruning import (PRUNE_METHODS, DepthAwarePruner, PruneConfig, PruneSchedule,
+from engine import accumulate_scores, evaluate, train_one_epoch
+from pruning import (BUDGET_POLICIES, PRUNE_METHODS, DepthAwarePruner, PruneConfig, PruneSchedule,
                      format_summary)
 from utils import UsageError
 
@@ -130,7 +131,8 @@ def get_args_parser():
 
     # * Depth Aware Pruning parameters (METHOD.md)
     parser.add_argument('--prune-method', default=None, type=str,
-                        help='pruning method: block_pr (Depth Aware Pruning); none to fine-tune')
+                        help='block_pr (Depth Aware Pruning), its ablations uniform and global, '
+                             'the baselines wdprune and savit (BASELINES.md); none to fine-tune')
     parser.add_argument('--prune-ratio', default=0.5, type=float,
                         help='fraction of the parameters to remove')
     parser.add_argument('--prune-start-epoch', default=5, type=int,
@@ -154,6 +156,34 @@ def get_args_parser():
                         help='the prune ratio counts block parameters only')
     parser.add_argument('--lr-soft-head', default=5e-4, type=float,
                         help='learning rate of the ΔΨ heads (scaled like --lr)')
+
+    # * WD-Prune parameters (BASELINES.md; a joint run over --epochs, masks learned throughout)
+    parser.add_argument('--classifiers', default=[], type=int, nargs='*',
+                        help='WD-Prune: attach a shallow classifier after each of these blocks')
+    parser.add_argument('--keep-depth', default=None, type=int,
+                        help='WD-Prune: keep the first K blocks at the cut and promote classifier K')
+    parser.add_argument('--wdprune-lr', default=2.5e-3, type=float,
+                        help='WD-Prune: learning rate of the saliency scores and thresholds')
+    parser.add_argument('--wdprune-lambda-lr', default=None, type=float,
+                        help='WD-Prune: gradient-ascent step of the Lagrange multipliers (default: the module\'s)')
+    parser.add_argument('--wdprune-threshold-init', default=10., type=float,
+                        help='WD-Prune: initial threshold t, keep ratio sigmoid(t)')
+    parser.add_argument('--wdprune-round', default=16, type=int,
+                        help='WD-Prune: MLP and output masks keep a multiple of this many units')
+
+    # * SaViT parameters (BASELINES.md; one shot: score, search, cut)
+    parser.add_argument('--savit-fraction', default=0.1, type=float,
+                        help='SaViT: fraction of a training epoch over which Taylor scores are averaged')
+    parser.add_argument('--savit-budget', default='params', choices=['params', 'flops'],
+                        help='SaViT: what --prune-ratio removes')
+    parser.add_argument('--need-hessian', action='store_true',
+                        help='SaViT: estimate the interaction matrix of the component types')
+    parser.add_argument('--savit-population', default=100, type=int)
+    parser.add_argument('--savit-children', default=50, type=int)
+    parser.add_argument('--savit-generations', default=100, type=int)
+    parser.add_argument('--savit-min-keep', default=0.05, type=float,
+                        help='SaViT: fraction of each layer\'s units always kept')
+
     parser.add_argument('--resize-model-by-checkpoint', '--model-resize-by-checkpoint',
                         action='store_true', dest='resize_model_by_checkpoint',
                         help='build the cut architecture stored in --model-path (first_sparse_checkpoint.pth)')
@@ -200,6 +230,14 @@ def check_args(args):
                 raise UsageError(f'--prune-steps-update-mask must be at least 1, got {n}')
         args.prune_kr_handcraft = parse_numbers(args.prune_kr_handcraft, '--prune-kr-handcraft')
         args.prune_scale_gate_imp = parse_gate_scale(args.prune_scale_gate_imp)
+        depth = models.CONFIGS[args.model][2]
+        bad = [k for k in args.classifiers if not 1 <= k < depth]
+        if bad:
+            raise UsageError(f'--classifiers {bad} outside 1 … {depth - 1} (blocks of {args.model})')
+        if args.keep_depth is not None and args.keep_depth != depth and args.keep_depth not in args.classifiers:
+            raise UsageError(f'--keep-depth {args.keep_depth} needs a classifier there: add it to --classifiers')
+        if not 0 < args.savit_fraction <= 1:
+            raise UsageError(f'--savit-fraction must be in (0, 1], got {args.savit_fraction}')
         try:  # the checks that need no model: ratio range, gate names, handcrafted values
             prune_config(args)
         except ValueError as e:
@@ -234,6 +272,22 @@ def parse_gate_scale(text):
 
 
 def prune_config(args):
+    """The configuration of --prune-method's pruner (each checks its own values)."""
+    if args.prune_method == 'wdprune':
+        from pruning.wdprune import WDPruneConfig
+        extra = {} if args.wdprune_lambda_lr is None else {'lambda_lr': args.wdprune_lambda_lr}
+        return WDPruneConfig(prune_ratio=args.prune_ratio, lr=args.wdprune_lr,
+                             threshold_init=args.wdprune_threshold_init, round_to=args.wdprune_round,
+                             classifiers=tuple(args.classifiers),
+                             keep_depth=None if args.keep_depth == models.CONFIGS[args.model][2]
+                             else args.keep_depth,
+                             block_params_only=args.prune_rate_by_block_param_only, **extra)
+    if args.prune_method == 'savit':
+        from pruning.savit import SaViTConfig
+        return SaViTConfig(prune_ratio=args.prune_ratio, budget=args.savit_budget,
+                           population=args.savit_population, children=args.savit_children,
+                           generations=args.savit_generations, min_keep=args.savit_min_keep,
+                           use_interaction=args.need_hessian, seed=args.seed)
     return PruneConfig(prune_ratio=args.prune_ratio, method=args.prune_method,
                        keep_ratio_handcraft=args.prune_kr_handcraft,
                        gate_scale=args.prune_scale_gate_imp, gamma=args.pr_gamma,
@@ -283,9 +337,10 @@ def build_model(args, nb_classes, resume_checkpoint=None):
         raise UsageError('--resize-model-by-checkpoint needs a --model-path with "arch" '
                          f'(a first_sparse_checkpoint.pth); {args.model_path or "no --model-path"} has none')
     if arch is not None:
-        if arch.get('family') != args.model or arch.get('depth') != models.CONFIGS[args.model][2]:
+        dense_depth = arch.get('dense_depth', arch.get('depth'))  # a cut may keep fewer layers
+        if arch.get('family') != args.model or dense_depth != models.CONFIGS[args.model][2]:
             raise UsageError(f'the checkpoint holds a cut {arch.get("family")} of depth '
-                             f'{arch.get("depth")}, but --model is {args.model}')
+                             f'{dense_depth}, but --model is {args.model}')
         model = models.build_from_arch(arch, **kwargs)
     else:
         model = timm.create_model(args.model, **kwargs)
@@ -424,6 +479,13 @@ def steps_between_mask_updates(args, steps_per_epoch):
 
 def build_pruner(args, model, nb_classes, steps_per_epoch):
     try:
+        if args.prune_method == 'wdprune':
+            from pruning.wdprune import WDPrunePruner
+            return WDPrunePruner(model, nb_classes, prune_config(args),
+                                 total_steps=steps_per_epoch * args.prune_finalize_epoch)
+        if args.prune_method == 'savit':
+            from pruning.savit import SaViTPruner
+            return SaViTPruner(model, nb_classes, prune_config(args))
         schedule = PruneSchedule(
             steps_per_epoch=steps_per_epoch, start_epoch=args.prune_start_epoch,
             sparse_epoch=args.prune_sparse_epoch, finalize_epoch=args.prune_finalize_epoch,
@@ -436,7 +498,8 @@ def build_pruner(args, model, nb_classes, steps_per_epoch):
 
 def count_params(model):
     """Parameters of the network itself: gates and ΔΨ heads are pruning machinery."""
-    return sum(p.numel() for n, p in model.named_parameters() if '.gates.' not in n)
+    return sum(p.numel() for n, p in model.named_parameters()
+               if '.gates.' not in n and n != 'embed_gate')
 
 
 def main(args):
@@ -505,10 +568,14 @@ def main(args):
                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                      label_smoothing=args.smoothing, num_classes=nb_classes) if mixup_active else None
     criterion = build_criterion(args, mixup_active)
+    if args.prune_method == 'savit' and pruner is not None:
+        return savit_one_shot(args, pruner, model, net, criterion, mixup_fn, loader_train,
+                              loader_val, device, amp, run)
     optimizer = build_optimizer(args, model, pruner.param_groups(args.lr_soft_head, args.weight_decay)
                                 if pruner is not None else ())
-    # a pruning run keeps the learning rate constant, also after the cut (METHOD.md §6)
-    lr_scheduler = None if args.prune_method else build_scheduler(args, optimizer)
+    # a DAP run keeps the learning rate constant, also after the cut (METHOD.md §6); WD-Prune's
+    # joint run and fine-tuning follow DeiT's schedule
+    lr_scheduler = None if args.prune_method in BUDGET_POLICIES else build_scheduler(args, optimizer)
     loss_scaler = NativeScaler(device='cuda') if amp else None
     # EMA of a gated model would average masks as well as weights: it starts after the cut
     model_ema = None
@@ -592,6 +659,28 @@ def main(args):
     return {'max_accuracy': max_accuracy}
 
 
+def savit_one_shot(args, pruner, model, net, criterion, mixup_fn, loader_train, loader_val,
+                   device, amp, run):
+    """SaViT (BASELINES.md): Taylor scores over a fraction of an epoch without weight updates,
+    the optional interaction matrix, the search, the cut. Fine-tuning is the second command."""
+    steps = max(1, math.ceil(args.savit_fraction * len(loader_train)))
+    print(f'SaViT: Taylor scores over {steps} of {len(loader_train)} training batches')
+    loader_train.sampler.set_epoch(0)
+    accumulate_scores(net, criterion, loader_train, device, pruner, steps, amp=amp,
+                      mixup_fn=mixup_fn, print_freq=args.print_freq)
+    if args.need_hessian:
+        batches = []
+        for images, target in loader_train:
+            batches.append((images.to(device), target.to(device)))
+            if len(batches) == min(steps, 4):
+                break
+        C = pruner.estimate_interaction(batches, torch.nn.CrossEntropyLoss())
+        print('SaViT interaction matrix (heads, mlp, embed):', C.tolist())
+    model, test_stats = finalize_pruning(pruner, model, args, loader_val, device, amp, 0, run)
+    run.close()
+    return {'max_accuracy': test_stats['acc1']}
+
+
 def finalize_pruning(pruner, model, args, loader_val, device, amp, epoch, run):
     """METHOD.md §7: binarise, cut, report, measure the cut model, write first_sparse_checkpoint.pth."""
     params_before = count_params(model)
@@ -600,9 +689,10 @@ def finalize_pruning(pruner, model, args, loader_val, device, amp, epoch, run):
     params_after = count_params(cut)
     flops_after = utils.count_flops(cut, args.input_size, device)
     print(format_summary(rows, flops_before, flops_after, params_before, params_after))
-    summary = {'event': 'finalize', 'epoch': epoch, 'sub_blocks': rows,
+    summary = {'event': 'finalize', 'method': args.prune_method, 'epoch': epoch, 'sub_blocks': rows,
                'params_dense': params_before, 'params_cut': params_after,
-               'flops_dense': flops_before, 'flops_cut': flops_after}
+               'flops_dense': flops_before, 'flops_cut': flops_after,
+               'depth': cut.depth, 'embed_dim': cut.embed_dim}
     run.log_pruning(summary)
     print('Accuracy of the cut model:')
     test_stats = evaluate(loader_val, cut, device, amp=amp, print_freq=args.print_freq)

@@ -2,7 +2,9 @@
 
 Each Linear and LayerNorm keeps only its kept rows / columns; each sub-block records which
 residual dims it reads (`in_idx`) and writes (`out_idx`); sub-blocks with an empty gate are
-dropped. With binary gates, the cut model computes the same function as the gated one.
+dropped (DAP then zeroes all three of its gates, §2, so the gated model drops it too; the
+baselines never empty a gate). With binary gates, the cut model computes the same function
+as the gated one.
 
 The same cut serves the baselines (BASELINES.md): whole heads (`attn_head`), a narrower shared
 embedding (the model's `embed_gate`) and a truncated depth whose last layer feeds a promoted

@@ -65,3 +65,9 @@ def water_fill(importance: torch.Tensor, dense_params: torch.Tensor, budget: flo
 def ramp(goal: torch.Tensor, progress: float) -> torch.Tensor:
     """Applied κ while the ramp runs: κ(step) = 1 − (1 − κ)·ρ (§4)."""
     return 1 - (1 - goal) * progress
+
+
+def uniform_keep_ratio(dense_params: torch.Tensor, budget: float) -> torch.Tensor:
+    """The uniform ablation (BASELINES.md): every sub-block keeps the budget's ratio."""
+    P = dense_params.double()
+    return torch.full_like(P, min(1.0, budget / float(P.sum())))

@@ -21,11 +21,16 @@ import torch
 from .block_performance import BlockPerformance, BlockPerformanceHeads, PrunableViT
 from .cut import cut_model
 from .gates import gates_of, kept_params, non_block_params, sub_blocks
-from .keep_ratio import block_budget, block_importance, ramp, water_fill
+from .keep_ratio import block_budget, block_importance, ramp, uniform_keep_ratio, water_fill
 from .schedule import PruneSchedule
-from .taylor import DEFAULT_GATE_SCALE, TaylorScore, element_importance, sub_block_masks
+from .taylor import (DEFAULT_GATE_SCALE, TaylorScore, element_costs, element_importance,
+                     global_masks, sub_block_masks)
 
-PRUNE_METHODS = ('block_pr',)
+# DAP's budget policy and the two ablations that replace it (BASELINES.md, "Ablations"):
+# block_pr  κ per sub-block from ΔΨ (§4), then a threshold per sub-block (§5)
+# uniform   the same κ for every sub-block, then a threshold per sub-block
+# global    no κ: one threshold over all elements, ranked by Taylor score per parameter
+BUDGET_POLICIES = ('block_pr', 'uniform', 'global')
 
 
 class MaskMismatchError(RuntimeError):
@@ -46,8 +51,8 @@ class PruneConfig:
     def __post_init__(self):
         if not 0 < self.prune_ratio < 1:
             raise ValueError(f'--prune-ratio must be in (0, 1), got {self.prune_ratio}')
-        if self.method not in PRUNE_METHODS:
-            raise ValueError(f'unknown --prune-method {self.method!r}; choose from {", ".join(PRUNE_METHODS)}')
+        if self.method not in BUDGET_POLICIES:
+            raise ValueError(f'unknown --prune-method {self.method!r}; choose from {", ".join(BUDGET_POLICIES)}')
         from models import GATE_NAMES
         for name in self.gate_scale:
             if name not in GATE_NAMES:
@@ -107,10 +112,10 @@ class DepthAwarePruner:
         return lc.sum() + lp.sum()
 
     @staticmethod
-    def last_head_logits(aux):
+    def eval_heads(aux):
         """Logits of the last class head and last patch head on the final features."""
         cls, patch = aux
-        return cls[-1, 1], patch[-1, 1]
+        return {'cls_head': cls[-1, 1], 'patch_head': patch[-1, 1]}
 
     def step(self, grad_scale: float = 1.0) -> Optional[dict]:
         """After each optimizer step (gate gradients still present): Taylor scores, and the
@@ -136,6 +141,8 @@ class DepthAwarePruner:
         cfg = self.cfg
         if cfg.keep_ratio_handcraft is not None:
             return torch.tensor(cfg.keep_ratio_handcraft, dtype=torch.float64)
+        if cfg.method in ('uniform', 'global'):  # global: only the total of κ·P matters
+            return uniform_keep_ratio(self.dense, self.budget)
         if self.performance.count.item() == 0:  # empty window: nothing new to judge by
             return self.goal
         self.imp_c = block_importance(mean_c, kept, self.imp_c, cfg.block_imp_scale, cfg.gamma)
@@ -152,15 +159,19 @@ class DepthAwarePruner:
         self.goal = self._goal_keep_ratio(mean_c, mean_p, kept_before)
         self.applied = ramp(self.goal, self.schedule.ramp_progress(step))
         tau = self.schedule.tau(step) if tau is None else tau
-        for sb in self.sbs:
-            gates = gates_of(self.model, sb)
-            scores = [self.taylor.mean(f'{sb.index}.{n}') for n in sb.gate_names]
-            importance = element_importance(scores, sb.gate_names, self.cfg.gate_scale)
-            target = float(self.applied[sb.index] * self.dense[sb.index])
-            for g, m in zip(gates, sub_block_masks(sb, importance, target, tau)):
-                g.copy_(m.to(g))
+        if self.cfg.method == 'global':
+            self._global_update(tau)
+        else:
+            for sb in self.sbs:
+                scores = [self.taylor.mean(f'{sb.index}.{n}') for n in sb.gate_names]
+                importance = element_importance(scores, sb.gate_names, self.cfg.gate_scale)
+                target = float(self.applied[sb.index] * self.dense[sb.index])
+                for g, m in zip(gates_of(self.model, sb), sub_block_masks(sb, importance, target, tau)):
+                    g.copy_(m.to(g))
         self._check_masks_consistent()
         kept = kept_params(self.model, self.sbs)
+        if self.cfg.method == 'global':  # the κ the global threshold arrived at, for the logs
+            self.goal = self.applied = torch.tensor(kept, dtype=torch.float64) / self.dense
         record = {
             'step': step, 'epoch': step / self.schedule.steps_per_epoch, 'tau': tau,
             'delta_psi_cls': mean_c.tolist(), 'delta_psi_patch': mean_p.tolist(),
@@ -175,6 +186,16 @@ class DepthAwarePruner:
         if self.on_update is not None:
             self.on_update(record)
         return record
+
+    def _global_update(self, tau: float):
+        """The global ablation: one threshold over all sub-blocks' elements (BASELINES.md)."""
+        scores = [torch.cat([self.taylor.mean(f'{sb.index}.{n}') for n in sb.gate_names])
+                  / element_costs(sb).to(self.taylor.sum[f'{sb.index}.{sb.gate_names[0]}'].device)
+                  for sb in self.sbs]
+        target = float((self.applied * self.dense).sum())
+        for sb, masks in zip(self.sbs, global_masks(self.sbs, scores, target, tau)):
+            for g, m in zip(gates_of(self.model, sb), masks):
+                g.copy_(m.to(g))
 
     def _check_masks_consistent(self):
         """Every process must hold the same masks; a mismatch would silently fork the model."""
@@ -227,11 +248,12 @@ class DepthAwarePruner:
 
 def format_summary(rows: Sequence[dict], flops_before: float, flops_after: float,
                    params_before: int, params_after: int) -> str:
-    """The table printed at finalize: per sub-block, then totals."""
+    """The table printed at finalize: per sub-block (any pruner's rows), then totals."""
     lines = [f'{"sub-block":<10}{"dense":>12}{"kept":>12}{"goal κ":>9}{"κ":>8}  skipped']
     for r in rows:
+        goal = f'{r["goal_keep_ratio"]:>9.3f}' if r.get('goal_keep_ratio') is not None else f'{"–":>9}'
         lines.append(f'{r["sub_block"]:<10}{r["dense_params"]:>12,}{r["kept_params"]:>12,}'
-                     f'{r["goal_keep_ratio"]:>9.3f}{r["keep_ratio"]:>8.3f}  {"yes" if r["skipped"] else ""}')
+                     f'{goal}{r["keep_ratio"]:>8.3f}  {"yes" if r["skipped"] else ""}')
     lines.append(f'params: {params_before:,} -> {params_after:,} ({params_after / params_before:.3f}); '
                  f'FLOPs: {flops_before / 1e6:,.1f}M -> {flops_after / 1e6:,.1f}M '
                  f'({flops_after / flops_before:.3f})')

@@ -117,3 +117,60 @@ def sub_block_masks(sb: SubBlock, importance: torch.Tensor, target: float,
     if any(int((m >= 0.5).sum()) == 0 for m in masks):
         masks = [torch.zeros_like(m) for m in masks]  # an empty gate removes the sub-block (§2)
     return masks
+
+
+def element_costs(sb: SubBlock) -> torch.Tensor:
+    """Parameters each gate element of the dense sub-block controls (its rows / columns in
+    the Linear layers and LayerNorm), concatenated over the three gates: the "per parameter
+    cost" by which the global ablation ranks elements (BASELINES.md)."""
+    a, b, c = sb.gate_sizes
+    if sb.kind == 'attn':
+        h = sb.num_heads
+        per = (3 * h * b + 2, 3 * h * a + 3 * h + h * c, h * b + 1)
+    else:
+        per = (b + 2, a + 1 + c, b + 1)
+    return torch.repeat_interleave(torch.tensor(per, dtype=torch.float64), torch.tensor(sb.gate_sizes))
+
+
+def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target: float,
+                 tau: float) -> List[List[torch.Tensor]]:
+    """The global ablation: one threshold over the elements of all sub-blocks at once.
+
+    `scores[i]` are sub-block i's Taylor scores divided by `element_costs`, concatenated over
+    its gates. Elements are ranked together and the t lowest dropped, with t the smallest
+    count whose kept parameters (§2's coupled count) do not exceed `target` (or the closer of
+    t and t − 1); the soft mask of §5 is applied to the global ranking.
+    """
+    device = scores[0].device
+    flat = torch.cat(list(scores))
+    order = torch.argsort(flat, stable=True)
+    sizes = [s for sb in sbs for s in sb.gate_sizes]
+    gate_of = torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                      torch.tensor(sizes, device=device))
+    dense = torch.tensor(sizes, dtype=torch.float64)
+
+    def kept_params(t):
+        dropped = torch.bincount(gate_of[order[:t]], minlength=len(sizes)).double().cpu()
+        kept = dense - dropped
+        return sum(float(sb.params(kept[3 * i:3 * i + 3])) for i, sb in enumerate(sbs))
+
+    lo, hi = 0, len(flat)  # kept_params never grows with t: find the first t under target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if kept_params(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    t = lo
+    if t > 0 and abs(kept_params(t - 1) - target) < abs(kept_params(t) - target):
+        t -= 1
+    values = torch.empty(len(flat), dtype=torch.float64, device=device)
+    values[order] = soft_mask(len(flat), t, tau, device=device)
+    out = []
+    for i, sb in enumerate(sbs):
+        start = sum(sizes[:3 * i])
+        masks = list(torch.split(values[start:start + sum(sb.gate_sizes)], list(sb.gate_sizes)))
+        if any(int((m >= 0.5).sum()) == 0 for m in masks):
+            masks = [torch.zeros_like(m) for m in masks]  # an empty gate removes the sub-block (§2)
+        out.append(masks)
+    return out

@@ -685,3 +685,77 @@ def test_mask_mismatch_across_processes_stops_the_run(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_mask_check_worker, args=(2, str(tmp_path / 'init'), results), nprocs=2)
     assert dict(results) == {0: 'mismatch', 1: 'mismatch'}  # every rank stops, none hangs
+
+
+# ---------------------------------------------------------------- 10. budget ablations (BASELINES.md)
+
+def pruner_with_random_scores(method, pr=0.5, seed=0):
+    """A pruner whose Taylor sums and ΔΨ window are random, as after some training."""
+    model = micro(seed)
+    schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1,
+                             steps_update_mask=1)
+    pruner = DepthAwarePruner(model, C, PruneConfig(prune_ratio=pr, method=method), schedule)
+    g = torch.Generator().manual_seed(seed)
+    pruner.performance.sum_c.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
+    pruner.performance.sum_p.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
+    pruner.performance.count.fill_(1)
+    for s in pruner.taylor.sum.values():
+        s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64) ** 4)  # heavy-tailed
+    pruner.taylor.count = 1
+    return model, pruner
+
+
+@pytest.mark.parametrize('pr', [0.5, 0.75])
+def test_uniform_policy_gives_every_sub_block_the_same_keep_ratio(pr):
+    model, pruner = pruner_with_random_scores('uniform', pr)
+    record = pruner.update_masks(step=0, tau=0.0)
+    sbs = sub_blocks(model)
+    kappa = pruner.budget / sum(sb.dense_params for sb in sbs)
+    assert record['goal_keep_ratio'] == pytest.approx([kappa] * len(sbs))
+    for sb, kept in zip(sbs, record['kept_params']):
+        counts = tuple(int((g >= 0.5).sum()) for g in gates_of(model, sb))
+        assert abs(kept - kappa * sb.dense_params) <= element_cost(sb.kind, counts, sb.gate_sizes)
+    # DAP proper, same scores: κ differs between sub-blocks
+    _, dap = pruner_with_random_scores('block_pr', pr)
+    assert max(dap.update_masks(step=0, tau=0.0)['goal_keep_ratio']) - min(dap.goal.tolist()) > 0.1
+
+
+def spec_element_costs(sb):
+    """Parameters one element of each gate controls in the dense sub-block (§2, by hand)."""
+    a, b, c = sb.gate_sizes
+    if sb.kind == 'attn':
+        per = [3 * H * b + 2, 3 * H * a + 3 * H + H * c, H * b + 1]
+    else:
+        per = [b + 2, a + 1 + c, b + 1]
+    return [p for p, n in zip(per, sb.gate_sizes) for _ in range(n)]
+
+
+@pytest.mark.parametrize('pr', [0.5, 0.75])
+def test_global_policy_keeps_exactly_the_top_of_the_global_ranking(pr):
+    model, pruner = pruner_with_random_scores('global', pr, seed=1)
+    record = pruner.update_masks(step=0, tau=0.0)
+    sbs = sub_blocks(model)
+    value, kept = [], []
+    for sb in sbs:
+        raw = torch.cat([pruner.taylor.mean(f'{sb.index}.{n}') for n in sb.gate_names]).tolist()
+        value += [r / c for r, c in zip(raw, spec_element_costs(sb))]
+        kept += torch.cat([g.detach() >= 0.5 for g in gates_of(model, sb)]).tolist()
+    assert all(r['goal_keep_ratio'] is not None for r in [record])
+    removed = {i for i, k in enumerate(record['kept_params']) if k == 0}
+    alive = [j for j, sb in enumerate(sbs) if sb.index not in removed
+             for _ in range(sum(sb.gate_sizes))]
+    assert len(alive) > 0.5 * len(kept)
+    # among elements of sub-blocks that survive, every kept one outranks every dropped one
+    offset, kept_vals, dropped_vals = 0, [], []
+    for sb in sbs:
+        n = sum(sb.gate_sizes)
+        if sb.index not in removed:
+            for v, k in zip(value[offset:offset + n], kept[offset:offset + n]):
+                (kept_vals if k else dropped_vals).append(v)
+        offset += n
+    assert dropped_vals and min(kept_vals) >= max(dropped_vals)
+    # and the budget holds: kept block params land on the target within one element's cost
+    assert abs(sum(record['kept_params']) - pruner.budget) <= max(max(spec_element_costs(sb)) for sb in sbs)
+    # the keep ratios differ between sub-blocks: the global ranking, not a uniform κ
+    ratios = [k / sb.dense_params for k, sb in zip(record['kept_params'], sbs)]
+    assert max(ratios) - min(ratios) > 0.05

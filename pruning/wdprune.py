@@ -1,0 +1,326 @@
+"""WD-Prune (Yu et al., AAAI 2022), re-implemented in this framework (BASELINES.md, "WD-Prune").
+
+Width: every block masks its heads, proj outputs, fc1 neurons and fc2 outputs. Each masked
+layer learns scores S and a threshold t; it keeps the top-k of S with k = ⌈σ(t)·n⌉, binary in
+every forward, trained straight-through. A Lagrangian term holds the expected kept fraction
+s at or below the target T. Depth: shallow classifiers on the class token after chosen blocks,
+trained jointly; at the end the model is truncated and one of them becomes its head.
+
+    pruner = WDPrunePruner(model, num_classes, WDPruneConfig(prune_ratio=0.5), total_steps)
+    net = pruner.module                       # forward(x) -> (logits, aux); wrap it in DDP
+    optimizer = AdamW(model_params + pruner.param_groups(lr, weight_decay))
+    loss = criterion(logits, y) + pruner.aux_loss(aux, y, criterion)
+    loss.backward(); optimizer.step(); pruner.step(); optimizer.zero_grad()
+    cut, rows = pruner.finalize()
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+
+from .cut import cut_model
+from .keep_ratio import block_budget
+from .pruner import MaskMismatchError
+
+# The masked layers of one block, in the column order of the thresholds tensor (L, 4).
+MASKED = ('attn_head', 'attn_out', 'mlp_hid', 'mlp_out')
+
+
+@dataclass
+class WDPruneConfig:
+    prune_ratio: float
+    lr: float = 2.5e-3              # pruner learning rate for S and t (official, cosine decayed)
+    # λ ascent: λ1 += lambda_lr·(s − T). With s − T ≈ 0.3–0.5 at the start, λ1 reaches O(1) in a
+    # few hundred steps (well inside one ImageNet epoch), when the budget's pull on t
+    # (λ·∂s/∂r ≈ λ/(3L) per layer) outweighs typical task gradients Σ ∂L/∂M·M. A larger value
+    # only stiffens the wall: Adam bounds t's move per step by `lr` whatever λ is.
+    lambda_lr: float = 1e-2
+    threshold_init: float = 10.0    # σ(10) ≈ 1: start from the dense model
+    round_to: int = 16              # MLP and output masks keep a multiple of this (heads: 1)
+    classifiers: Tuple[int, ...] = ()
+    keep_depth: Optional[int] = None
+    block_params_only: bool = False
+    record_every: int = 100         # steps between two records (on_update)
+
+    def __post_init__(self):
+        self.classifiers = tuple(sorted(set(int(k) for k in self.classifiers)))
+        if not 0 < self.prune_ratio < 1:
+            raise ValueError(f'--prune-ratio must be in (0, 1), got {self.prune_ratio}')
+        if self.round_to < 1 or self.record_every < 1 or self.lr < 0 or self.lambda_lr < 0:
+            raise ValueError('round_to and record_every must be ≥ 1, lr and lambda_lr ≥ 0')
+        if self.keep_depth is not None and self.keep_depth not in self.classifiers:
+            raise ValueError(f'--wd-keep-depth {self.keep_depth} needs a shallow classifier there; '
+                             f'classifiers are {list(self.classifiers)}')
+
+
+def kept_count(ratio: float, n: int, round_to: int = 1) -> int:
+    """k = ⌈r·n⌉ rounded up to a multiple of `round_to`, at least `round_to`, at most n.
+    The 1e-9 keeps float noise (0.7·10 = 7.000000000000001) from adding a unit."""
+    k = math.ceil(ratio * n - 1e-9)
+    return min(n, max(round_to, -(-k // round_to) * round_to))
+
+
+def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Rows of `scores` (..., n) → binary masks keeping each row's k largest; ties by index."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device)
+                                            .expand_as(order).contiguous())
+    return (rank < k.to(rank.device).unsqueeze(-1)).to(scores.dtype)
+
+
+def block_keep_fraction(r: torch.Tensor, D: int, hid: int) -> torch.Tensor:
+    """Kept weight fraction of each block from keep ratios r (..., 4) = (a, o, f1, f2):
+    qkv 3D²a, proj D²·a·o, fc1 D·hid·f1, fc2 D·hid·f1·f2 (BASELINES.md, sizes from the model)."""
+    a, o, f1, f2 = r.unbind(-1)
+    return (3 * D * D * a + D * D * a * o + D * hid * f1 + D * hid * f1 * f2) / (4 * D * D + 2 * D * hid)
+
+
+def block_params(D: int, hd: int, heads, o, f1, f2) -> Tuple[int, int]:
+    """Exact parameters of a block's attention and MLP under kept counts, as `cut_model` builds
+    them; a sub-block with an empty gate is removed and costs 0."""
+    attn = 0 if heads == 0 or o == 0 else 3 * heads * hd * (D + 1) + heads * hd * o + o + 2 * D
+    mlp = 0 if f1 == 0 or f2 == 0 else f1 * (D + 1) + f1 * f2 + f2 + 2 * D
+    return attn, mlp
+
+
+class ShallowClassifier(nn.Module):
+    """LayerNorm + Linear on the class token; named like the model's `norm` / `head`, so its
+    state dict is what `cut_model(classifier=...)` promotes."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        trunc_normal_(self.head.weight, std=.02)
+        nn.init.zeros_(self.head.bias)
+
+
+class WDPruneViT(nn.Module):
+    """The gated ViT with its shallow classifiers, one module for DDP. forward(x) -> (logits,
+    tuple of shallow logits); no detach: the classifiers' losses train the backbone."""
+
+    def __init__(self, model, classifiers: nn.ModuleDict, depths: Sequence[int]):
+        super().__init__()
+        self.model, self.classifiers, self.depths = model, classifiers, tuple(depths)
+
+    def forward(self, x):
+        logits, stream = self.model.forward_stream(x)
+        return logits, tuple(
+            clf.head(self.model.final_norm(stream[2 * k][:, 0], clf.norm))
+            for k, clf in zip(self.depths, self.classifiers.values()))
+
+
+class WDPrunePruner:
+    def __init__(self, model, num_classes: int, config: WDPruneConfig, total_steps: int,
+                 on_update: Optional[Callable[[dict], None]] = None):
+        cfg = self.cfg = config
+        self.on_update, self.total_steps = on_update, max(int(total_steps), 1)
+        L, D, H = model.depth, model.embed_dim, model.num_heads
+        bad = [k for k in cfg.classifiers if not 1 <= k < L]
+        if bad:
+            raise ValueError(f'shallow classifiers must sit after blocks 1 … {L - 1}, got {bad}')
+        dev = next(model.parameters()).device
+        model.add_gates(names=MASKED)  # before DDP wraps the module
+        self.model, self.L, self.D, self.hd = model, L, D, D // H
+        self.hid = int(D * model.mlp_ratio)
+        self.sizes = dict(zip(MASKED, (H, D, self.hid, D)))
+        self.classifiers = nn.ModuleDict({f'classifier{k}': ShallowClassifier(D, num_classes)
+                                          for k in cfg.classifiers}).to(dev)
+        self.module = WDPruneViT(model, self.classifiers, cfg.classifiers)
+
+        self.scores = {n: torch.zeros(L, s, device=dev, requires_grad=True) for n, s in self.sizes.items()}
+        self.threshold = torch.full((L, 4), cfg.threshold_init, device=dev, requires_grad=True)
+        self.optimizer = torch.optim.AdamW([*self.scores.values(), self.threshold], lr=cfg.lr,
+                                           weight_decay=0.)
+        self.lambda1 = self.lambda2 = 0.
+        self.step_count, self.records, self.shrink_factor = 0, [], 1.
+
+        dense = sum(block_params(D, self.hd, H, D, self.hid, D)) * L
+        non_block = sum(p.numel() for n, p in model.named_parameters()
+                        if '.gates.' not in n and n != 'embed_gate') - dense
+        self.dense_block, self.non_block = dense, non_block
+        self.budget = block_budget([dense], non_block, cfg.prune_ratio, cfg.block_params_only)
+        self.target = self.budget / dense  # T of BASELINES.md
+        smallest = self._kept_block_params(self._counts(torch.zeros(L, 4, dtype=torch.float64)))
+        if self.budget < smallest:
+            raise ValueError(f'--prune-ratio {cfg.prune_ratio} leaves {self.budget:.0f} block params, '
+                             f'fewer than the smallest masks (1 head, {cfg.round_to} units) keep: {smallest}')
+        self.apply_masks()
+
+    # ---- masks -----------------------------------------------------------------------------
+    def _counts(self, ratios: torch.Tensor) -> torch.Tensor:
+        """Kept counts (L, 4) for keep ratios (L, 4) (CPU float64): heads round to 1."""
+        return torch.tensor([[kept_count(float(ratios[l, j]), self.sizes[n],
+                                         1 if n == 'attn_head' else self.cfg.round_to)
+                              for j, n in enumerate(MASKED)] for l in range(self.L)])
+
+    @torch.no_grad()
+    def apply_masks(self, counts: Optional[torch.Tensor] = None):
+        """Top-k of S into the gates, k from σ(t) (or the given counts)."""
+        if counts is None:
+            counts = self._counts(self.threshold.detach().double().sigmoid().cpu())
+        self.counts = counts
+        for j, n in enumerate(MASKED):
+            masks = topk_mask(self.scores[n].detach(), counts[:, j])
+            for blk, m in zip(self.model.blocks, masks):
+                blk.gates[n].copy_(m)
+
+    def _hard_ratios(self) -> torch.Tensor:
+        return self.counts.double() / torch.tensor([self.sizes[n] for n in MASKED], dtype=torch.float64)
+
+    def _kept_block_params(self, counts) -> int:
+        return sum(sum(block_params(self.D, self.hd, *map(int, c))) for c in counts)
+
+    def expected_keep(self) -> torch.Tensor:
+        """s: its value from the masks applied (rounded k/n), its gradient from r = σ(t). Like
+        the mask term, the gradient treats ∂r/∂t as 1 (BASELINES.md: σ' ignored); with σ'
+        at t = 10 (4.5e-5) the budget could not move t until λ reached ~10⁴."""
+        r = self.threshold.detach().sigmoid() + self.threshold - self.threshold.detach()
+        soft = block_keep_fraction(r, self.D, self.hid).mean()
+        hard = block_keep_fraction(self._hard_ratios(), self.D, self.hid).mean()
+        return soft - soft.detach() + hard.to(soft)
+
+    # ---- hooks for the training loop -----------------------------------------------------
+    def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
+        """The shallow classifiers' parameters, for the main optimizer."""
+        params = list(self.classifiers.parameters())
+        return [{'params': [p for p in params if p.ndim > 1], 'lr': lr, 'weight_decay': weight_decay},
+                {'params': [p for p in params if p.ndim <= 1], 'lr': lr, 'weight_decay': 0.}]
+
+    def aux_loss(self, aux, targets, criterion) -> torch.Tensor:
+        """Shallow classifiers' losses (equal weights) + λ1(s − T) + λ2(s − T)² when s > T."""
+        loss = sum((criterion(o, targets) for o in aux), torch.zeros((), device=self.threshold.device))
+        gap = self.expected_keep() - self.target
+        if gap.item() > 0:
+            loss = loss + self.lambda1 * gap + self.lambda2 * gap ** 2
+        return loss
+
+    def eval_heads(self, aux) -> Dict[str, torch.Tensor]:
+        return dict(zip(self.classifiers.keys(), aux))
+
+    def _set_grads(self, grad_scale: float = 1.0) -> bool:
+        """Straight-through: ∂L/∂S = ∂L/∂M, ∂L/∂t = Σ ∂L/∂M·M (+ the budget's part, already in
+        t.grad from aux_loss). False, and no gradient, when one is missing or not finite
+        (an AMP step the scaler skips)."""
+        grads = {n: [blk.gates[n].grad for blk in self.model.blocks] for n in MASKED}
+        if any(g is None for gs in grads.values() for g in gs):
+            return False
+        grads = {n: torch.stack(gs) for n, gs in grads.items()}
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
+            return False
+        t_grad = torch.zeros_like(self.threshold) if self.threshold.grad is None else self.threshold.grad
+        for j, n in enumerate(MASKED):
+            mask = torch.stack([blk.gates[n].detach() for blk in self.model.blocks])
+            self.scores[n].grad = grads[n] / grad_scale
+            t_grad[:, j] += (grads[n] * mask).sum(1)
+        self.threshold.grad = t_grad / grad_scale
+        return True
+
+    def step(self, grad_scale: float = 1.0) -> Optional[dict]:
+        """After each optimizer step: λ ascent, S and t update, new masks into the gates, gate
+        gradients cleared (the main optimizer does not hold them). Returns a record every
+        `record_every` steps."""
+        step, cfg = self.step_count, self.cfg
+        gap = float(block_keep_fraction(self._hard_ratios(), self.D, self.hid).mean()) - self.target
+        if gap > 0:  # gradient ascent on the multipliers; they never fall below 0
+            self.lambda1 += cfg.lambda_lr * gap
+            self.lambda2 += cfg.lambda_lr * gap ** 2
+        if self._set_grads(grad_scale):
+            for g in self.optimizer.param_groups:  # cosine decay over total_steps
+                g['lr'] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+            self.optimizer.step()
+            self.apply_masks()
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.model.gate_parameters():
+            p.grad = None
+        self.step_count += 1
+        if step % cfg.record_every:
+            return None
+        self._check_masks_consistent()
+        return self._record(step, gap)
+
+    def _record(self, step: int, gap: float) -> dict:
+        ratios, soft = self._hard_ratios(), self.threshold.detach().sigmoid().cpu()
+        record = {'step': step, 's': gap + self.target, 'target': self.target,
+                  'lambda1': self.lambda1, 'lambda2': self.lambda2,
+                  'total_kept_params': int(self._kept_block_params(self.counts) + self.non_block),
+                  'keep_ratio': {n: ratios[:, j].tolist() for j, n in enumerate(MASKED)},
+                  'threshold_ratio': {n: soft[:, j].tolist() for j, n in enumerate(MASKED)}}
+        self.records.append(record)
+        if self.on_update is not None:
+            self.on_update(record)
+        return record
+
+    def _check_masks_consistent(self):
+        """Every process must hold the same masks (as DepthAwarePruner checks)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        gates = self.model.gate_parameters()
+        checksum = torch.stack([
+            sum((g.double() * torch.arange(1, g.numel() + 1, device=g.device)).sum() for g in gates),
+            sum(g.sum().double() for g in gates)])
+        lo, hi = checksum.clone(), checksum.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise MaskMismatchError(f'masks differ across processes ({lo.tolist()} vs {hi.tolist()})')
+
+    # ---- the end ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_budget(self) -> float:
+        """Departure from the official code, which cuts whatever the masks keep: if the
+        Lagrangian has not converged and the masks keep more than the budget, scale all hard
+        keep ratios by one common factor c (bisection, largest c that fits). Returns c."""
+        ratios = self._hard_ratios()
+        if self._kept_block_params(self.counts) <= self.budget:
+            return 1.
+        lo, hi = 0., 1.  # c = 0 gives the smallest masks, which __init__ checked fit
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self._kept_block_params(self._counts(mid * ratios)) <= self.budget else (lo, mid)
+        self.apply_masks(self._counts(lo * ratios))
+        self.shrink_factor = lo
+        return lo
+
+    @torch.no_grad()
+    def finalize(self):
+        """Binary masks within the budget, cut, truncated to keep_depth with its shallow
+        classifier promoted to head; removes the gates. Returns (cut_model, summary rows)."""
+        self.fit_budget()
+        self._check_masks_consistent()
+        depth = self.cfg.keep_depth or self.L
+        rows = []
+        for l, c in enumerate(self.counts.tolist()):
+            dense = block_params(self.D, self.hd, *(self.sizes[n] for n in MASKED))
+            kept = block_params(self.D, self.hd, *c) if l < depth else (0, 0)
+            rows += [{'sub_block': f'{kind}{l}', 'dense_params': d, 'kept_params': k,
+                      'keep_ratio': k / d, 'skipped': k == 0}
+                     for kind, d, k in zip(('attn', 'mlp'), dense, kept)]
+        clf = None if self.cfg.keep_depth is None else \
+            self.classifiers[f'classifier{depth}'].state_dict()
+        cut = cut_model(self.model, depth=depth, classifier=clf)
+        self.model.remove_gates()
+        return cut, rows
+
+    # ---- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The cosine schedule is a function of the step count, so that is its whole state."""
+        return {'step': self.step_count, 'scores': {n: s.detach().clone() for n, s in self.scores.items()},
+                'threshold': self.threshold.detach().clone(), 'lambda1': self.lambda1,
+                'lambda2': self.lambda2, 'optimizer': self.optimizer.state_dict(),
+                'classifiers': self.classifiers.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict):
+        self.step_count = int(sd['step'])
+        for n, s in self.scores.items():
+            s.copy_(sd['scores'][n])
+        self.threshold.copy_(sd['threshold'])
+        self.lambda1, self.lambda2 = float(sd['lambda1']), float(sd['lambda2'])
+        self.optimizer.load_state_dict(sd['optimizer'])
+        self.classifiers.load_state_dict(sd['classifiers'])
+        self.apply_masks()

@@ -1,0 +1,117 @@
+"""The cut beyond DAP's gates (BASELINES.md): whole heads, a narrower shared embedding, a
+truncated depth with a promoted classifier. Each cut model must compute what the gated model
+with binary gates computes, and be a plain model of the kept size.
+"""
+import math
+
+import pytest
+import timm
+import torch
+
+import models  # noqa: F401  (registers deit_micro_patch4_32)
+from models import HEAD_GATE
+from pruning import cut_model
+
+D, L, H, M, C = 64, 4, 4, 256, 10
+
+
+def micro(seed):
+    torch.manual_seed(seed)
+    model = timm.create_model('deit_micro_patch4_32', num_classes=C)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():  # O(1) activations, so that a 1e-4 tolerance means something
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif name.endswith('weight'):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def random_binary(n, keep, g):
+    m = torch.zeros(n)
+    m[torch.randperm(n, generator=g)[:keep]] = 1
+    return m
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_heads_hidden_and_embedding_cut_exactly(seed):
+    model = micro(seed)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    model.add_gates(names=(HEAD_GATE, 'mlp_hid'), embed=True)
+    g = torch.Generator().manual_seed(seed)
+    heads_kept = [1, 3, 2, 4]
+    hid_kept = [200, 17, 90, 256]
+    with torch.no_grad():
+        for blk, h, f in zip(model.blocks, heads_kept, hid_kept):
+            blk.gates[HEAD_GATE].copy_(random_binary(H, h, g))
+            blk.gates['mlp_hid'].copy_(random_binary(M, f, g))
+        model.embed_gate.copy_(random_binary(D, 40, g))
+        gated = model(x)
+        dense_model = micro(seed)
+        assert (gated - dense_model(x)).abs().max() > 1e-2  # the gates do change the function
+    cut = cut_model(model).eval()
+    with torch.no_grad():
+        assert (cut(x) - gated).abs().max().item() < 1e-4
+    assert cut.embed_dim == 40 and cut.is_cut
+    arch = cut.arch()
+    assert [b['attn']['num_heads'] for b in arch['blocks']] == heads_kept
+    assert [b['mlp']['hidden_features'] for b in arch['blocks']] == hid_kept
+    assert all(b['attn']['in_idx'] is None and b['attn']['head_dim'] == D // H for b in arch['blocks'])
+    # the count of a narrower ViT, written out: embed, tokens, blocks, final norm, head
+    E, P = 40, 64  # kept channels, patches
+    expect = (3 * 4 * 4 * E + E) + E + (P + 1) * E + 2 * E + (E * C + C)
+    for h, f in zip(heads_kept, hid_kept):
+        expect += 2 * E + E * 3 * h * 16 + 3 * h * 16 + h * 16 * E + E
+        expect += 2 * E + E * f + f + f * E + E
+    assert params(cut) == expect
+    # the rebuilt model from arch loads the cut's weights (the resize path of main.py)
+    rebuilt = models.build_from_arch(arch).eval()
+    rebuilt.load_state_dict(cut.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), cut(x))
+
+
+def test_truncated_depth_promotes_the_classifier():
+    model = micro(3)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model.add_gates(names=(HEAD_GATE, 'attn_out', 'mlp_hid', 'mlp_out'))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.gates[HEAD_GATE].copy_(random_binary(H, 2, g))
+            blk.gates['attn_out'].copy_(random_binary(D, 48, g))
+            blk.gates['mlp_hid'].copy_(random_binary(M, 128, g))
+            blk.gates['mlp_out'].copy_(random_binary(D, 32, g))
+    norm, head = torch.nn.LayerNorm(D, eps=1e-6), torch.nn.Linear(D, C)
+    with torch.no_grad():
+        for p in (*norm.parameters(), *head.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+        _, stream = model.forward_stream(x)
+        shallow = head(norm(stream[2 * 2])[:, 0])  # the classifier after block 2
+    classifier = {'norm.weight': norm.weight, 'norm.bias': norm.bias,
+                  'head.weight': head.weight, 'head.bias': head.bias}
+    cut = cut_model(model, depth=2, classifier=classifier).eval()
+    assert cut.depth == 2 and cut.dense_depth == L and len(cut.blocks) == 2
+    with torch.no_grad():
+        assert (cut(x) - shallow).abs().max().item() < 1e-4
+    arch = cut.arch()
+    assert arch['depth'] == 2 and arch['dense_depth'] == L
+    assert all(b['attn']['num_heads'] == 2 and len(b['attn']['out_idx']) == 48 for b in arch['blocks'])
+
+
+def test_cut_refuses_bad_depth_and_empty_embedding():
+    model = micro(0)
+    model.add_gates(names=('mlp_hid',), embed=True)
+    with pytest.raises(ValueError, match='depth'):
+        cut_model(model, depth=L + 1)
+    with torch.no_grad():
+        model.embed_gate.zero_()
+    with pytest.raises(ValueError, match='embedding gate keeps no channel'):
+        cut_model(model)
