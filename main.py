@@ -677,6 +677,8 @@ def savit_one_shot(args, pruner, model, net, criterion, mixup_fn, loader_train, 
         C = pruner.estimate_interaction(batches, torch.nn.CrossEntropyLoss())
         print('SaViT interaction matrix (heads, mlp, embed):', C.tolist())
     model, test_stats = finalize_pruning(pruner, model, args, loader_val, device, amp, 0, run)
+    run.log({**{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': 0,
+             'n_parameters': count_params(model)}, 0)
     run.close()
     return {'max_accuracy': test_stats['acc1']}
 

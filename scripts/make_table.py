@@ -16,7 +16,10 @@ import torch
 DATASETS = ('IFOOD', 'INAT19')
 RATIOS = (0.5, 0.75)
 MODELS = (('deit_small_patch16_224', 'Deit-Small'), ('deit_tiny_patch16_224', 'Deit-Tiny'))
-METHODS = (('deit', 'Deit'), ('wdprune', 'WD-Prune'), ('savit', 'SaVit'), ('block_pr', 'DAP'))
+METHODS = (('deit', 'Deit'), ('wdprune', 'WD-Prune'), ('savit', 'SaVit'), ('block_pr', 'DAP'),
+           ('uniform', 'DAP, uniform κ'), ('global', 'DAP, global threshold'))
+# rows without a single run (the ablations unless ABLATIONS=1) are left out of the table
+OPTIONAL = {'uniform', 'global'}
 # top-1 of the paper's table (shared/reference/paper-readme.md); the unpruned row has one value per dataset
 PAPER = {
     ('deit_small_patch16_224', 'deit'): {'IFOOD': 73.9, 'INAT19': 74.7},
@@ -71,9 +74,14 @@ def make_table(root) -> str:
                                             for d, r in cols) + ' |'
     lines = [head, '|' + '---|' * (2 + 2 * len(cols))]
     for model, model_name in MODELS:
-        for i, (method, method_name) in enumerate(METHODS):
+        first = True
+        for method, method_name in METHODS:
+            if method in OPTIONAL and not any((root / d / model / f'{method}_pr{r}').is_dir()
+                                              for d, r in cols):
+                continue
             cells = [x for d, r in cols for x in cell(root, d, model, method, r)]
-            lines.append(f'| {model_name if i == 0 else ""} | {method_name} | ' + ' | '.join(cells) + ' |')
+            lines.append(f'| {model_name if first else ""} | {method_name} | ' + ' | '.join(cells) + ' |')
+            first = False
     return '\n'.join(lines)
 
 

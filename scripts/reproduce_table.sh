@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Every cell of the paper's table: {IFOOD, INAT19} x {deit_small, deit_tiny} x pr {0.5, 0.75}
-# pruned with DAP then fine-tuned, plus the unpruned DeiT row per dataset and model.
+# pruned with DAP, WD-Prune and SaViT (BASELINES.md) then fine-tuned, plus the unpruned DeiT
+# row per dataset and model. ABLATIONS=1 adds DAP's uniform and global budget ablations.
+# Every method gets the same data, epochs, batch, cut and fine-tuning command; SaViT's pruning
+# run is one-shot (Taylor scores over 10% of an epoch, search, cut), so its --epochs is unused.
 # The unpruned row is fine-tuned from the same DeiT checkpoint with the pruning run's schedule
 # (50 epochs, batch 64 x 4 GPUs x 2, the same augmentation) but DeiT's cosine learning rate.
 #   IFOOD_PATH=/data/ifood2019 INAT19_PATH=/data/inat2019 bash scripts/reproduce_table.sh [--dry-run]
@@ -21,12 +24,14 @@ for DATASET in IFOOD INAT19; do
          --grad-accum-steps 2 --data-set "$DATASET" --data-path "${PATHS[$DATASET]}"
          --model "$MODEL" --model-path "$url" --dist-eval)
     if [ -n "${DRY_RUN:-}" ]; then echo "${cmd[*]}"; else "${cmd[@]}"; fi
-    for PR in 0.5 0.75; do
-      run=$base/block_pr_pr$PR
-      DATASET=$DATASET DATA_PATH=${PATHS[$DATASET]} MODEL=$MODEL MODEL_PATH=$url \
-        PRUNE_RATIO=$PR OUTPUT_DIR=$run/prune bash scripts/prune.sh
-      DATASET=$DATASET DATA_PATH=${PATHS[$DATASET]} MODEL=$MODEL PRUNE_DIR=$run/prune \
-        OUTPUT_DIR=$run/finetune bash scripts/finetune.sh
+    for METHOD in block_pr wdprune savit ${ABLATIONS:+uniform global}; do
+      for PR in 0.5 0.75; do
+        run=$base/${METHOD}_pr$PR
+        METHOD=$METHOD DATASET=$DATASET DATA_PATH=${PATHS[$DATASET]} MODEL=$MODEL MODEL_PATH=$url \
+          PRUNE_RATIO=$PR OUTPUT_DIR=$run/prune bash scripts/prune.sh
+        DATASET=$DATASET DATA_PATH=${PATHS[$DATASET]} MODEL=$MODEL PRUNE_DIR=$run/prune \
+          OUTPUT_DIR=$run/finetune bash scripts/finetune.sh
+      done
     done
   done
 done

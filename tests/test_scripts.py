@@ -1,5 +1,6 @@
 """The table scripts: every command of reproduce_table.sh parses; make_table.py reads runs."""
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -21,16 +22,19 @@ def dry_run(env=None):
     return proc.stdout.strip().splitlines()
 
 
-def test_dry_run_lists_every_cell_and_every_command_parses():
+@pytest.mark.parametrize('ablations', [False, True])
+def test_dry_run_lists_every_cell_and_every_command_parses(ablations):
     parser = main.ArgumentParser('t', parents=[main.get_args_parser()])
     cells, dense, finetunes = set(), set(), set()
-    for line in dry_run():
+    env = dict(os.environ, ABLATIONS='1') if ablations else {k: v for k, v in os.environ.items()
+                                                            if k != 'ABLATIONS'}
+    for line in dry_run(env):
         argv = shlex.split(line)
         assert argv[:3] == ['python', '-m', 'torch.distributed.launch'] and '--use_env' in argv
         args = parser.parse_args(argv[argv.index('main.py') + 1:])
         main.check_args(args)  # model name, pruning flags and schedule are valid
         if args.prune_method:
-            cells.add((args.data_set, args.model, args.prune_ratio))
+            cells.add((args.data_set, args.model, args.prune_method, args.prune_ratio))
             assert args.epochs == 50 and args.batch_size == 64 and args.grad_accum_steps == 2
             assert args.model_path.startswith('https://dl.fbaipublicfiles.com/deit/')
         elif args.resize_model_by_checkpoint:
@@ -38,9 +42,12 @@ def test_dry_run_lists_every_cell_and_every_command_parses():
         else:
             dense.add((args.data_set, args.model))
     datasets, models_ = ('IFOOD', 'INAT19'), ('deit_small_patch16_224', 'deit_tiny_patch16_224')
-    assert cells == {(d, m, r) for d in datasets for m in models_ for r in (0.5, 0.75)}
+    methods = ('block_pr', 'wdprune', 'savit') + (('uniform', 'global') if ablations else ())
+    assert cells == {(d, m, k, r) for d in datasets for m in models_ for k in methods
+                     for r in (0.5, 0.75)}
     assert dense == {(d, m) for d in datasets for m in models_}
-    assert len(finetunes) == 8 and all(p.endswith('prune/first_sparse_checkpoint.pth') for p in finetunes)
+    assert len(finetunes) == len(cells) and all(p.endswith('prune/first_sparse_checkpoint.pth')
+                                                for p in finetunes)
 
 
 def test_prune_sh_needs_a_data_path():
@@ -80,6 +87,12 @@ def test_make_table_on_fabricated_runs(tmp_path):
     assert cells[4] == '– / 75.5' and cells[5] == '–'
     tiny_dap = [c.strip() for c in dap_rows[1].split('|')[3:-1]]
     assert tiny_dap[0] == '– / 71.5'
+    # the ablation rows appear only where such a run exists, without a paper value
+    assert not any('uniform' in line for line in table)
+    write_log(base / 'uniform_pr0.5' / 'finetune' / 'log.txt', [71.0], 10_900_000)
+    table = make_table.make_table(tmp_path).splitlines()
+    uniform = [line for line in table if 'uniform' in line]
+    assert len(uniform) == 1 and '71.0 / –' in uniform[0]
 
 
 @pytest.mark.parametrize('steps_per_epoch,expected', [(231, 77), (22, 7), (2, 1), (1, 1)])
