@@ -452,7 +452,11 @@ class Run:
             return
         with (self.dir / 'pruning_log.jsonl').open('a') as f:
             f.write(json.dumps(record) + '\n')
-        if 'step' in record:
+        if 'step' in record and 'tau' not in record:  # a baseline's record: its scalars as they are
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != 'step':
+                    self.writer.add_scalar(f'pruning/{k}', v, record['step'])
+        elif 'step' in record:
             step = record['step']
             self.writer.add_scalar('pruning/total_kept_params', record['total_kept_params'], step)
             self.writer.add_scalar('pruning/tau', record['tau'], step)

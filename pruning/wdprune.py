@@ -174,14 +174,17 @@ class WDPrunePruner:
     def _kept_block_params(self, counts) -> int:
         return sum(sum(block_params(self.D, self.hd, *map(int, c))) for c in counts)
 
+    def hard_keep(self) -> float:
+        """s of the masks actually applied (rounded k/n), on the CPU: no device sync."""
+        return float(block_keep_fraction(self._hard_ratios(), self.D, self.hid).mean())
+
     def expected_keep(self) -> torch.Tensor:
         """s: its value from the masks applied (rounded k/n), its gradient from r = σ(t). Like
         the mask term, the gradient treats ∂r/∂t as 1 (BASELINES.md: σ' ignored); with σ'
         at t = 10 (4.5e-5) the budget could not move t until λ reached ~10⁴."""
         r = self.threshold.detach().sigmoid() + self.threshold - self.threshold.detach()
         soft = block_keep_fraction(r, self.D, self.hid).mean()
-        hard = block_keep_fraction(self._hard_ratios(), self.D, self.hid).mean()
-        return soft - soft.detach() + hard.to(soft)
+        return soft - soft.detach() + self.hard_keep()
 
     # ---- hooks for the training loop -----------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
@@ -193,8 +196,8 @@ class WDPrunePruner:
     def aux_loss(self, aux, targets, criterion) -> torch.Tensor:
         """Shallow classifiers' losses (equal weights) + λ1(s − T) + λ2(s − T)² when s > T."""
         loss = sum((criterion(o, targets) for o in aux), torch.zeros((), device=self.threshold.device))
-        gap = self.expected_keep() - self.target
-        if gap.item() > 0:
+        if self.hard_keep() > self.target:
+            gap = self.expected_keep() - self.target
             loss = loss + self.lambda1 * gap + self.lambda2 * gap ** 2
         return loss
 
@@ -224,7 +227,7 @@ class WDPrunePruner:
         gradients cleared (the main optimizer does not hold them). Returns a record every
         `record_every` steps."""
         step, cfg = self.step_count, self.cfg
-        gap = float(block_keep_fraction(self._hard_ratios(), self.D, self.hid).mean()) - self.target
+        gap = self.hard_keep() - self.target
         if gap > 0:  # gradient ascent on the multipliers; they never fall below 0
             self.lambda1 += cfg.lambda_lr * gap
             self.lambda2 += cfg.lambda_lr * gap ** 2
@@ -282,14 +285,38 @@ class WDPrunePruner:
         for _ in range(40):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self._kept_block_params(self._counts(mid * ratios)) <= self.budget else (lo, mid)
-        self.apply_masks(self._counts(lo * ratios))
+        counts = self._fill(self._counts(lo * ratios))
+        self.apply_masks(counts)
         self.shrink_factor = lo
         return lo
+
+    def _fill(self, counts: torch.Tensor) -> torch.Tensor:
+        """After the common factor, grow single masks by one step (a head, or `round_to`
+        units) while the budget holds, lowest keep ratio first: with all masks scaled alike
+        they jump together, and a small model landed 10% under the budget."""
+        counts = counts.clone()
+        sizes = torch.tensor([self.sizes[n] for n in MASKED])
+        steps = torch.tensor([1 if n == 'attn_head' else self.cfg.round_to for n in MASKED])
+        while True:
+            order = torch.argsort((counts.double() / sizes).flatten(), stable=True).tolist()
+            for flat in order:
+                l, j = divmod(flat, len(MASKED))
+                before = int(counts[l, j])
+                if before >= sizes[j]:
+                    continue
+                counts[l, j] = min(before + int(steps[j]), int(sizes[j]))
+                if self._kept_block_params(counts) <= self.budget:
+                    break
+                counts[l, j] = before
+            else:
+                return counts
 
     @torch.no_grad()
     def finalize(self):
         """Binary masks within the budget, cut, truncated to keep_depth with its shallow
-        classifier promoted to head; removes the gates. Returns (cut_model, summary rows)."""
+        classifier promoted to head; removes the gates. Returns (cut_model, summary rows).
+        The budget is on the widths of all blocks (BASELINES.md: the depth is chosen
+        afterwards): truncating removes more, so a keep_depth model keeps less than (1 − pr)."""
         self.fit_budget()
         self._check_masks_consistent()
         depth = self.cfg.keep_depth or self.L

@@ -5,7 +5,8 @@ Either give a cut checkpoint (first_sparse_checkpoint.pth or a fine-tuned one wi
     python scripts/benchmark.py --checkpoint OUT/first_sparse_checkpoint.pth
 
 or a model name and a prune ratio: a cut architecture is then made with DAP's budget from
-random ΔΨ and random Taylor scores, so speed can be measured without training:
+random ΔΨ and random Taylor scores (or SaViT's, `--prune-method savit`), so speed can be
+measured without training:
 
     python scripts/benchmark.py --model deit_small_patch16_224 --prune-ratio 0.5 --batch-size 32
 
@@ -27,14 +28,25 @@ from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
 from utils import count_flops, load_checkpoint_file, synchronize  # noqa: E402
 
 
-def random_cut(name, prune_ratio, num_classes, img_size, seed=0):
-    """A cut architecture with DAP's budget: random ΔΨ decide κ, random Taylor scores the elements."""
+def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr'):
+    """A cut architecture with the method's budget from random scores: for DAP random ΔΨ
+    decide κ and random Taylor scores the elements; for SaViT random Taylor scores drive the
+    search (heads, MLP neurons and embedding channels)."""
     torch.manual_seed(seed)
     model = timm.create_model(name, num_classes=num_classes, img_size=img_size)
+    g = torch.Generator().manual_seed(seed)
+    if method == 'savit':
+        from pruning.savit import SaViTConfig, SaViTPruner
+        pruner = SaViTPruner(model, num_classes, SaViTConfig(prune_ratio=prune_ratio, seed=seed))
+        for s in pruner.taylor.sum.values():
+            s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64))
+        pruner.taylor.count = 1
+        cut, _ = pruner.finalize()
+        return model, cut
     schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1,
                              steps_update_mask=1)
-    pruner = DepthAwarePruner(model, num_classes, PruneConfig(prune_ratio=prune_ratio), schedule)
-    g = torch.Generator().manual_seed(seed)
+    pruner = DepthAwarePruner(model, num_classes, PruneConfig(prune_ratio=prune_ratio, method=method),
+                              schedule)
     n = len(pruner.sbs)
     pruner.performance.sum_c.copy_(torch.rand(n, generator=g, dtype=torch.float64))
     pruner.performance.sum_p.copy_(torch.rand(n, generator=g, dtype=torch.float64))
@@ -79,6 +91,8 @@ def main(argv=None):
     p.add_argument('--checkpoint', default=None, help='a cut checkpoint (with "arch")')
     p.add_argument('--model', default='deit_small_patch16_224')
     p.add_argument('--prune-ratio', type=float, default=0.5)
+    p.add_argument('--prune-method', default='block_pr', choices=['block_pr', 'uniform', 'global', 'savit'],
+                   help='whose cut architecture to make from random scores (without --checkpoint)')
     p.add_argument('--num-classes', type=int, default=1000)
     p.add_argument('--input-size', type=int, default=None)
     p.add_argument('--batch-size', type=int, default=32)
@@ -91,6 +105,9 @@ def main(argv=None):
                         '(models.align_widths; 8 suits GPU tensor cores)')
     p.add_argument('--compile', action='store_true',
                    help='measure torch.compile\'d models (fuses the norms, gathers and scatters)')
+    p.add_argument('--reference', default=None,
+                   help='also time this uncut model (e.g. deit_tiny_patch16_224): how close a '
+                        'hand-designed smaller model of the same family gets to its FLOPs-ideal speedup')
     p.add_argument('--json', default=None, help='also write the figures here')
     args = p.parse_args(argv)
 
@@ -101,8 +118,10 @@ def main(argv=None):
         if args.model not in models.CONFIGS:
             sys.exit(f'error: unknown --model {args.model!r}')
         size = args.input_size or models.CONFIGS[args.model][4]
-        dense, cut = random_cut(args.model, args.prune_ratio, args.num_classes, size, args.seed)
-        source = f'{args.model}, prune ratio {args.prune_ratio}, random ΔΨ (seed {args.seed})'
+        dense, cut = random_cut(args.model, args.prune_ratio, args.num_classes, size, args.seed,
+                                args.prune_method)
+        source = (f'{args.model}, {args.prune_method} at prune ratio {args.prune_ratio}, '
+                  f'random scores (seed {args.seed})')
     device = torch.device(args.device)
     amp = device.type == 'cuda'
     size = cut.img_size
@@ -110,6 +129,9 @@ def main(argv=None):
     variants = {'dense': dense, 'cut': cut}
     if args.align:
         variants[f'cut, aligned to {args.align}'] = models.align_widths(cut, args.align)
+    if args.reference:
+        variants[args.reference] = timm.create_model(
+            args.reference, num_classes=cut.num_classes, img_size=size).to(device)
     x = torch.randn(args.batch_size, 3, size, size, device=device)
     run = {name: torch.compile(m) if args.compile else m for name, m in variants.items()}
 
@@ -134,6 +156,11 @@ def main(argv=None):
     res['speedup_vs_ideal'] = res['speedup'] / res['flops_ideal_speedup']
     if args.align:
         res['speedup_aligned'] = times['dense'] / times[f'cut, aligned to {args.align}']
+    if args.reference:
+        r = res[args.reference]
+        r['speedup'] = times['dense'] / times[args.reference]
+        r['flops_ideal_speedup'] = res['dense']['flops_per_image'] / r['flops_per_image']
+        r['speedup_vs_ideal'] = r['speedup'] / r['flops_ideal_speedup']
 
     print(f'{source}\n{res["family"]} @ {size}px, batch {args.batch_size}, {res["device"]}'
           f'{", AMP" if amp else ""}{", torch.compile" if args.compile else ""}')
@@ -145,6 +172,10 @@ def main(argv=None):
     print(f'speedup {res["speedup"]:.2f}x, FLOPs-ideal {res["flops_ideal_speedup"]:.2f}x '
           f'({res["speedup_vs_ideal"]:.2f} of ideal)'
           + (f'; aligned cut: {res["speedup_aligned"]:.2f}x' if args.align else ''))
+    if args.reference:
+        r = res[args.reference]
+        print(f'{args.reference} (uncut reference): {r["speedup"]:.2f}x, FLOPs-ideal '
+              f'{r["flops_ideal_speedup"]:.2f}x ({r["speedup_vs_ideal"]:.2f} of ideal)')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(res, f, indent=2)

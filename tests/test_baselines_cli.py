@@ -17,7 +17,7 @@ METHOD_ARGS = {
                '--prune-start-epoch', '0', '--prune-sparse-epoch', '1'],
     # width 64: masks rounded to 8 units rather than the official 16 (a quarter of the width)
     'wdprune': ['--prune-method', 'wdprune', '--wdprune-lr', '0.1', '--wdprune-round', '8',
-                '--classifiers', '2', '3', '--keep-depth', '3'],
+                '--classifiers', '2', '3'],
     'savit': ['--prune-method', 'savit', '--savit-fraction', '0.5', '--savit-population', '20',
               '--savit-children', '10', '--savit-generations', '10'],
 }
@@ -40,8 +40,7 @@ def test_budget_is_met_and_the_checkpoint_resizes(tmp_path, method, ratio):
     target = (1 - ratio) * total
     assert ckpt['summary']['params_cut'] == kept and ckpt['summary']['method'] == method
     if method == 'wdprune':  # the Lagrangian (and the final projection) may land under, never over
-        assert 0.8 * target <= kept <= 1.01 * target
-        assert ckpt['arch']['depth'] == 3 and ckpt['arch']['dense_depth'] == 4
+        assert 0.9 * target <= kept <= 1.01 * target
     else:
         assert kept == pytest.approx(target, rel=0.01)
     if method == 'savit':
@@ -56,7 +55,11 @@ def test_budget_is_met_and_the_checkpoint_resizes(tmp_path, method, ratio):
 
 @pytest.mark.parametrize('method', ['wdprune', 'savit'])
 def test_baseline_fine_tunes_with_the_same_command_under_torchrun(tmp_path, method):
-    out = prune(tmp_path, method, 0.5)
+    # WD-Prune also chooses its depth: the first 3 blocks, classifier 3 promoted to the head
+    out = prune(tmp_path, method, 0.5, ['--keep-depth', '3'] if method == 'wdprune' else [])
+    arch = load(out / 'first_sparse_checkpoint.pth')['arch']
+    if method == 'wdprune':
+        assert arch['depth'] == 3 and arch['dense_depth'] == 4
     out2 = tmp_path / 'finetune'
     port = free_port()
     check_ok(run_cli([*SMALL, '--epochs', '1', '--output_dir', out2, '--dist-eval',
