@@ -52,7 +52,7 @@ class WDPruneConfig:
         if self.round_to < 1 or self.record_every < 1 or self.lr < 0 or self.lambda_lr < 0:
             raise ValueError('round_to and record_every must be ≥ 1, lr and lambda_lr ≥ 0')
         if self.keep_depth is not None and self.keep_depth not in self.classifiers:
-            raise ValueError(f'--wd-keep-depth {self.keep_depth} needs a shallow classifier there; '
+            raise ValueError(f'--keep-depth {self.keep_depth} needs a shallow classifier there; '
                              f'classifiers are {list(self.classifiers)}')
 
 
