@@ -78,3 +78,24 @@ def non_block_params(model, sbs: Sequence[SubBlock]) -> int:
     total = sum(p.numel() for n, p in model.named_parameters() if '.gates.' not in n)
     return total - sum(sb.dense_params for sb in sbs)
 
+
+
+class MaskMismatchError(RuntimeError):
+    """Processes of a distributed run disagree on the masks."""
+
+
+@torch.no_grad()
+def check_masks_consistent(gates: Sequence[torch.Tensor]) -> None:
+    """Every process must hold the same masks; a mismatch would silently fork the model.
+    Compares two checksums of the gate values across processes (a no-op in one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    checksum = torch.stack([
+        sum((g.double() * torch.arange(1, g.numel() + 1, device=g.device)).sum() for g in gates),
+        sum((g >= 0.5).sum().double() for g in gates)])
+    lo, hi = checksum.clone(), checksum.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise MaskMismatchError(f'masks differ across processes (checksums {lo.tolist()} vs {hi.tolist()})')

@@ -20,7 +20,8 @@ import torch
 
 from .block_performance import BlockPerformance, BlockPerformanceHeads, PrunableViT
 from .cut import cut_model
-from .gates import gates_of, kept_params, non_block_params, sub_blocks
+from .gates import (MaskMismatchError, check_masks_consistent, gates_of, kept_params,
+                    non_block_params, sub_blocks)
 from .keep_ratio import block_budget, block_importance, ramp, uniform_keep_ratio, water_fill
 from .schedule import PruneSchedule
 from .taylor import (DEFAULT_GATE_SCALE, TaylorScore, element_costs, element_importance,
@@ -31,10 +32,6 @@ from .taylor import (DEFAULT_GATE_SCALE, TaylorScore, element_costs, element_imp
 # uniform   the same κ for every sub-block, then a threshold per sub-block
 # global    no κ: one threshold over all elements, ranked by Taylor score per parameter
 BUDGET_POLICIES = ('block_pr', 'uniform', 'global')
-
-
-class MaskMismatchError(RuntimeError):
-    """Processes of a distributed run disagree on the masks."""
 
 
 @dataclass
@@ -177,7 +174,7 @@ class DepthAwarePruner:
                     g.copy_(m.to(g))
                 if 0 < kappa < 1:
                     carry = target - float(sb.params([(m >= 0.5).sum() for m in masks]))
-        self._check_masks_consistent()
+        check_masks_consistent(list(self._gates().values()))
         kept = kept_params(self.model, self.sbs)
         if self.cfg.method == 'global':  # the κ the global threshold arrived at, for the logs
             self.goal = self.applied = torch.tensor(kept, dtype=torch.float64) / self.dense
@@ -205,21 +202,6 @@ class DepthAwarePruner:
         for sb, masks in zip(self.sbs, global_masks(self.sbs, scores, target, tau)):
             for g, m in zip(gates_of(self.model, sb), masks):
                 g.copy_(m.to(g))
-
-    def _check_masks_consistent(self):
-        """Every process must hold the same masks; a mismatch would silently fork the model."""
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        gates = list(self._gates().values())
-        checksum = torch.stack([
-            sum((g.double() * torch.arange(1, g.numel() + 1, device=g.device)).sum() for g in gates),
-            sum((g >= 0.5).sum().double() for g in gates)])
-        lo, hi = checksum.clone(), checksum.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            raise MaskMismatchError(f'masks differ across processes (checksums {lo.tolist()} vs {hi.tolist()})')
 
     # ---- the end ------------------------------------------------------------------------
     @torch.no_grad()

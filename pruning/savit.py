@@ -39,6 +39,7 @@ import torch
 
 from models import HEAD_GATE
 from .cut import cut_model
+from .gates import check_masks_consistent
 from .taylor import TaylorScore
 
 SAVIT_GATES = (HEAD_GATE, 'mlp_hid')
@@ -439,7 +440,7 @@ class SaViTPruner:
             for g, m in zip(grp, mask):
                 g.copy_(m.to(g))
         self.model.embed_gate.copy_(masks[2].to(self.model.embed_gate))
-        self._check_masks_consistent()
+        check_masks_consistent(list(self._gates().values()))
         rows = self._rows(result)
         cut = cut_model(self.model)
         self.model.remove_gates()
@@ -463,21 +464,6 @@ class SaViTPruner:
                 rows.append(_row(f'{name}{l}', int(dense), int(kept)))
         rows.append(_row('embed', int(rest_d), int(rest_k)))
         return rows
-
-    def _check_masks_consistent(self):
-        """Every process must hold the same masks; a mismatch would silently fork the model."""
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        gates = list(self._gates().values())
-        checksum = torch.stack([
-            sum((g.double() * torch.arange(1, g.numel() + 1, device=g.device)).sum() for g in gates),
-            sum(g.sum().double() for g in gates)])
-        lo, hi = checksum.clone(), checksum.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            raise RuntimeError(f'SaViT masks differ across processes ({lo.tolist()} vs {hi.tolist()})')
 
     # ---- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -23,7 +23,7 @@ from timm.layers import trunc_normal_
 
 from .cut import cut_model
 from .keep_ratio import block_budget
-from .pruner import MaskMismatchError
+from .gates import check_masks_consistent
 
 # The masked layers of one block, in the column order of the thresholds tensor (L, 4).
 MASKED = ('attn_head', 'attn_out', 'mlp_hid', 'mlp_out')
@@ -242,7 +242,7 @@ class WDPrunePruner:
         self.step_count += 1
         if step % cfg.record_every:
             return None
-        self._check_masks_consistent()
+        check_masks_consistent(self.model.gate_parameters())
         return self._record(step, gap)
 
     def _record(self, step: int, gap: float) -> dict:
@@ -256,21 +256,6 @@ class WDPrunePruner:
         if self.on_update is not None:
             self.on_update(record)
         return record
-
-    def _check_masks_consistent(self):
-        """Every process must hold the same masks (as DepthAwarePruner checks)."""
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        gates = self.model.gate_parameters()
-        checksum = torch.stack([
-            sum((g.double() * torch.arange(1, g.numel() + 1, device=g.device)).sum() for g in gates),
-            sum(g.sum().double() for g in gates)])
-        lo, hi = checksum.clone(), checksum.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            raise MaskMismatchError(f'masks differ across processes ({lo.tolist()} vs {hi.tolist()})')
 
     # ---- the end ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -318,7 +303,7 @@ class WDPrunePruner:
         The budget is on the widths of all blocks (BASELINES.md: the depth is chosen
         afterwards): truncating removes more, so a keep_depth model keeps less than (1 − pr)."""
         self.fit_budget()
-        self._check_masks_consistent()
+        check_masks_consistent(self.model.gate_parameters())
         depth = self.cfg.keep_depth or self.L
         rows = []
         for l, c in enumerate(self.counts.tolist()):

@@ -665,6 +665,7 @@ def test_good_config_accepted():
 def _mask_check_worker(rank, world, init_file, results):
     import torch.distributed as dist
     from pruning import MaskMismatchError
+    from pruning.gates import check_masks_consistent
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -672,12 +673,12 @@ def _mask_check_worker(rank, world, init_file, results):
         pruner = DepthAwarePruner(model, 10, PruneConfig(prune_ratio=0.5),
                                   PruneSchedule(steps_per_epoch=4, start_epoch=0, sparse_epoch=1,
                                                 finalize_epoch=2, steps_update_mask=2))
-        pruner._check_masks_consistent()  # identical masks pass
+        check_masks_consistent(list(pruner._gates().values()))  # identical masks pass
         if rank == 1:
             with torch.no_grad():
                 model.blocks[0].gates['mlp_hid'][3] = 0.
         try:
-            pruner._check_masks_consistent()
+            check_masks_consistent(list(pruner._gates().values()))
             results[rank] = 'passed'
         except MaskMismatchError:
             results[rank] = 'mismatch'
