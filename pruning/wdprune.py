@@ -302,7 +302,12 @@ class WDPrunePruner:
         classifier promoted to head; removes the gates. Returns (cut_model, summary rows).
         The budget is on the widths of all blocks (BASELINES.md: the depth is chosen
         afterwards): truncating removes more, so a keep_depth model keeps less than (1 − pr)."""
-        self.fit_budget()
+        s_learned = self.hard_keep()
+        factor = self.fit_budget()
+        record = {'event': 'wdprune_fit_budget', 's_learned': s_learned, 'target': self.target,
+                  'shrink_factor': factor, 's_cut': self.hard_keep()}
+        if self.on_update is not None:
+            self.on_update(record)
         check_masks_consistent(self.model.gate_parameters())
         depth = self.cfg.keep_depth or self.L
         rows = []
