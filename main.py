@@ -623,6 +623,9 @@ def main(args):
             pruner, n_parameters = None, count_params(model)
             net = wrap(model)
             optimizer = build_optimizer(args, model)
+            if lr_scheduler is not None:  # WD-Prune: the cut model goes on with the same schedule
+                lr_scheduler = build_scheduler(args, optimizer)
+                lr_scheduler.step(epoch + 1)
             if args.model_ema:
                 model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                        device='cpu' if args.model_ema_force_cpu else None)

@@ -85,3 +85,17 @@ def test_bad_baseline_flags(tmp_path, extra, needle):
     proc = run_cli([*SMALL, '--epochs', '1', '--output_dir', out, *extra], tmp_path)
     assert proc.returncode == 2 and needle in proc.stderr and not out.exists()
     assert proc.stderr.count('\n') == 1
+
+
+def test_wdprune_cut_before_the_end_keeps_the_learning_rate_schedule(tmp_path):
+    """The cut model gets a new optimizer; DeiT's schedule must carry on into it."""
+    import json
+    out = tmp_path / 'out'
+    check_ok(run_cli([*SMALL, *METHOD_ARGS['wdprune'], '--epochs', '2', '--prune-finalize-epoch', '1',
+                      '--prune-ratio', '0.5', '--output_dir', out, '--sched', 'step',
+                      '--decay-epochs', '1', '--decay-rate', '0.1', '--warmup-epochs', '0',
+                      '--unscale-lr', '--lr', '1e-3'], tmp_path))
+    log = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
+    assert log[0]['train_lr'] == pytest.approx(1e-3)
+    assert log[1]['train_lr'] == pytest.approx(1e-4)  # decayed, in the cut model's optimizer
+    assert log[1]['n_parameters'] == log[0]['n_parameters'] < 205_002  # cut after epoch 0
