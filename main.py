@@ -212,6 +212,11 @@ def check_args(args):
                          f'{models.CONFIGS[args.model][0]} of {args.model}')
     if args.prune_method is not None and args.prune_method.lower() == 'none':
         args.prune_method = None
+    for flag, given, method in (('--classifiers', args.classifiers, 'wdprune'),
+                                ('--keep-depth', args.keep_depth is not None, 'wdprune'),
+                                ('--need-hessian', args.need_hessian, 'savit')):
+        if given and args.prune_method != method:
+            raise UsageError(f'{flag} belongs to --prune-method {method}, not {args.prune_method or "none"}')
     if args.prune_method is not None:
         if args.prune_method not in PRUNE_METHODS:
             raise UsageError(f'unknown --prune-method {args.prune_method!r}; choose from '
@@ -230,6 +235,9 @@ def check_args(args):
                 raise UsageError(f'--prune-steps-update-mask must be at least 1, got {n}')
         args.prune_kr_handcraft = parse_numbers(args.prune_kr_handcraft, '--prune-kr-handcraft')
         args.prune_scale_gate_imp = parse_gate_scale(args.prune_scale_gate_imp)
+        if args.prune_method == 'savit' and args.prune_rate_by_block_param_only:
+            raise UsageError('--prune-rate-by-block-param-only does not apply to --prune-method savit, '
+                             'which also prunes the embedding outside the blocks')
         depth = models.CONFIGS[args.model][2]
         bad = [k for k in args.classifiers if not 1 <= k < depth]
         if bad:
@@ -575,7 +583,10 @@ def main(args):
     if args.prune_method == 'savit' and pruner is not None:
         return savit_one_shot(args, pruner, model, net, criterion, mixup_fn, loader_train,
                               loader_val, device, amp, run)
-    optimizer = build_optimizer(args, model, pruner.param_groups(args.lr_soft_head, args.weight_decay)
+    # the pruner's own trained modules: DAP's ΔΨ heads at --lr-soft-head (§3), WD-Prune's
+    # shallow classifiers with the backbone's learning rate (they are part of its model)
+    aux_lr = args.lr if args.prune_method == 'wdprune' else args.lr_soft_head
+    optimizer = build_optimizer(args, model, pruner.param_groups(aux_lr, args.weight_decay)
                                 if pruner is not None else ())
     # a DAP run keeps the learning rate constant, also after the cut (METHOD.md §6); WD-Prune's
     # joint run and fine-tuning follow DeiT's schedule

@@ -27,13 +27,18 @@ HEAD_GATE = 'attn_head'
 ALL_GATE_NAMES = GATE_NAMES + (HEAD_GATE,)
 
 
+def kept_channels(embed_gate: torch.Tensor, dtype) -> torch.Tensor:
+    """The embedding channels a gate keeps, as 0 / 1: the binarisation the cut uses (≥ 0.5)."""
+    return (embed_gate.detach() >= 0.5).to(dtype)
+
+
 def masked_layer_norm(x, keep, weight, bias, eps):
     """LayerNorm over the channels where `keep` is 1 only; the others come out 0.
 
     With an embedding gate the pruned channels of the residual stream are 0; a cut model that
     drops them normalises over the kept ones, so the gated model must do the same (§7 exactness).
     """
-    n = keep.sum()
+    n = keep.sum().clamp_min(1)
     mean = (x * keep).sum(-1, keepdim=True) / n
     var = (((x - mean) * keep) ** 2).sum(-1, keepdim=True) / n
     return ((x - mean) * torch.rsqrt(var + eps) * weight + bias) * keep
@@ -191,7 +196,7 @@ class Block(nn.Module):
         """`embed_gate` is the model's shared embedding gate, if one is attached."""
         if self.arch['attn'] is None:
             return x
-        keep = None if embed_gate is None else (embed_gate != 0).to(x.dtype).detach()
+        keep = None if embed_gate is None else kept_channels(embed_gate, x.dtype)
         h = self._mul(self.norm1(x, keep), self._gate('attn_in'))
         h = self.attn(h, self._gate('attn_qkv'), self._gate(HEAD_GATE))
         h = self._mul(h, self._gate('attn_out'))
@@ -200,7 +205,7 @@ class Block(nn.Module):
     def forward_mlp(self, x, embed_gate=None, inplace=False):
         if self.arch['mlp'] is None:
             return x
-        keep = None if embed_gate is None else (embed_gate != 0).to(x.dtype).detach()
+        keep = None if embed_gate is None else kept_channels(embed_gate, x.dtype)
         h = self._mul(self.norm2(x, keep), self._gate('mlp_in'))
         h = self.mlp(h, self._gate('mlp_hid'))
         h = self._mul(h, self._gate('mlp_out'))
@@ -338,8 +343,7 @@ class VisionTransformer(nn.Module):
         norm = self.norm if norm is None else norm
         if self.embed_gate is None:
             return norm(x)
-        keep = (self.embed_gate != 0).to(x.dtype).detach()
-        return masked_layer_norm(x, keep, norm.weight, norm.bias, norm.eps)
+        return masked_layer_norm(x, kept_channels(self.embed_gate, x.dtype), norm.weight, norm.bias, norm.eps)
 
     def forward_head(self, x):
         x = self.final_norm(x)[:, 0]
@@ -358,12 +362,20 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x):
         x = self.forward_embed(x)
-        # without autograd nothing else holds the residual stream (forward_embed made it), so
-        # the sub-blocks may add into it in place
-        inplace = not torch.is_grad_enabled()
+        inplace = self._may_write_in_place()
         for blk in self.blocks:
             x = blk(x, self.embed_gate, inplace)
         return x
+
+    def _may_write_in_place(self) -> bool:
+        """Without autograd nothing else holds the residual stream (forward_embed made it),
+        so the sub-blocks may add into it in place — unless a forward hook could keep a
+        block's output, which the next block's write would then change."""
+        from torch.nn.modules import module as nn_module
+        if torch.is_grad_enabled() or nn_module._global_forward_hooks \
+                or nn_module._global_forward_pre_hooks:
+            return False
+        return not any(b._forward_hooks or b._forward_pre_hooks for b in self.blocks)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

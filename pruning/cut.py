@@ -121,10 +121,13 @@ def cut_model(model: VisionTransformer, depth: Optional[int] = None,
     arch = model.arch()
     arch.update(blocks=blocks_arch, depth=depth, cut=True, attn_scale=model.attn_scale,
                 embed_dim=D if embed_idx is None else len(embed_idx))
-    cut = build_from_arch(arch)
+    # the source's dropout rates (drop-path is copied below, per block)
+    blk = model.blocks[0]
+    cut = build_from_arch(arch, drop_rate=model.pos_drop.p, attn_drop_rate=blk.attn.attn_drop.p,
+                          proj_drop_rate=blk.attn.proj_drop.p)
     cut.load_state_dict(state)
     # carry the dropout / drop-path modules of the source, so training can continue as configured
     for src, dst in zip(model.blocks, cut.blocks):
         dst.drop_path = copy.deepcopy(src.drop_path)
-    cut.to(next(model.parameters()).device)
-    return cut
+    p = next(model.parameters())
+    return cut.to(device=p.device, dtype=p.dtype)

@@ -166,14 +166,17 @@ class DepthAwarePruner:
                 # each sub-block lands within one element of its target; carrying the
                 # difference into the next target keeps the model's total within one element
                 # of the budget too (without it the micro model drifted 1.3% under at pr 0.75)
-                # (κ = 0 and κ = 1 stay exact: removed and whole sub-blocks pass it on)
+                # (κ = 0 and κ = 1 stay exact, and the carry never decides whether a sub-block
+                # lives: where it would push the target below the smallest non-empty sub-block,
+                # it is passed on)
                 kappa = float(self.applied[sb.index])
-                target = kappa * float(self.dense[sb.index]) + (carry if 0 < kappa < 1 else 0.)
-                masks = sub_block_masks(sb, importance, max(target, 0.), tau)
+                base = kappa * float(self.dense[sb.index])
+                target = base + carry if 0 < kappa < 1 and base + carry >= float(sb.params((1, 1, 1))) else base
+                masks = sub_block_masks(sb, importance, target, tau)
                 for g, m in zip(gates_of(self.model, sb), masks):
                     g.copy_(m.to(g))
                 if 0 < kappa < 1:
-                    carry = target - float(sb.params([(m >= 0.5).sum() for m in masks]))
+                    carry = base + carry - float(sb.params([(m >= 0.5).sum() for m in masks]))
         check_masks_consistent(list(self._gates().values()))
         kept = kept_params(self.model, self.sbs)
         if self.cfg.method == 'global':  # the κ the global threshold arrived at, for the logs

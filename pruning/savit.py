@@ -379,14 +379,16 @@ class SaViTPruner:
         over `batches` and processes. H_ij 1 comes from a Hessian-vector product: the gradient
         of (1ᵀ ∂L/∂g_j) with respect to the gates. Runs on the unwrapped model (DDP does not
         support double backward) with unfused attention (the fused kernels have none either).
-        Keeps the model's train / eval mode."""
+        Runs in eval mode (drop-path would make C random) and restores the mode after."""
         groups = self._groups()
         gates = [g for grp in groups for g in grp]
         bounds = torch.tensor([0] + [len(grp) for grp in groups]).cumsum(0).tolist()
         sizes = [sum(g.numel() for g in grp) for grp in groups]
         fused = {m: m.fused_attn for m in self.model.modules() if hasattr(m, 'fused_attn')}
         C = torch.zeros(3, 3, dtype=torch.float64)
+        was_training = self.model.training
         try:
+            self.model.eval()
             for m in fused:
                 m.fused_attn = False
             for images, targets in batches:
@@ -400,6 +402,7 @@ class SaViTPruner:
                                 if h is not None)
                         C[i, j] += float(s) / (sizes[i] * sizes[j])
         finally:
+            self.model.train(was_training)
             for m, f in fused.items():
                 m.fused_attn = f
         C /= max(len(batches), 1)

@@ -76,6 +76,9 @@ BAD = [
     (['--prune-method', 'wdprune', '--keep-depth', '2'], '--keep-depth 2 needs a classifier'),
     (['--prune-method', 'savit', '--savit-fraction', '0'], '--savit-fraction must be in (0, 1]'),
     (['--prune-method', 'savit', '--prune-ratio', '1.5'], 'prune'),
+    (['--prune-method', 'block_pr', '--classifiers', '2'], '--classifiers belongs to --prune-method wdprune'),
+    (['--need-hessian'], '--need-hessian belongs to --prune-method savit, not none'),
+    (['--prune-method', 'savit', '--prune-rate-by-block-param-only'], 'does not apply to --prune-method savit'),
 ]
 
 

@@ -115,3 +115,44 @@ def test_cut_refuses_bad_depth_and_empty_embedding():
         model.embed_gate.zero_()
     with pytest.raises(ValueError, match='embedding gate keeps no channel'):
         cut_model(model)
+
+
+def test_cut_keeps_the_dropout_rates_and_dtype():
+    torch.manual_seed(0)
+    model = timm.create_model('deit_micro_patch4_32', num_classes=C, drop_rate=0.1,
+                              proj_drop_rate=0.2, attn_drop_rate=0.3).double()
+    model.add_gates(names=(HEAD_GATE,))
+    cut = cut_model(model)
+    assert cut.pos_drop.p == 0.1 and cut.head_drop.p == 0.1
+    assert cut.blocks[0].attn.proj_drop.p == 0.2 and cut.blocks[0].attn.attn_drop.p == 0.3
+    assert cut.blocks[0].mlp.drop2.p == 0.2
+    assert all(p.dtype == torch.float64 for p in cut.parameters())
+
+
+def test_inference_writes_in_place_only_when_no_hook_can_see_it():
+    """Under no_grad the residual stream is updated in place; a forward hook that keeps the
+    blocks' outputs must still see each block's own output."""
+    model = micro(5)
+    model.add_gates(names=('attn_out', 'mlp_out'))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.gates['attn_out'].copy_(random_binary(D, 40, g))
+            blk.gates['mlp_out'].copy_(random_binary(D, 24, g))
+    cut = cut_model(model).eval()
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.enable_grad():  # the reference: no in-place writes
+        _, stream = cut.forward_stream(x)
+    expect = [stream[2 * (i + 1)].detach() for i in range(L)]
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o)) for b in cut.blocks]
+    with torch.no_grad():
+        logits = cut(x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == L
+    for s, e in zip(seen, expect):
+        torch.testing.assert_close(s, e, atol=1e-5, rtol=0)
+    with torch.no_grad():  # without hooks: in place, and the same logits
+        assert cut._may_write_in_place()
+        torch.testing.assert_close(cut(x), logits, atol=1e-5, rtol=0)
