@@ -25,6 +25,12 @@ def _backward_and_step(loss, optimizer, loss_scaler, clip_grad, update):
         optimizer.step()
 
 
+def _to_device(samples, targets, device, mixup_fn=None):
+    samples = samples.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    return mixup_fn(samples, targets) if mixup_fn is not None else (samples, targets)
+
+
 def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     loss_scaler=None, max_norm: Optional[float] = None, model_ema=None,
@@ -45,10 +51,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
     for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         if i >= n_used:
             break
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+        samples, targets = _to_device(samples, targets, device, mixup_fn)
         update = (i + 1) % accum_steps == 0
         # gradients are all-reduced by DDP only on the micro-batch that completes a step
         sync = model.no_sync() if not update and hasattr(model, 'no_sync') else nullcontext()
@@ -128,10 +131,7 @@ def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int,
     for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, 'Scores:')):
         if i >= steps:
             break
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+        samples, targets = _to_device(samples, targets, device, mixup_fn)
         with torch.autocast(device.type, enabled=amp):
             loss = criterion(model(samples), targets)
         (loss * scale).backward()

@@ -198,9 +198,10 @@ class DepthAwarePruner:
 
     def _global_update(self, tau: float):
         """The global ablation: one threshold over all sub-blocks' elements (BASELINES.md)."""
-        scores = [torch.cat([self.taylor.mean(f'{sb.index}.{n}') for n in sb.gate_names])
-                  / element_costs(sb).to(self.taylor.sum[f'{sb.index}.{sb.gate_names[0]}'].device)
-                  for sb in self.sbs]
+        scores = []
+        for sb in self.sbs:
+            raw = torch.cat([self.taylor.mean(f'{sb.index}.{n}') for n in sb.gate_names])
+            scores.append(raw / element_costs(sb).to(raw.device))
         target = float((self.applied * self.dense).sum())
         for sb, masks in zip(self.sbs, global_masks(self.sbs, scores, target, tau)):
             for g, m in zip(gates_of(self.model, sb), masks):

@@ -167,9 +167,8 @@ def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target
     values = torch.empty(len(flat), dtype=torch.float64, device=device)
     values[order] = soft_mask(len(flat), t, tau, device=device)
     out = []
-    for i, sb in enumerate(sbs):
-        start = sum(sizes[:3 * i])
-        masks = list(torch.split(values[start:start + sum(sb.gate_sizes)], list(sb.gate_sizes)))
+    for sb, block_values in zip(sbs, torch.split(values, [sum(sb.gate_sizes) for sb in sbs])):
+        masks = list(torch.split(block_values, list(sb.gate_sizes)))
         if any(int((m >= 0.5).sum()) == 0 for m in masks):
             masks = [torch.zeros_like(m) for m in masks]  # an empty gate removes the sub-block (§2)
         out.append(masks)

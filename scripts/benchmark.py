@@ -38,19 +38,15 @@ def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_p
     if method == 'savit':
         from pruning.savit import SaViTConfig, SaViTPruner
         pruner = SaViTPruner(model, num_classes, SaViTConfig(prune_ratio=prune_ratio, seed=seed))
-        for s in pruner.taylor.sum.values():
-            s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64))
-        pruner.taylor.count = 1
-        cut, _ = pruner.finalize()
-        return model, cut
-    schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1,
-                             steps_update_mask=1)
-    pruner = DepthAwarePruner(model, num_classes, PruneConfig(prune_ratio=prune_ratio, method=method),
-                              schedule)
-    n = len(pruner.sbs)
-    pruner.performance.sum_c.copy_(torch.rand(n, generator=g, dtype=torch.float64))
-    pruner.performance.sum_p.copy_(torch.rand(n, generator=g, dtype=torch.float64))
-    pruner.performance.count.fill_(1)
+    else:
+        schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0,
+                                 finalize_epoch=1, steps_update_mask=1)
+        pruner = DepthAwarePruner(model, num_classes,
+                                  PruneConfig(prune_ratio=prune_ratio, method=method), schedule)
+        n = len(pruner.sbs)
+        pruner.performance.sum_c.copy_(torch.rand(n, generator=g, dtype=torch.float64))
+        pruner.performance.sum_p.copy_(torch.rand(n, generator=g, dtype=torch.float64))
+        pruner.performance.count.fill_(1)
     for s in pruner.taylor.sum.values():
         s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64))
     pruner.taylor.count = 1

@@ -8,20 +8,22 @@ model is timed in every method's benchmark run and its median is shown. On a mod
 the dense timing varies between processes (19–33 ms per batch seen on 2 cores), so the table
 gives throughputs, not per-run speed-ups; speed on a real-sized model: scripts/benchmark.py.
 """
-import statistics
 import json
+import os
+import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_table import best_top1  # noqa: E402
 
 NAMES = {'block_pr': 'DAP', 'uniform': 'DAP, uniform κ', 'global': 'DAP, global threshold',
          'wdprune': 'WD-Prune', 'savit': 'SaViT'}
 
 
 def best_acc(log_txt: Path):
-    if not log_txt.is_file():
-        return None
-    rows = [json.loads(x) for x in log_txt.read_text().splitlines() if x.strip()]
-    return max(r['test_acc1'] for r in rows) if rows else None
+    run = best_top1(log_txt)  # (best top-1, n_parameters) or None
+    return run and run[0]
 
 
 def rows(out: Path):

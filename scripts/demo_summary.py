@@ -1,19 +1,18 @@
 """The demo's closing table: dense vs DAP, from what scripts/demo.sh wrote."""
 import json
+import os
 import sys
 from pathlib import Path
 
-
-def last_max_acc(log_txt):
-    rows = [json.loads(x) for x in Path(log_txt).read_text().splitlines()]
-    return max(r['test_acc1'] for r in rows), rows[-1]['n_parameters']
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_table import best_top1  # noqa: E402  (best top-1, last n_parameters)
 
 
 def main(out):
     out = Path(out)
     bench = json.loads((out / 'benchmark.json').read_text())
-    dense_acc, _ = last_max_acc(out / 'dense' / 'log.txt')
-    dap_acc, dap_params = last_max_acc(out / 'finetune' / 'log.txt')
+    dense_acc, _ = best_top1(out / 'dense' / 'log.txt')
+    dap_acc, dap_params = best_top1(out / 'finetune' / 'log.txt')
     rows = [('dense ViT', bench['dense'], dense_acc), ('DAP pr=0.5, fine-tuned', bench['cut'], dap_acc)]
     print(f'\n{"model":<24}{"params":>10}{"MFLOPs":>9}{"top-1":>8}{"CPU img/s":>11}')
     for name, b, acc in rows:
