@@ -11,7 +11,8 @@ from torchvision.datasets.folder import default_loader, find_classes
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-DATA_SETS = ('CIFAR10', 'CIFAR100', 'IMNET', 'INAT18', 'INAT19', 'IFOOD', 'FOLDER', 'DIGITS')
+DATA_SETS = ('CIFAR10', 'CIFAR100', 'IMNET', 'INAT18', 'INAT19', 'IFOOD', 'FOLDER', 'DIGITS',
+             'DIGITS_SOURCE', 'DIGITS_TARGET')
 INAT_CATEGORIES = ('name', 'genus', 'family', 'order', 'class', 'phylum', 'kingdom', 'supercategory')
 # torchvision's on-disk layout; listed so a missing file is reported before torchvision's vague error.
 CIFAR_FILES = {
@@ -20,6 +21,10 @@ CIFAR_FILES = {
 }
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SEED = 0
+# The transfer setting in miniature (METHOD.md §1): a model pretrained on the source domain is
+# pruned while it is fine-tuned on a shifted target domain. The two domains hold disjoint images.
+DIGITS_SOURCE_FRACTION = 0.4
+DIGITS_DOMAINS = {'DIGITS': None, 'DIGITS_SOURCE': 'source', 'DIGITS_TARGET': 'target'}
 
 
 class ListDataset(Dataset):
@@ -43,19 +48,36 @@ class ListDataset(Dataset):
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's bundled 8x8 digits (1797 images): a smoke-test dataset needing no download."""
+    """scikit-learn's bundled 8x8 digits (1797 images): a smoke-test dataset needing no download.
 
-    def __init__(self, train=True, transform=None):
+    `domain` None uses all images. 'source' and 'target' split them first into two disjoint,
+    class-stratified pools (40% / 60%): the source domain shows its digits as they are; the
+    target domain shows the other images rotated by 90° and with inverted intensities (dark
+    strokes on a bright background), a shift a model trained on the source does not survive.
+    Each pool is then split 80 / 20 into train and val, with fixed seeds, so every process and
+    every later run sees the same images.
+    """
+
+    def __init__(self, train=True, transform=None, domain=None):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+        if domain not in (None, 'source', 'target'):
+            raise ValueError(f'unknown digits domain {domain!r}')
         digits = load_digits()
-        all_idx = np.arange(len(digits.target))
-        # Fixed seed + stratify: every process (DDP ranks, later eval runs) sees the same split.
-        train_idx, val_idx = train_test_split(all_idx, test_size=DIGITS_VAL_FRACTION,
+        pool = np.arange(len(digits.target))
+        if domain is not None:
+            source, target = train_test_split(pool, train_size=DIGITS_SOURCE_FRACTION,
                                               stratify=digits.target, random_state=DIGITS_SEED)
+            pool = np.sort(source if domain == 'source' else target)
+        # Fixed seed + stratify: every process (DDP ranks, later eval runs) sees the same split.
+        train_idx, val_idx = train_test_split(pool, test_size=DIGITS_VAL_FRACTION,
+                                              stratify=digits.target[pool], random_state=DIGITS_SEED)
         self.indices = np.sort(train_idx if train else val_idx)
         # Pixel values are 0..16; stretch to 8-bit so PIL-based augmentations behave normally.
-        self.images = np.round(digits.images[self.indices] * 255.0 / 16.0).astype(np.uint8)
+        images = np.round(digits.images[self.indices] * 255.0 / 16.0).astype(np.uint8)
+        if domain == 'target':
+            images = 255 - np.rot90(images, k=-1, axes=(1, 2))
+        self.images = np.ascontiguousarray(images)
         self.targets = [int(t) for t in digits.target[self.indices]]
         self.classes = [str(i) for i in range(10)]
         self.transform = transform
@@ -200,8 +222,8 @@ def build_dataset(is_train, args):
     if args.data_set not in DATA_SETS:
         raise ValueError(f'unknown --data-set {args.data_set!r}; choose from {", ".join(DATA_SETS)}')
     transform = build_transform(is_train, args)
-    if args.data_set == 'DIGITS':
-        return DigitsDataset(train=is_train, transform=transform), 10
+    if args.data_set in DIGITS_DOMAINS:
+        return DigitsDataset(train=is_train, transform=transform, domain=DIGITS_DOMAINS[args.data_set]), 10
 
     root = args.data_path
     if not root:
@@ -226,7 +248,7 @@ def build_transform(is_train, args):
             input_size=size,
             is_training=True,
             # A flipped digit is a different (or no) digit.
-            hflip=0.0 if args.data_set == 'DIGITS' else 0.5,
+            hflip=0.0 if args.data_set in DIGITS_DOMAINS else 0.5,
             color_jitter=args.color_jitter,
             auto_augment=None if str(args.aa).lower() in ('', 'none') else args.aa,
             interpolation=args.train_interpolation,
@@ -240,7 +262,8 @@ def build_transform(is_train, args):
             # (DIGITS is 8x8) up to size, which RandomCrop alone cannot do.
             transform.transforms[0] = transforms.Compose([
                 transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.RandomCrop(size, padding=4),
+                # pad with the background: the target digits are dark on white
+                transforms.RandomCrop(size, padding=4, fill=255 if args.data_set == 'DIGITS_TARGET' else 0),
             ])
         return transform
 

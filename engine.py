@@ -35,14 +35,16 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     loss_scaler=None, max_norm: Optional[float] = None, model_ema=None,
                     mixup_fn=None, accum_steps: int = 1, amp: bool = False, print_freq: int = 10,
-                    writer=None, pruner=None, global_step: int = 0):
+                    writer=None, pruner=None, global_step: int = 0, set_training_mode: bool = True):
     """One epoch. With a pruner, `model` returns (logits, aux) and the pruner adds the ΔΨ head
     losses and is stepped after every optimizer step (METHOD.md §3, §5, §6).
+    `set_training_mode=False` trains in eval mode (DeiT's --no-train-mode; METHOD.md §8 v2):
+    no drop-path or dropout, BatchNorm of the ΔΨ heads on its running statistics, not updated.
 
     A trailing group of fewer than `accum_steps` batches is skipped, so every optimizer step
     sees the same number of samples. Returns the epoch averages and the new global step.
     """
-    model.train()
+    model.train(set_training_mode)
     metric_logger = MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = f'Epoch: [{epoch}]'
@@ -121,10 +123,10 @@ def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_f
 
 
 def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int, amp: bool = False,
-                      mixup_fn=None, print_freq: int = 10):
+                      mixup_fn=None, print_freq: int = 10, set_training_mode: bool = True):
     """Forward and backward on `steps` training batches without updating any weight; after
     each, the pruner reads its gates' gradients (SaViT's Taylor scores, BASELINES.md)."""
-    model.train()
+    model.train(set_training_mode)
     metric_logger = MetricLogger(delimiter='  ')
     # without a GradScaler, a fixed loss scale keeps half-precision gradients from underflowing
     scale = 2. ** 12 if amp else 1.

@@ -83,6 +83,13 @@ def get_args_parser():
     parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME')
     parser.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing')
     parser.add_argument('--train-interpolation', type=str, default='bicubic')
+    parser.add_argument('--train-mode', action='store_true',
+                        help='model in train mode while training (drop-path, dropout, BatchNorm '
+                             'statistics); the default, as in DeiT')
+    parser.add_argument('--no-train-mode', action='store_false', dest='train_mode',
+                        help='model and ΔΨ heads in eval mode while training, as the authors\' '
+                             'runs were (METHOD.md §8 v2)')
+    parser.set_defaults(train_mode=True)
     parser.add_argument('--repeated-aug', action='store_true')
     parser.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
     parser.set_defaults(repeated_aug=True)
@@ -141,8 +148,11 @@ def get_args_parser():
                         help='epoch at which the keep-ratio ramp ends and masks start to sharpen')
     parser.add_argument('--prune-finalize-epoch', default=None, type=int,
                         help='epoch after which masks are binarised and the model cut (default: --epochs)')
-    parser.add_argument('--prune-steps-update-mask', default='100', type=str,
+    parser.add_argument('--prune-steps-update-mask', default='auto', type=str,
                         help='optimizer steps between mask updates, or "auto" for about 3 per epoch')
+    parser.add_argument('--prune-taylor-window', default='update', choices=['update', 'cumulative'],
+                        help='Taylor scores since the last mask update (METHOD.md §5 v2), or since '
+                             'the prune start (ablation)')
     parser.add_argument('--prune-kr-handcraft', default=None, type=str, nargs='+',
                         help='2 x depth keep ratios, one per sub-block (ablation: skips ΔΨ)')
     parser.add_argument('--prune-scale-gate-imp', default='attn_out:1.5,mlp_hid:0.75,mlp_out:1.5',
@@ -155,7 +165,7 @@ def get_args_parser():
     parser.add_argument('--prune-rate-by-block-param-only', action='store_true',
                         help='the prune ratio counts block parameters only')
     parser.add_argument('--lr-soft-head', default=5e-4, type=float,
-                        help='learning rate of the ΔΨ heads (scaled like --lr)')
+                        help='learning rate of the ΔΨ heads, used as given (not scaled like --lr)')
 
     # * WD-Prune parameters (BASELINES.md; a joint run over --epochs, masks learned throughout)
     parser.add_argument('--classifiers', default=[], type=int, nargs='*',
@@ -212,11 +222,16 @@ def check_args(args):
                          f'{models.CONFIGS[args.model][0]} of {args.model}')
     if args.prune_method is not None and args.prune_method.lower() == 'none':
         args.prune_method = None
-    for flag, given, method in (('--classifiers', args.classifiers, 'wdprune'),
-                                ('--keep-depth', args.keep_depth is not None, 'wdprune'),
-                                ('--need-hessian', args.need_hessian, 'savit')):
-        if given and args.prune_method != method:
-            raise UsageError(f'{flag} belongs to --prune-method {method}, not {args.prune_method or "none"}')
+    for flag, given, methods in (('--classifiers', args.classifiers, ('wdprune',)),
+                                 ('--keep-depth', args.keep_depth is not None, ('wdprune',)),
+                                 ('--need-hessian', args.need_hessian, ('savit',)),
+                                 ('--prune-taylor-window', args.prune_taylor_window != 'update',
+                                  BUDGET_POLICIES),
+                                 ('--prune-kr-handcraft', args.prune_kr_handcraft is not None,
+                                  ('block_pr',))):
+        if given and args.prune_method not in methods:
+            raise UsageError(f'{flag} belongs to --prune-method {" / ".join(methods)}, '
+                             f'not {args.prune_method or "none"}')
     if args.prune_method is not None:
         if args.prune_method not in PRUNE_METHODS:
             raise UsageError(f'unknown --prune-method {args.prune_method!r}; choose from '
@@ -300,7 +315,8 @@ def prune_config(args):
                        keep_ratio_handcraft=args.prune_kr_handcraft,
                        gate_scale=args.prune_scale_gate_imp, gamma=args.pr_gamma,
                        alpha=args.pr_alpha, block_imp_scale=args.pr_block_imp_scale,
-                       block_params_only=args.prune_rate_by_block_param_only)
+                       block_params_only=args.prune_rate_by_block_param_only,
+                       taylor_window=args.prune_taylor_window)
 
 
 def check_output_dir(output_dir):
@@ -535,10 +551,9 @@ def main(args):
     pruning = args.prune_method is not None and not (checkpoint and checkpoint.get('arch'))
     if checkpoint is not None and checkpoint.get('pruner') is not None and not pruning:
         raise UsageError(f'--resume {args.resume} was written while pruning: repeat the pruning flags')
-    args.lr_unscaled, args.lr_soft_head_unscaled = args.lr, args.lr_soft_head
-    if not args.unscale_lr:
-        factor = args.batch_size * utils.get_world_size() * args.grad_accum_steps / 512.0
-        args.lr, args.lr_soft_head = args.lr * factor, args.lr_soft_head * factor
+    args.lr_unscaled = args.lr
+    if not args.unscale_lr:  # --lr-soft-head is used as given, as the authors do
+        args.lr = args.lr * args.batch_size * utils.get_world_size() * args.grad_accum_steps / 512.0
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
     steps_per_epoch = len(loader_train) // args.grad_accum_steps
 
@@ -624,7 +639,8 @@ def main(args):
             net, criterion, loader_train, optimizer, device, epoch, loss_scaler,
             max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
             accum_steps=args.grad_accum_steps, amp=amp, print_freq=args.print_freq,
-            writer=run.writer, pruner=pruner, global_step=global_step)
+            writer=run.writer, pruner=pruner, global_step=global_step,
+            set_training_mode=args.train_mode)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1)
 
@@ -685,7 +701,8 @@ def savit_one_shot(args, pruner, model, net, criterion, mixup_fn, loader_train, 
     print(f'SaViT: Taylor scores over {steps} of {len(loader_train)} training batches')
     loader_train.sampler.set_epoch(0)
     accumulate_scores(net, criterion, loader_train, device, pruner, steps, amp=amp,
-                      mixup_fn=mixup_fn, print_freq=args.print_freq)
+                      mixup_fn=mixup_fn, print_freq=args.print_freq,
+                      set_training_mode=args.train_mode)
     if args.need_hessian:
         batches = []
         for images, target in loader_train:

@@ -24,6 +24,8 @@ CONFIGS = {
     'vit_base_patch16_224': (16, 768, 12, 12, 224),
     # Sized for CPU tests and the DIGITS demo: 32x32 input, 8x8 patches grid, 4 layers.
     'deit_micro_patch4_32': (4, 64, 4, 4, 32),
+    # The same width with DeiT's 12 layers: the transfer comparison and the ΔΨ estimator check.
+    'deit_micro12_patch4_32': (4, 64, 12, 4, 32),
 }
 
 

@@ -5,7 +5,7 @@ features, so they never change the backbone. The same head is applied to the sub
 input x_i and output x_{i+1}; ΔΨ_i = ℓ(ψ_i(x_i)) − ℓ(ψ_i(x_{i+1})) is how much the sub-block
 improved the features for the task.
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -57,25 +57,35 @@ class PrunableViT(nn.Module):
 
     forward(x) -> (logits, (cls_head_logits, patch_head_logits)). Keeping the heads inside the
     module that DDP wraps makes their gradients (and the gates') all-reduced like any other.
+    Without heads (handcrafted κ) it is the gated model: forward(x) -> (logits, None).
     """
 
-    def __init__(self, model, heads: BlockPerformanceHeads):
+    def __init__(self, model, heads: Optional[BlockPerformanceHeads]):
         super().__init__()
         self.model = model
         self.heads = heads
 
     def forward(self, x):
+        if self.heads is None:
+            return self.model(x), None
         logits, stream = self.model.forward_stream(x)
         return logits, self.heads(stream)
 
 
 class BlockPerformance:
-    """Sums and counts of ΔΨ^c and ΔΨ^p per sub-block over the current window (§3)."""
+    """Sums and counts of ΔΨ^c and ΔΨ^p per sub-block over the current window (§3).
+
+    `next_window()` after every mask update keeps the window just used as the previous one;
+    the last update at finalize reads both (`mean(with_previous=True)`, METHOD.md §5 v2).
+    """
+    FIELDS = ('sum_c', 'sum_p', 'count', 'previous_sum_c', 'previous_sum_p', 'previous_count')
 
     def __init__(self, num_sub_blocks: int, device):
         self.sum_c = torch.zeros(num_sub_blocks, dtype=torch.float64, device=device)
         self.sum_p = torch.zeros_like(self.sum_c)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.previous_sum_c, self.previous_sum_p = torch.zeros_like(self.sum_c), torch.zeros_like(self.sum_c)
+        self.previous_count = torch.zeros_like(self.count)
 
     def head_losses(self, aux, targets, criterion) -> Tuple[torch.Tensor, torch.Tensor]:
         """ℓ of every head on x_i and x_{i+1}: two tensors (2L, 2)."""
@@ -90,22 +100,34 @@ class BlockPerformance:
         self.count += 1
 
     def all_reduce(self):
+        """Sum the current window over processes (the previous one was summed when current)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for t in (self.sum_c, self.sum_p, self.count):
                 torch.distributed.all_reduce(t)
 
-    def mean(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Step 1 of §4: the window's mean ΔΨ^c and ΔΨ^p."""
-        n = self.count.clamp_min(1)
-        return self.sum_c / n, self.sum_p / n
+    def _window(self, with_previous: bool):
+        if not with_previous:
+            return self.sum_c, self.sum_p, self.count
+        return (self.sum_c + self.previous_sum_c, self.sum_p + self.previous_sum_p,
+                self.count + self.previous_count)
 
-    def reset(self):
-        for t in (self.sum_c, self.sum_p, self.count):
-            t.zero_()
+    def window_size(self, with_previous: bool = False) -> int:
+        return int(self._window(with_previous)[2].item())
+
+    def mean(self, with_previous: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Step 1 of §4: the window's mean ΔΨ^c and ΔΨ^p."""
+        sum_c, sum_p, count = self._window(with_previous)
+        n = count.clamp_min(1)
+        return sum_c / n, sum_p / n
+
+    def next_window(self):
+        for name in ('sum_c', 'sum_p', 'count'):
+            getattr(self, f'previous_{name}').copy_(getattr(self, name))
+            getattr(self, name).zero_()
 
     def state_dict(self):
-        return {'sum_c': self.sum_c.clone(), 'sum_p': self.sum_p.clone(), 'count': self.count.clone()}
+        return {k: getattr(self, k).clone() for k in self.FIELDS}
 
     def load_state_dict(self, sd):
-        for k in ('sum_c', 'sum_p', 'count'):
+        for k in self.FIELDS:
             getattr(self, k).copy_(sd[k])

@@ -32,6 +32,9 @@ from .taylor import (DEFAULT_GATE_SCALE, TaylorScore, element_costs, element_imp
 # uniform   the same κ for every sub-block, then a threshold per sub-block
 # global    no κ: one threshold over all elements, ranked by Taylor score per parameter
 BUDGET_POLICIES = ('block_pr', 'uniform', 'global')
+# update: Taylor scores are a window, reset after every mask update (METHOD.md §5 v2, the
+# authors' code); cumulative: summed from the prune start on (v1 of the spec; an ablation)
+TAYLOR_WINDOWS = ('update', 'cumulative')
 
 
 @dataclass
@@ -44,12 +47,15 @@ class PruneConfig:
     alpha: float = 0.5
     block_imp_scale: float = 10.
     block_params_only: bool = False
+    taylor_window: str = 'update'
 
     def __post_init__(self):
         if not 0 < self.prune_ratio < 1:
             raise ValueError(f'--prune-ratio must be in (0, 1), got {self.prune_ratio}')
         if self.method not in BUDGET_POLICIES:
             raise ValueError(f'unknown --prune-method {self.method!r}; choose from {", ".join(BUDGET_POLICIES)}')
+        if self.taylor_window not in TAYLOR_WINDOWS:
+            raise ValueError(f'unknown Taylor window {self.taylor_window!r}; choose from {", ".join(TAYLOR_WINDOWS)}')
         from models import GATE_NAMES
         for name in self.gate_scale:
             if name not in GATE_NAMES:
@@ -70,8 +76,9 @@ class DepthAwarePruner:
         device = next(model.parameters()).device
         model.add_gates()
         self.model = model
-        self.heads = BlockPerformanceHeads(n_sb, model.embed_dim, num_classes,
-                                           tuple(model.patch_embed.grid_size)).to(device)
+        # handcrafted κ needs no ΔΨ: no heads are built or trained (as in the authors' code)
+        self.heads = None if config.keep_ratio_handcraft is not None else BlockPerformanceHeads(
+            n_sb, model.embed_dim, num_classes, tuple(model.patch_embed.grid_size)).to(device)
         self.module = PrunableViT(model, self.heads)
         self.performance = BlockPerformance(n_sb, device)
         self.taylor = TaylorScore(self._gates())
@@ -96,6 +103,8 @@ class DepthAwarePruner:
     # ---- hooks for the training loop ----------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
         """The ΔΨ heads' parameters, with their own learning rate (§3)."""
+        if self.heads is None:
+            return []
         decay = [p for p in self.heads.parameters() if p.ndim > 1]
         no_decay = [p for p in self.heads.parameters() if p.ndim <= 1]
         return [{'params': decay, 'lr': lr, 'weight_decay': weight_decay},
@@ -103,6 +112,8 @@ class DepthAwarePruner:
 
     def aux_loss(self, aux, targets, criterion) -> torch.Tensor:
         """All 4·2L head losses, unweighted; records ΔΨ from the prune start step on (§3)."""
+        if aux is None:  # no heads (handcrafted κ)
+            return torch.zeros((), device=targets.device)
         lc, lp = self.performance.head_losses(aux, targets, criterion)
         if self.schedule.is_active(self.step_count):
             self.performance.add(lc, lp)
@@ -133,14 +144,14 @@ class DepthAwarePruner:
 
     # ---- the mask update ---------------------------------------------------------------
     def _goal_keep_ratio(self, mean_c: torch.Tensor, mean_p: torch.Tensor,
-                         kept: torch.Tensor) -> torch.Tensor:
+                         kept: torch.Tensor, window: int) -> torch.Tensor:
         """§4: goal κ from the window's mean ΔΨ (or handcrafted)."""
         cfg = self.cfg
         if cfg.keep_ratio_handcraft is not None:
             return torch.tensor(cfg.keep_ratio_handcraft, dtype=torch.float64)
         if cfg.method in ('uniform', 'global'):  # global: only the total of κ·P matters
             return uniform_keep_ratio(self.dense, self.budget)
-        if self.performance.count.item() == 0:  # empty window: nothing new to judge by
+        if window == 0:  # empty window: nothing new to judge by
             return self.goal
         self.imp_c = block_importance(mean_c, kept, self.imp_c, cfg.block_imp_scale, cfg.gamma)
         self.imp_p = block_importance(mean_p, kept, self.imp_p, cfg.block_imp_scale, cfg.gamma)
@@ -148,20 +159,23 @@ class DepthAwarePruner:
         return water_fill(importance, self.dense, self.budget)
 
     @torch.no_grad()
-    def update_masks(self, step: int, tau: Optional[float] = None) -> dict:
+    def update_masks(self, step: int, tau: Optional[float] = None, final: bool = False) -> dict:
+        """One mask update (§4, §5) on the current window of ΔΨ and Taylor scores; the `final`
+        one, at finalize, on the current and the previous window together (§5 v2)."""
         self.performance.all_reduce()
         self.taylor.all_reduce()
         kept_before = torch.tensor(kept_params(self.model, self.sbs), dtype=torch.float64)
-        mean_c, mean_p = (m.cpu() for m in self.performance.mean())
-        self.goal = self._goal_keep_ratio(mean_c, mean_p, kept_before)
+        mean_c, mean_p = (m.cpu() for m in self.performance.mean(with_previous=final))
+        window = self.performance.window_size(with_previous=final)
+        self.goal = self._goal_keep_ratio(mean_c, mean_p, kept_before, window)
         self.applied = ramp(self.goal, self.schedule.ramp_progress(step))
         tau = self.schedule.tau(step) if tau is None else tau
         if self.cfg.method == 'global':
-            self._global_update(tau)
+            self._global_update(tau, final)
         else:
             carry = 0.
             for sb in self.sbs:
-                scores = [self.taylor.mean(f'{sb.index}.{n}') for n in sb.gate_names]
+                scores = [self.taylor.mean(f'{sb.index}.{n}', final) for n in sb.gate_names]
                 importance = element_importance(scores, sb.gate_names, self.cfg.gate_scale)
                 # each sub-block lands within one element of its target; carrying the
                 # difference into the next target keeps the model's total within one element
@@ -188,19 +202,21 @@ class DepthAwarePruner:
             'importance_patch': None if self.imp_p is None else self.imp_p.tolist(),
             'goal_keep_ratio': self.goal.tolist(), 'applied_keep_ratio': self.applied.tolist(),
             'kept_params': kept, 'total_kept_params': int(sum(kept) + self.non_block),
-            'window': int(self.performance.count.item()),
+            'window': window,
         }
-        self.performance.reset()
+        self.performance.next_window()
+        if self.cfg.taylor_window == 'update':
+            self.taylor.next_window()
         self.records.append(record)
         if self.on_update is not None:
             self.on_update(record)
         return record
 
-    def _global_update(self, tau: float):
+    def _global_update(self, tau: float, final: bool):
         """The global ablation: one threshold over all sub-blocks' elements (BASELINES.md)."""
         scores = []
         for sb in self.sbs:
-            raw = torch.cat([self.taylor.mean(f'{sb.index}.{n}') for n in sb.gate_names])
+            raw = torch.cat([self.taylor.mean(f'{sb.index}.{n}', final) for n in sb.gate_names])
             scores.append(raw / element_costs(sb).to(raw.device))
         target = float((self.applied * self.dense).sum())
         for sb, masks in zip(self.sbs, global_masks(self.sbs, scores, target, tau)):
@@ -210,11 +226,12 @@ class DepthAwarePruner:
     # ---- the end ------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self):
-        """§7: a last update with all scores at τ_min and the full ramp, binarised masks, cut.
+        """§7: a last update at τ_min and the full ramp, on the current and the previous window
+        of ΔΨ and Taylor scores (§5 v2), binarised masks, cut.
 
         Returns (cut_model, summary rows)."""
         last = max(self.step_count - 1, self.schedule.step_final - 1)
-        self.update_masks(last, tau=self.schedule.tau_min)
+        self.update_masks(last, tau=self.schedule.tau_min, final=True)
         for g in self._gates().values():
             g.copy_((g >= 0.5).to(g))
         kept = kept_params(self.model, self.sbs)
@@ -230,7 +247,8 @@ class DepthAwarePruner:
     def state_dict(self) -> dict:
         return {'step': self.step_count, 'performance': self.performance.state_dict(),
                 'taylor': self.taylor.state_dict(), 'imp_c': self.imp_c, 'imp_p': self.imp_p,
-                'goal': self.goal, 'applied': self.applied, 'heads': self.heads.state_dict()}
+                'goal': self.goal, 'applied': self.applied,
+                'heads': None if self.heads is None else self.heads.state_dict()}
 
     def load_state_dict(self, sd: dict):
         self.step_count = int(sd['step'])
@@ -238,7 +256,8 @@ class DepthAwarePruner:
         self.taylor.load_state_dict(sd['taylor'])
         self.imp_c, self.imp_p = sd['imp_c'], sd['imp_p']
         self.goal, self.applied = sd['goal'], sd['applied']
-        self.heads.load_state_dict(sd['heads'])
+        if self.heads is not None:
+            self.heads.load_state_dict(sd['heads'])
 
 
 def format_summary(rows: Sequence[dict], flops_before: float, flops_after: float,

@@ -11,11 +11,20 @@ DEFAULT_GATE_SCALE = {'attn_out': 1.5, 'mlp_hid': 0.75, 'mlp_out': 1.5}
 
 class TaylorScore:
     """S_j += (m_j · ∂L/∂m_j)² for every gate element, after every optimizer step
-    (Molchanov et al., CVPR 2019, "Taylor FO on gates")."""
+    (Molchanov et al., CVPR 2019, "Taylor FO on gates").
+
+    The sums are a *window* (METHOD.md §5, v2): `next_window()`, called after every mask
+    update, keeps the window just used as the previous one and starts an empty one, so each
+    update ranks elements on the steps since the last update only; the last update at
+    finalize reads both (`mean(key, with_previous=True)`). Without `next_window()` calls the
+    sums are cumulative (the `--prune-taylor-window cumulative` ablation, and SaViT).
+    """
 
     def __init__(self, gates: Dict[str, torch.nn.Parameter]):
         self.sum = {k: torch.zeros_like(g, dtype=torch.float64) for k, g in gates.items()}
         self.count = 0
+        self.previous_sum = {k: torch.zeros_like(v) for k, v in self.sum.items()}
+        self.previous_count = 0
 
     @torch.no_grad()
     def accumulate(self, gates: Dict[str, torch.nn.Parameter], grad_scale: float = 1.0) -> bool:
@@ -33,24 +42,39 @@ class TaylorScore:
         return True
 
     def all_reduce(self):
-        """Mean over processes (the gate gradients are already DDP-averaged; this keeps the
-        scores identical even where they are not)."""
+        """Mean over processes of the current window (the gate gradients are already
+        DDP-averaged; this keeps the scores identical even where they are not). The previous
+        window was reduced when it was current."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             for s in self.sum.values():
                 torch.distributed.all_reduce(s)
                 s /= world
 
-    def mean(self, key: str) -> torch.Tensor:
+    def mean(self, key: str, with_previous: bool = False) -> torch.Tensor:
+        """S/n of the current window, or of the current and the previous window together."""
+        if with_previous:
+            return (self.sum[key] + self.previous_sum[key]) / max(self.count + self.previous_count, 1)
         return self.sum[key] / max(self.count, 1)
 
+    def next_window(self):
+        """After a mask update: the current window becomes the previous one; a new one starts."""
+        for k, s in self.sum.items():
+            self.previous_sum[k].copy_(s)
+            s.zero_()
+        self.previous_count, self.count = self.count, 0
+
     def state_dict(self):
-        return {'sum': {k: v.clone() for k, v in self.sum.items()}, 'count': self.count}
+        return {'sum': {k: v.clone() for k, v in self.sum.items()}, 'count': self.count,
+                'previous_sum': {k: v.clone() for k, v in self.previous_sum.items()},
+                'previous_count': self.previous_count}
 
     def load_state_dict(self, sd):
         for k, v in sd['sum'].items():
             self.sum[k].copy_(v)
-        self.count = int(sd['count'])
+        for k, v in sd['previous_sum'].items():
+            self.previous_sum[k].copy_(v)
+        self.count, self.previous_count = int(sd['count']), int(sd['previous_count'])
 
 
 def rank_percentile(score: torch.Tensor) -> torch.Tensor:

@@ -1,73 +1,129 @@
-"""The table of scripts/compare_methods.sh: every method and prune ratio against the dense model.
+"""The table and the κ figure of scripts/compare_methods.sh, from the runs' logs.
 
-    python scripts/compare_summary.py OUTPUT_DIR   (--markdown for a markdown table)
+    python scripts/compare_summary.py OUTPUT_DIR [--markdown] [--figure fig/compare_keep_ratio.png]
 
-Top-1 is the best epoch of the fine-tuning run; "cut" is the cut model right after pruning,
-before fine-tuning. Throughput is scripts/benchmark.py's at batch 256 on the CPU; the dense
-model is timed in every method's benchmark run and its median is shown. On a model this small
-the dense timing varies between processes (19–33 ms per batch seen on 2 cores), so the table
-gives throughputs, not per-run speed-ups; speed on a real-sized model: scripts/benchmark.py.
+Per method and prune ratio, over the seeds (OUTPUT_DIR/seed*/): kept parameters, top-1 of the
+cut model right after pruning (before fine-tuning) and top-1 at the last fine-tuning epoch,
+each as mean ± std; the dense row is the dense model fine-tuned for as many epochs in all.
+The figure shows the keep ratio κ each method gave each sub-block (mean over seeds), read from
+the `finalize` record of every pruning run's pruning_log.jsonl.
 """
+import argparse
 import json
-import os
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_table import best_top1  # noqa: E402
-
-NAMES = {'block_pr': 'DAP', 'uniform': 'DAP, uniform κ', 'global': 'DAP, global threshold',
+NAMES = {'block_pr': 'DAP', 'block_pr_cumulative': 'DAP, cumulative Taylor',
+         'uniform': 'DAP, uniform κ', 'global': 'DAP, global threshold',
          'wdprune': 'WD-Prune', 'savit': 'SaViT'}
 
 
-def best_acc(log_txt: Path):
-    run = best_top1(log_txt)  # (best top-1, n_parameters) or None
-    return run and run[0]
+def last_acc(log_txt: Path):
+    """test_acc1 of the last epoch in a log.txt, or None."""
+    if not log_txt.is_file():
+        return None
+    lines = [line for line in log_txt.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1])['test_acc1'] if lines else None
 
 
-def rows(out: Path):
-    """(name, pr, top-1 after cut, top-1 fine-tuned, params, FLOPs, img/s)."""
-    benches = [json.loads(b.read_text()) for b in sorted(out.glob('*_pr*/benchmark.json'))]
-    if not benches:
-        return []
-    dense = benches[0]['dense']
-    table = [('dense ViT', None, None, best_acc(out / 'dense' / 'log.txt'), dense['params'],
-              dense['flops_per_image'], statistics.median(b['dense']['throughput_img_s'] for b in benches))]
-    for method in NAMES:
-        for run in sorted(out.glob(f'{method}_pr*')):
-            b = run / 'benchmark.json'
-            if not b.is_file():
+def finalize_record(run: Path):
+    path = run / 'prune' / 'pruning_log.jsonl'
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next((r for r in reversed(records) if r.get('event') == 'finalize'), None)
+
+
+def collect(out: Path):
+    """{(method, pr): [per-seed dict]} and the dense runs' accuracies."""
+    runs, dense = {}, []
+    for seed_dir in sorted(out.glob('seed*')):
+        acc = last_acc(seed_dir / 'dense' / 'log.txt')
+        if acc is not None:
+            dense.append(acc)
+        for run in sorted(seed_dir.glob('*_pr*')):
+            method, pr = run.name.rsplit('_pr', 1)
+            final, tuned = finalize_record(run), last_acc(run / 'finetune' / 'log.txt')
+            if final is None or tuned is None:
                 continue
-            b = json.loads(b.read_text())
-            cut_acc = None
-            for line in (run / 'prune' / 'log.txt').read_text().splitlines()[-1:]:
-                cut_acc = json.loads(line)['test_acc1']
-            table.append((NAMES[method], float(run.name.rsplit('_pr', 1)[1]), cut_acc,
-                          best_acc(run / 'finetune' / 'log.txt'), b['cut']['params'],
-                          b['cut']['flops_per_image'], b['cut']['throughput_img_s']))
-    return table
+            runs.setdefault((method, float(pr)), []).append({
+                'seed': seed_dir.name, 'cut': last_acc(run / 'prune' / 'log.txt'), 'tuned': tuned,
+                'params': final['params_cut'], 'params_dense': final['params_dense'],
+                'kappa': [r['keep_ratio'] for r in final['sub_blocks'] if r['sub_block'] != 'embed'],
+                'names': [r['sub_block'] for r in final['sub_blocks'] if r['sub_block'] != 'embed']})
+    return runs, dense
 
 
-def fmt(x, spec):
-    return '–' if x is None else format(x, spec)
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return '–'
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f'{statistics.mean(values):.1f} ± {std:.1f}'
 
 
-def main(argv):
-    out = Path(argv[0] if argv and not argv[0].startswith('--') else 'output/compare')
-    header = ('method', 'pr', 'top-1 cut', 'top-1 fine-tuned', 'params', 'MFLOPs', 'CPU img/s')
-    lines = []
-    for name, pr, cut_acc, acc, params, flops, thr in rows(out):
-        lines.append((name, fmt(pr, '.2f'), fmt(cut_acc, '.1f'), fmt(acc, '.1f'), f'{params:,}',
-                      f'{flops / 1e6:.2f}', f'{thr:.0f}'))
-    if '--markdown' in argv:
+def table(runs, dense):
+    header = ('method', 'pr', 'seeds', 'params', 'top-1 cut', 'top-1 fine-tuned')
+    rows = [('dense, fine-tuned', '–', str(len(dense)), '', '–', mean_std(dense))]
+    for method in NAMES:
+        for (m, pr), seeds in sorted(runs.items()):
+            if m == method:
+                params = statistics.mean(s['params'] for s in seeds)
+                rows.append((NAMES[m], f'{pr:.2f}', str(len(seeds)), f'{params:,.0f}',
+                             mean_std([s['cut'] for s in seeds]), mean_std([s['tuned'] for s in seeds])))
+    if runs:
+        first = next(iter(runs.values()))[0]
+        rows[0] = rows[0][:3] + (f'{first["params_dense"]:,}',) + rows[0][4:]
+    return header, rows
+
+
+def plot(runs, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    ratios = sorted({pr for _, pr in runs})
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(11, 3.2 * len(ratios)), squeeze=False)
+    for ax, pr in zip(axes[:, 0], ratios):
+        for method, name in NAMES.items():
+            seeds = runs.get((method, pr))
+            if not seeds:
+                continue
+            n = len(seeds[0]['kappa'])
+            kappa = [statistics.mean(s['kappa'][i] for s in seeds) for i in range(n)]
+            ax.plot(range(n), kappa, marker='o', ms=3, label=name)
+        names = next(s for (m, p), s in runs.items() if p == pr)[0]['names']
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.replace('attn', 'A').replace('mlp', 'M') for n in names], fontsize=7)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel('κ (kept / dense)')
+        ax.set_title(f'keep ratio per sub-block, pr = {pr} (mean over seeds)', fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=3)
+    axes[-1, 0].set_xlabel('sub-block (A = attention, M = MLP, by layer)')
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('out', nargs='?', default='output/compare')
+    parser.add_argument('--markdown', action='store_true')
+    parser.add_argument('--figure', default=None, help='write the κ figure here')
+    args = parser.parse_args(argv)
+    runs, dense = collect(Path(args.out))
+    header, rows = table(runs, dense)
+    if args.markdown:
         print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
-        print('\n'.join('| ' + ' | '.join(r) + ' |' for r in lines))
-        return
-    widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(header)]
-    for r in [header] + lines:
-        print('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print('\n'.join('| ' + ' | '.join(r) + ' |' for r in rows))
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        for r in [header] + rows:
+            print('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if args.figure and runs:
+        plot(runs, args.figure)
+        print(f'figure: {args.figure}')
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    main()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's first command: prune a pretrained DeiT with Depth Aware Pruning while fine-tuning.
 # Every setting is an environment variable, with the authors' defaults (METHOD.md §8); the
-# optimiser, augmentation and regularisation defaults are main.py's (DeiT's).
+# optimiser, augmentation and regularisation defaults are main.py's (DeiT's). --no-train-mode:
+# the authors' runs trained in eval mode (no drop-path, ΔΨ heads' BatchNorm frozen; §8 v2).
 #   DATA_PATH=/data/ifood2019 DATASET=IFOOD MODEL=deit_small_patch16_224 PRUNE_RATIO=0.5 \
 #     bash scripts/prune.sh
 # DRY_RUN=1 prints the command instead of running it. EXTRA passes further flags.
@@ -28,5 +29,5 @@ cmd=(python -m torch.distributed.launch --nproc_per_node="$NGPU" --master_port "
      --grad-accum-steps "$ACCUM" --data-set "$DATASET" --data-path "$DATA_PATH" --model "$MODEL"
      --model-path "$MODEL_PATH" --prune-method "$METHOD" --prune-ratio "$PRUNE_RATIO"
      --prune-steps-update-mask "$STEPS_UPDATE" --prune-start-epoch "$START_EPOCH" --dist-eval
-     ${EXTRA:-})
+     --no-train-mode ${EXTRA:-})
 if [ -n "${DRY_RUN:-}" ]; then echo "${cmd[*]}"; else "${cmd[@]}"; fi

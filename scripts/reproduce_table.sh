@@ -6,6 +6,7 @@
 # run is one-shot (Taylor scores over 10% of an epoch, search, cut), so its --epochs is unused.
 # The unpruned row is fine-tuned from the same DeiT checkpoint with the pruning run's schedule
 # (50 epochs, batch 64 x 4 GPUs x 2, the same augmentation) but DeiT's cosine learning rate.
+# Every run trains in eval mode (--no-train-mode), as the authors' runs did (METHOD.md §8 v2).
 #   IFOOD_PATH=/data/ifood2019 INAT19_PATH=/data/inat2019 bash scripts/reproduce_table.sh [--dry-run]
 # Runs land in ${ROOT:-output/table}/DATASET/MODEL/...; scripts/make_table.py reads them.
 set -euo pipefail
@@ -22,7 +23,7 @@ for DATASET in IFOOD INAT19; do
     cmd=(python -m torch.distributed.launch --nproc_per_node="$NGPU" --master_port "${PORT:-29500}"
          --use_env main.py --output_dir "$base/deit" --epochs 50 --batch-size 64
          --grad-accum-steps 2 --data-set "$DATASET" --data-path "${PATHS[$DATASET]}"
-         --model "$MODEL" --model-path "$url" --dist-eval)
+         --model "$MODEL" --model-path "$url" --dist-eval --no-train-mode)
     if [ -n "${DRY_RUN:-}" ]; then echo "${cmd[*]}"; else "${cmd[@]}"; fi
     for METHOD in block_pr wdprune savit ${ABLATIONS:+uniform global}; do
       for PR in 0.5 0.75; do

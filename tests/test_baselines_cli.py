@@ -79,6 +79,11 @@ BAD = [
     (['--prune-method', 'block_pr', '--classifiers', '2'], '--classifiers belongs to --prune-method wdprune'),
     (['--need-hessian'], '--need-hessian belongs to --prune-method savit, not none'),
     (['--prune-method', 'savit', '--prune-rate-by-block-param-only'], 'does not apply to --prune-method savit'),
+    (['--prune-method', 'wdprune', '--prune-taylor-window', 'cumulative'],
+     '--prune-taylor-window belongs to --prune-method block_pr / uniform / global, not wdprune'),
+    (['--prune-method', 'block_pr', '--prune-taylor-window', 'all'], "invalid choice: 'all'"),
+    (['--prune-method', 'savit', '--prune-kr-handcraft', *['0.5'] * 8],
+     '--prune-kr-handcraft belongs to --prune-method block_pr, not savit'),
 ]
 
 

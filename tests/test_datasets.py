@@ -315,6 +315,27 @@ def test_digits_pixels():
     assert np.array_equal(val.images[0], np.round(raw * 255 / 16).astype(np.uint8))
 
 
+def test_digits_domains_are_image_disjoint_and_shifted():
+    from sklearn.datasets import load_digits
+    raw = load_digits()
+    parts = {(d, t): build_dataset(t, make_args(d))[0] for d in ('DIGITS_SOURCE', 'DIGITS_TARGET')
+             for t in (True, False)}
+    source = set(parts['DIGITS_SOURCE', True].indices) | set(parts['DIGITS_SOURCE', False].indices)
+    target = set(parts['DIGITS_TARGET', True].indices) | set(parts['DIGITS_TARGET', False].indices)
+    assert source.isdisjoint(target) and len(source | target) == 1797
+    assert abs(len(source) / 1797 - 0.4) < 0.01
+    for (domain, train), ds in parts.items():
+        assert set(ds.targets) == set(range(10))  # every class in every split
+        assert set(ds.indices).isdisjoint(parts[domain, not train].indices)
+        i = ds.indices[0]
+        plain = np.round(raw.images[i] * 255 / 16).astype(np.uint8)
+        # the source shows the digit as it is; the target rotated by 90° and inverted
+        expected = plain if domain == 'DIGITS_SOURCE' else 255 - np.rot90(plain, k=-1)
+        assert np.array_equal(ds.images[0], expected)
+        assert ds.targets[0] == raw.target[i]
+        check_sample(ds)
+
+
 # ---------------------------------------------------------------- transforms
 
 def test_train_transform_flip():

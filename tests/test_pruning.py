@@ -766,3 +766,127 @@ def test_global_policy_keeps_exactly_the_top_of_the_global_ranking(pr):
     # the keep ratios differ between sub-blocks: the global ranking, not a uniform κ
     ratios = [k / sb.dense_params for k, sb in zip(record['kept_params'], sbs)]
     assert max(ratios) - min(ratios) > 0.05
+
+
+# ---------------------------------------------------------------- Taylor windows (§5 v2)
+
+def windowed_pruner(window, finalize_epoch=3):
+    """Handcrafted κ: every sub-block dense except mlp0, which drops one hidden neuron's worth
+    (129 params) from the first update on; soft masks at τ = 0.1 throughout, so each
+    element's mask value shows its rank. No ΔΨ heads: gradients are set by hand."""
+    model = micro()
+    P = sub_blocks(model)[1].dense_params
+    kr = [1.0] * (2 * L)
+    kr[1] = 1 - (D + 1 + D) / P
+    schedule = PruneSchedule(steps_per_epoch=2, start_epoch=0, sparse_epoch=0,
+                             finalize_epoch=finalize_epoch, steps_update_mask=2,
+                             tau_max=0.1, tau_min=0.1)
+    cfg = PruneConfig(prune_ratio=0.5, keep_ratio_handcraft=kr, taylor_window=window)
+    return model, DepthAwarePruner(model, C, cfg, schedule)
+
+
+def step_with_grads(pruner, special, seen):
+    """One pruner step with every gate gradient 0.5, except mlp0's hidden neurons in
+    `special` ({index: gradient}); `seen` collects (m·∂L/∂m)² of those as the test sees them."""
+    gate = pruner.model.blocks[0].gates['mlp_hid']
+    for g in pruner.model.gate_parameters():
+        g.grad = torch.full_like(g, 0.5)
+    for j, v in special.items():
+        gate.grad[j] = v
+        seen.setdefault(j, []).append(float(gate[j].detach()) ** 2 * v ** 2)
+    return pruner.step()
+
+
+def ranks(pruner, elements):
+    """The elements of mlp0's hidden gate, ordered by their mask value (lowest first)."""
+    m = pruner.model.blocks[0].gates['mlp_hid'].detach()
+    return sorted(elements, key=lambda j: float(m[j]))
+
+
+@pytest.mark.parametrize('window', ['update', 'cumulative'])
+def test_taylor_window_ranks_on_the_latest_window(window):
+    """A (0) matters only in the first window, B (1) only in the second: under `update` the
+    second mask update ranks A below B; summed from the start (`cumulative`) A stays above."""
+    model, pruner = windowed_pruner(window)
+    A, B = 0, 1
+    seen = {}
+    for step, special in enumerate([{A: 2.0, B: 0.1}] * 2 + [{A: 0.05, B: 0.4}] * 2):
+        record = step_with_grads(pruner, special, seen)
+        assert (record is not None) == (step in (1, 3))
+    # the second window alone prefers B; the two windows together prefer A
+    assert sum(seen[B][2:]) > sum(seen[A][2:]) and sum(seen[A]) > sum(seen[B])
+    assert ranks(pruner, [A, B]) == ([A, B] if window == 'update' else [B, A])
+    assert pruner.taylor.count == (0 if window == 'update' else 4)
+
+
+def test_finalize_ranks_on_the_current_and_previous_window():
+    """Three windows (W1, W2 and a partial W3); the last update, at finalize, ranks on W2 + W3:
+    not on W3 alone, nor on all three. Mask values are monotone in rank, so their order is
+    the order of the scores the update used."""
+    model, pruner = windowed_pruner('update', finalize_epoch=4)
+    A, B, Cc = 0, 1, 2
+    grads = [{A: 2.0, B: 0.05, Cc: 1.0}] * 2 + [{A: 0.05, B: 1.0, Cc: 0.6}] * 2 + [{A: 0.3, B: 0.05, Cc: 0.6}]
+    seen = {}
+    for special in grads:
+        step_with_grads(pruner, special, seen)
+    assert pruner.taylor.count == 1 and pruner.taylor.previous_count == 2
+
+    def order(steps):
+        return sorted((A, B, Cc), key=lambda j: sum(seen[j][s] for s in steps))
+
+    two, last, every = order([2, 3, 4]), order([4]), order(range(5))
+    assert len({tuple(two), tuple(last), tuple(every)}) == 3  # the three readings disagree
+    pruner.update_masks(5, final=True)  # what finalize does before binarising
+    assert ranks(pruner, (A, B, Cc)) == two
+
+
+def test_taylor_score_windows_sum_exactly():
+    model = micro()
+    model.add_gates()
+    gates = {f'{l}.{n}': model.blocks[l].gates[n] for l in range(L) for n in GATE_NAMES}
+    score = TaylorScore(gates)
+    g = torch.Generator().manual_seed(0)
+    added = []
+    for w, steps in enumerate((2, 3, 1)):
+        if w:
+            score.next_window()
+        for _ in range(steps):
+            for p in gates.values():
+                p.grad = torch.rand(p.shape, generator=g)
+            added.append({k: (p.detach().double() * p.grad.double()) ** 2 for k, p in gates.items()})
+            assert score.accumulate(gates)
+    for k in gates:
+        assert torch.allclose(score.mean(k), added[5][k])                          # W3 only
+        assert torch.allclose(score.mean(k, with_previous=True), sum(a[k] for a in added[2:]) / 4)
+    assert (score.count, score.previous_count) == (1, 3)
+
+
+def test_finalize_reads_two_windows_of_delta_psi():
+    """The finalize record's mean ΔΨ is that of the previous window and the current one."""
+    model, pruner, opt = gated_with_optimizer()  # updates at steps 3, 5, 7
+    records = []
+    pruner.on_update = records.append
+    for step in range(7):
+        train_step(pruner, opt, *batch(400 + step))
+    prev, (sum_c, sum_p, n) = records[-1], (pruner.performance.sum_c.clone(),
+                                             pruner.performance.sum_p.clone(), pruner.performance.count.item())
+    assert prev['window'] == 2 and n == 1
+    pruner.finalize()
+    final = records[-1]
+    assert final['window'] == 3
+    expected_c = (torch.tensor(prev['delta_psi_cls'], dtype=torch.float64) * 2 + sum_c) / 3
+    expected_p = (torch.tensor(prev['delta_psi_patch'], dtype=torch.float64) * 2 + sum_p) / 3
+    assert torch.allclose(torch.tensor(final['delta_psi_cls'], dtype=torch.float64), expected_c)
+    assert torch.allclose(torch.tensor(final['delta_psi_patch'], dtype=torch.float64), expected_p)
+    assert not torch.allclose(expected_c, sum_c)  # the current window alone reads differently
+
+
+def test_handcrafted_keep_ratios_build_no_heads():
+    model = micro()
+    pruner = DepthAwarePruner(model, C, PruneConfig(prune_ratio=0.5, keep_ratio_handcraft=[0.5] * 2 * L),
+                              PruneSchedule(steps_per_epoch=2, start_epoch=0, sparse_epoch=1, finalize_epoch=2))
+    assert pruner.heads is None and pruner.param_groups(1e-3, 0.05) == []
+    x, y = batch(0)
+    logits, aux = pruner.module(x)
+    assert aux is None and torch.equal(logits, model(x))
+    assert pruner.aux_loss(aux, y, torch.nn.CrossEntropyLoss()).item() == 0

@@ -33,6 +33,7 @@ def test_dry_run_lists_every_cell_and_every_command_parses(ablations):
         assert argv[:3] == ['python', '-m', 'torch.distributed.launch'] and '--use_env' in argv
         args = parser.parse_args(argv[argv.index('main.py') + 1:])
         main.check_args(args)  # model name, pruning flags and schedule are valid
+        assert args.train_mode is False  # the authors' runs trained in eval mode (§8 v2)
         if args.prune_method:
             cells.add((args.data_set, args.model, args.prune_method, args.prune_ratio))
             assert args.epochs == 50 and args.batch_size == 64 and args.grad_accum_steps == 2
