@@ -125,7 +125,7 @@ def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_f
 def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int, amp: bool = False,
                       mixup_fn=None, print_freq: int = 10, set_training_mode: bool = True):
     """Forward and backward on `steps` training batches without updating any weight; after
-    each, the pruner reads its gates' gradients (SaViT's Taylor scores, BASELINES.md)."""
+    each, a one-shot pruner's `step` reads its gates' gradients (SaViT's Taylor scores)."""
     model.train(set_training_mode)
     metric_logger = MetricLogger(delimiter='  ')
     # without a GradScaler, a fixed loss scale keeps half-precision gradients from underflowing
@@ -135,9 +135,10 @@ def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int,
             break
         samples, targets = _to_device(samples, targets, device, mixup_fn)
         with torch.autocast(device.type, enabled=amp):
-            loss = criterion(model(samples), targets)
+            logits, aux = model(samples)
+            loss = criterion(logits, targets) + pruner.aux_loss(aux, targets, criterion)
         (loss * scale).backward()
-        pruner.accumulate(grad_scale=scale)
+        pruner.step(grad_scale=scale)
         model.zero_grad(set_to_none=True)
         metric_logger.update(loss=loss.item())
     metric_logger.synchronize_between_processes()

@@ -1,18 +1,21 @@
 """Fine-tune, prune (Depth Aware Pruning) and evaluate Vision Transformers, DeiT style.
 
 Runs as a single process, under `torchrun` and under `python -m torch.distributed.launch --use_env`.
-Only this file reads `args`; everything below it takes explicit values.
+Only this file reads `args`; everything below it takes explicit values. Every pruning method
+follows one protocol (pruning/protocol.py); `PRUNERS` maps --prune-method to the function that
+builds its configuration from the flags and to its class: adding a method touches pruning/ and
+that table only.
 """
 import argparse
+import copy
 import datetime
 import difflib
 import json
-import math
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import timm
@@ -27,9 +30,160 @@ import models
 import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
 from engine import accumulate_scores, evaluate, train_one_epoch
-from pruning import (BUDGET_POLICIES, PRUNE_METHODS, DepthAwarePruner, PruneConfig, PruneSchedule,
+from pruning import (DEFAULT_GATE_SCALE, TAYLOR_WINDOWS, ConfigError, DepthAwarePruner, PruneConfig,
+                     PruneSchedule, SaViTConfig, SaViTPruner, WDPruneConfig, WDPrunePruner,
                      format_summary)
 from utils import UsageError
+
+
+# ---- the pruning methods: --prune-method -> (configuration from the flags, pruner class) ------
+def dap_config(args) -> PruneConfig:
+    """DAP (block_pr) and its budget ablations (uniform, global)."""
+    return PruneConfig(prune_ratio=args.prune_ratio, method=args.prune_method,
+                       keep_ratio_handcraft=args.prune_kr_handcraft,
+                       gate_scale=args.prune_scale_gate_imp, gamma=args.pr_gamma,
+                       alpha=args.pr_alpha, block_imp_scale=args.pr_block_imp_scale,
+                       block_params_only=args.prune_rate_by_block_param_only,
+                       taylor_window=args.prune_taylor_window, head_lr=args.lr_soft_head)
+
+
+def wdprune_config(args) -> WDPruneConfig:
+    depth = models.CONFIGS[args.model].depth
+    bad = [k for k in args.classifiers if not 1 <= k < depth]
+    if bad:
+        raise UsageError(f'--classifiers {bad} outside 1 … {depth - 1} (blocks of {args.model})')
+    extra = {} if args.wdprune_lambda_lr is None else {'lambda_lr': args.wdprune_lambda_lr}
+    return WDPruneConfig(prune_ratio=args.prune_ratio, lr=args.wdprune_lr,
+                         threshold_init=args.wdprune_threshold_init, round_to=args.wdprune_round,
+                         classifiers=tuple(args.classifiers),
+                         keep_depth=None if args.keep_depth == depth else args.keep_depth,
+                         block_params_only=args.prune_rate_by_block_param_only, **extra)
+
+
+def savit_config(args) -> SaViTConfig:
+    if args.prune_rate_by_block_param_only:
+        raise UsageError('--prune-rate-by-block-param-only does not apply to --prune-method savit, '
+                         'which also prunes the embedding outside the blocks')
+    return SaViTConfig(prune_ratio=args.prune_ratio, budget=args.savit_budget,
+                       population=args.savit_population, children=args.savit_children,
+                       generations=args.savit_generations, min_keep=args.savit_min_keep,
+                       use_interaction=args.need_hessian, score_fraction=args.savit_fraction,
+                       seed=args.seed)
+
+
+def dap_schedule(args, steps_per_epoch: int) -> PruneSchedule:
+    """§6; --prune-steps-update-mask auto gives about 3 updates per epoch (the authors' advice)."""
+    every = args.prune_steps_update_mask
+    return PruneSchedule(
+        steps_per_epoch=steps_per_epoch, start_epoch=args.prune_start_epoch,
+        sparse_epoch=args.prune_sparse_epoch, finalize_epoch=args.prune_finalize_epoch,
+        steps_update_mask=max(1, round(steps_per_epoch / 3)) if every == 'auto' else every,
+        tau_max=args.pr_tau_max, tau_min=args.pr_tau_min)
+
+
+def cut_schedule(args, steps_per_epoch: int) -> PruneSchedule:
+    """Methods that only need to know when the cut comes (WD-Prune's cosine; SaViT: unused)."""
+    return PruneSchedule(steps_per_epoch=steps_per_epoch, start_epoch=0, sparse_epoch=0,
+                         finalize_epoch=args.prune_finalize_epoch)
+
+
+class Method(NamedTuple):
+    config: Callable     # args -> the pruner's configuration
+    pruner: type         # (model, num_classes, config, schedule) -> a pruning.Pruner
+    schedule: Callable   # (args, steps_per_epoch) -> PruneSchedule
+
+
+PRUNERS = {
+    'block_pr': Method(dap_config, DepthAwarePruner, dap_schedule),
+    'uniform': Method(dap_config, DepthAwarePruner, dap_schedule),
+    'global': Method(dap_config, DepthAwarePruner, dap_schedule),
+    'wdprune': Method(wdprune_config, WDPrunePruner, cut_schedule),
+    'savit': Method(savit_config, SaViTPruner, cut_schedule),
+}
+# flags that only some methods read: given under another method they are an error
+METHOD_FLAGS = {
+    '--classifiers': (lambda a: bool(a.classifiers), ('wdprune',)),
+    '--keep-depth': (lambda a: a.keep_depth is not None, ('wdprune',)),
+    '--need-hessian': (lambda a: a.need_hessian, ('savit',)),
+    '--prune-taylor-window': (lambda a: a.prune_taylor_window != 'update', ('block_pr', 'uniform', 'global')),
+    '--prune-kr-handcraft': (lambda a: a.prune_kr_handcraft is not None, ('block_pr',)),
+}
+# the flag of each configuration field, for the library's errors (pruning.ConfigError)
+CONFIG_FLAGS = {
+    'prune_ratio': '--prune-ratio', 'keep_ratio_handcraft': '--prune-kr-handcraft',
+    'gate_scale': '--prune-scale-gate-imp', 'gamma': '--pr-gamma', 'alpha': '--pr-alpha',
+    'block_imp_scale': '--pr-block-imp-scale', 'taylor_window': '--prune-taylor-window',
+    'head_lr': '--lr-soft-head', 'start_epoch': '--prune-start-epoch',
+    'sparse_epoch': '--prune-sparse-epoch', 'finalize_epoch': '--prune-finalize-epoch',
+    'steps_update_mask': '--prune-steps-update-mask', 'tau_min': '--pr-tau-min',
+    'tau_max': '--pr-tau-max', 'lr': '--wdprune-lr', 'lambda_lr': '--wdprune-lambda-lr',
+    'threshold_init': '--wdprune-threshold-init', 'round_to': '--wdprune-round',
+    'classifiers': '--classifiers', 'keep_depth': '--keep-depth', 'budget': '--savit-budget',
+    'population': '--savit-population', 'children': '--savit-children',
+    'generations': '--savit-generations', 'min_keep': '--savit-min-keep',
+    'score_fraction': '--savit-fraction',
+}
+
+
+def usage_error(e: ConfigError) -> UsageError:
+    return UsageError(f'{CONFIG_FLAGS.get(e.field, e.field)} {e.reason}')
+
+
+# ---- argparse types: each flag is parsed once, here ---------------------------------------------
+def prune_method(text):
+    if text.lower() == 'none':
+        return None
+    if text not in PRUNERS:
+        raise argparse.ArgumentTypeError(f'unknown method {text!r}; choose from {", ".join(PRUNERS)} or none')
+    return text
+
+
+def steps_or_auto(text):
+    if text == 'auto':
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'takes a whole number or "auto", got {text!r}')
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {n}')
+    return n
+
+
+def numbers(text):
+    """'0.5,0.7' -> [0.5, 0.7] (with nargs='+' and Flatten, '0.5 0.7' gives the same)."""
+    try:
+        return [float(v) for v in text.replace(',', ' ').split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'takes numbers, got {text!r}')
+
+
+class Flatten(argparse.Action):
+    """nargs='+' of list-valued types: one flat list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [v for chunk in values for v in chunk])
+
+
+def gate_scale(text):
+    """'attn_out:1.5,mlp_hid:0.75' -> {'attn_out': 1.5, 'mlp_hid': 0.75}."""
+    scale = {}
+    for item in filter(None, (t.strip() for t in text.split(','))):
+        name, sep, value = item.partition(':')
+        try:
+            if not sep:
+                raise ValueError
+            scale[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'takes gate:number pairs, got {item!r}')
+    unknown = [n for n in scale if n not in models.GATE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f'unknown gate {unknown[0]!r}; gates are {", ".join(models.GATE_NAMES)}')
+    return scale
+
+
+def format_gate_scale(scale):
+    return ','.join(f'{k}:{v:g}' for k, v in scale.items())
 
 
 def get_args_parser():
@@ -137,9 +291,9 @@ def get_args_parser():
     parser.add_argument('--print-freq', default=10, type=int, help='iterations between log lines')
 
     # * Depth Aware Pruning parameters (METHOD.md)
-    parser.add_argument('--prune-method', default=None, type=str,
+    parser.add_argument('--prune-method', default=None, type=prune_method,
                         help='block_pr (Depth Aware Pruning), its ablations uniform and global, '
-                             'the baselines wdprune and savit (BASELINES.md); none to fine-tune')
+                             'the baselines wdprune and savit (docs/BASELINES.md); none to fine-tune')
     parser.add_argument('--prune-ratio', default=0.5, type=float,
                         help='fraction of the parameters to remove')
     parser.add_argument('--prune-start-epoch', default=5, type=int,
@@ -148,15 +302,17 @@ def get_args_parser():
                         help='epoch at which the keep-ratio ramp ends and masks start to sharpen')
     parser.add_argument('--prune-finalize-epoch', default=None, type=int,
                         help='epoch after which masks are binarised and the model cut (default: --epochs)')
-    parser.add_argument('--prune-steps-update-mask', default='auto', type=str,
+    parser.add_argument('--prune-steps-update-mask', default='auto', type=steps_or_auto,
                         help='optimizer steps between mask updates, or "auto" for about 3 per epoch')
-    parser.add_argument('--prune-taylor-window', default='update', choices=['update', 'cumulative'],
+    parser.add_argument('--prune-taylor-window', default='update', choices=TAYLOR_WINDOWS,
                         help='Taylor scores since the last mask update (METHOD.md §5 v2), or since '
                              'the prune start (ablation)')
-    parser.add_argument('--prune-kr-handcraft', default=None, type=str, nargs='+',
-                        help='2 x depth keep ratios, one per sub-block (ablation: skips ΔΨ)')
-    parser.add_argument('--prune-scale-gate-imp', default='attn_out:1.5,mlp_hid:0.75,mlp_out:1.5',
-                        type=str, help='per-gate factors on the Taylor percentiles (others 1.0)')
+    parser.add_argument('--prune-kr-handcraft', default=None, type=numbers, nargs='+',
+                        action=Flatten,
+                        help='2 x depth keep ratios, one per sub-block, spaces or commas between '
+                             '(ablation: skips ΔΨ)')
+    parser.add_argument('--prune-scale-gate-imp', default=format_gate_scale(DEFAULT_GATE_SCALE),
+                        type=gate_scale, help='per-gate factors on the Taylor percentiles (others 1.0)')
     parser.add_argument('--pr-gamma', default=0.2, type=float, help='momentum of the block importance')
     parser.add_argument('--pr-tau-max', default=0.1, type=float, help='soft-mask temperature before sharpening')
     parser.add_argument('--pr-tau-min', default=0.0, type=float, help='soft-mask temperature at finalize')
@@ -204,119 +360,54 @@ def get_args_parser():
     return parser
 
 
-# ---- checks of the command line, before anything is written --------------------------------
-def check_args(args):
+# ---- one validation of the command line, before anything is written ---------------------------
+def validate(args):
+    """A checked copy of `args` with the defaults that depend on other flags filled in
+    (--input-size, --prune-finalize-epoch); UsageError names the flag of the first problem."""
+    args = copy.copy(args)
     if args.model not in models.CONFIGS:
         close = difflib.get_close_matches(args.model, list(models.CONFIGS), n=3, cutoff=0.5)
         hint = f'; did you mean {" or ".join(close)}?' if close else ''
         raise UsageError(f'unknown --model {args.model!r}{hint} (available: {", ".join(models.CONFIGS)})')
+    config = models.CONFIGS[args.model]
     for flag, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
                         ('--grad-accum-steps', args.grad_accum_steps),
                         ('--print-freq', args.print_freq)):
         if value < 1:
             raise UsageError(f'{flag} must be at least 1, got {value}')
     if args.input_size is None:
-        args.input_size = models.CONFIGS[args.model][4]
-    if args.input_size % models.CONFIGS[args.model][0]:
+        args.input_size = config.img_size
+    if args.input_size % config.patch_size:
         raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
-                         f'{models.CONFIGS[args.model][0]} of {args.model}')
-    if args.prune_method is not None and args.prune_method.lower() == 'none':
-        args.prune_method = None
-    for flag, given, methods in (('--classifiers', args.classifiers, ('wdprune',)),
-                                 ('--keep-depth', args.keep_depth is not None, ('wdprune',)),
-                                 ('--need-hessian', args.need_hessian, ('savit',)),
-                                 ('--prune-taylor-window', args.prune_taylor_window != 'update',
-                                  BUDGET_POLICIES),
-                                 ('--prune-kr-handcraft', args.prune_kr_handcraft is not None,
-                                  ('block_pr',))):
-        if given and args.prune_method not in methods:
+                         f'{config.patch_size} of {args.model}')
+    for flag, (given, methods) in METHOD_FLAGS.items():
+        if given(args) and args.prune_method not in methods:
             raise UsageError(f'{flag} belongs to --prune-method {" / ".join(methods)}, '
                              f'not {args.prune_method or "none"}')
     if args.prune_method is not None:
-        if args.prune_method not in PRUNE_METHODS:
-            raise UsageError(f'unknown --prune-method {args.prune_method!r}; choose from '
-                             f'{", ".join(PRUNE_METHODS)} (or none)')
         if args.prune_finalize_epoch is None:
             args.prune_finalize_epoch = args.epochs
         if args.prune_finalize_epoch > args.epochs:
             raise UsageError(f'--prune-finalize-epoch {args.prune_finalize_epoch} is after --epochs {args.epochs}')
-        if args.prune_steps_update_mask != 'auto':
-            try:
-                n = int(args.prune_steps_update_mask)
-            except ValueError:
-                raise UsageError(f'--prune-steps-update-mask takes a whole number or "auto", '
-                                 f'got {args.prune_steps_update_mask!r}')
-            if n < 1:
-                raise UsageError(f'--prune-steps-update-mask must be at least 1, got {n}')
-        args.prune_kr_handcraft = parse_numbers(args.prune_kr_handcraft, '--prune-kr-handcraft')
-        args.prune_scale_gate_imp = parse_gate_scale(args.prune_scale_gate_imp)
-        if args.prune_method == 'savit' and args.prune_rate_by_block_param_only:
-            raise UsageError('--prune-rate-by-block-param-only does not apply to --prune-method savit, '
-                             'which also prunes the embedding outside the blocks')
-        depth = models.CONFIGS[args.model][2]
-        bad = [k for k in args.classifiers if not 1 <= k < depth]
-        if bad:
-            raise UsageError(f'--classifiers {bad} outside 1 … {depth - 1} (blocks of {args.model})')
-        if args.keep_depth is not None and args.keep_depth != depth and args.keep_depth not in args.classifiers:
-            raise UsageError(f'--keep-depth {args.keep_depth} needs a classifier there: add it to --classifiers')
-        if not 0 < args.savit_fraction <= 1:
-            raise UsageError(f'--savit-fraction must be in (0, 1], got {args.savit_fraction}')
-        try:  # the checks that need no model: ratio range, gate names, handcrafted values
-            prune_config(args)
-        except ValueError as e:
-            raise UsageError(str(e))
+        handcraft = args.prune_kr_handcraft
+        if handcraft is not None and len(handcraft) != 2 * config.depth:
+            raise UsageError(f'--prune-kr-handcraft needs {2 * config.depth} values (2 × depth '
+                             f'{config.depth}), got {len(handcraft)}')
+        method = PRUNERS[args.prune_method]
+        try:  # every range a configuration checks, with no model or data yet
+            method.config(args)
+            method.schedule(args, 1)
+        except ConfigError as e:
+            raise usage_error(e)
+    return args
 
 
-def parse_numbers(values, flag):
-    """'0.5 0.7' or '0.5,0.7' (or a mix) -> [0.5, 0.7]; None stays None."""
-    if values is None or isinstance(values, list) and values and isinstance(values[0], float):
-        return values
-    items = [v for chunk in values for v in chunk.replace(',', ' ').split()]
+def build_pruner(args, model, nb_classes, steps_per_epoch):
+    method = PRUNERS[args.prune_method]
     try:
-        return [float(v) for v in items]
-    except ValueError:
-        raise UsageError(f'{flag} takes numbers, got {" ".join(values)!r}')
-
-
-def parse_gate_scale(text):
-    """'attn_out:1.5,mlp_hid:0.75' -> {'attn_out': 1.5, 'mlp_hid': 0.75}."""
-    if isinstance(text, dict):
-        return text
-    scale = {}
-    for item in filter(None, (t.strip() for t in text.split(','))):
-        name, sep, value = item.partition(':')
-        try:
-            scale[name.strip()] = float(value)
-        except ValueError:
-            raise UsageError(f'--prune-scale-gate-imp takes gate:number pairs, got {item!r}')
-        if not sep:
-            raise UsageError(f'--prune-scale-gate-imp takes gate:number pairs, got {item!r}')
-    return scale
-
-
-def prune_config(args):
-    """The configuration of --prune-method's pruner (each checks its own values)."""
-    if args.prune_method == 'wdprune':
-        from pruning.wdprune import WDPruneConfig
-        extra = {} if args.wdprune_lambda_lr is None else {'lambda_lr': args.wdprune_lambda_lr}
-        return WDPruneConfig(prune_ratio=args.prune_ratio, lr=args.wdprune_lr,
-                             threshold_init=args.wdprune_threshold_init, round_to=args.wdprune_round,
-                             classifiers=tuple(args.classifiers),
-                             keep_depth=None if args.keep_depth == models.CONFIGS[args.model][2]
-                             else args.keep_depth,
-                             block_params_only=args.prune_rate_by_block_param_only, **extra)
-    if args.prune_method == 'savit':
-        from pruning.savit import SaViTConfig
-        return SaViTConfig(prune_ratio=args.prune_ratio, budget=args.savit_budget,
-                           population=args.savit_population, children=args.savit_children,
-                           generations=args.savit_generations, min_keep=args.savit_min_keep,
-                           use_interaction=args.need_hessian, seed=args.seed)
-    return PruneConfig(prune_ratio=args.prune_ratio, method=args.prune_method,
-                       keep_ratio_handcraft=args.prune_kr_handcraft,
-                       gate_scale=args.prune_scale_gate_imp, gamma=args.pr_gamma,
-                       alpha=args.pr_alpha, block_imp_scale=args.pr_block_imp_scale,
-                       block_params_only=args.prune_rate_by_block_param_only,
-                       taylor_window=args.prune_taylor_window)
+        return method.pruner(model, nb_classes, method.config(args), method.schedule(args, steps_per_epoch))
+    except ConfigError as e:
+        raise usage_error(e)
 
 
 def check_output_dir(output_dir):
@@ -362,7 +453,7 @@ def build_model(args, nb_classes, resume_checkpoint=None):
                          f'(a first_sparse_checkpoint.pth); {args.model_path or "no --model-path"} has none')
     if arch is not None:
         dense_depth = arch.get('dense_depth', arch.get('depth'))  # a cut may keep fewer layers
-        if arch.get('family') != args.model or dense_depth != models.CONFIGS[args.model][2]:
+        if arch.get('family') != args.model or dense_depth != models.CONFIGS[args.model].depth:
             raise UsageError(f'the checkpoint holds a cut {arch.get("family")} of depth '
                              f'{dense_depth}, but --model is {args.model}')
         model = models.build_from_arch(arch, **kwargs)
@@ -415,7 +506,15 @@ def build_loaders(args, dataset_train, dataset_val):
     return loader_train, loader_val
 
 
-def build_optimizer(args, model, extra_param_groups=()):
+def scaled_lr(args) -> float:
+    """DeiT's linear scaling, lr · batch · world · accum / 512 (--lr-soft-head is used as given,
+    as the authors do)."""
+    if args.unscale_lr:
+        return args.lr
+    return args.lr * args.batch_size * utils.get_world_size() * args.grad_accum_steps / 512.0
+
+
+def build_optimizer(args, model, lr, extra_param_groups=()):
     # gates (METHOD.md §2) receive gradients but are set by the pruner only
     gates = {id(p) for p in model.gate_parameters()}
     groups = param_groups_weight_decay(model, args.weight_decay, model.no_weight_decay())
@@ -424,7 +523,7 @@ def build_optimizer(args, model, extra_param_groups=()):
     kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
     if args.opt_betas is not None:
         kwargs['betas'] = args.opt_betas
-    return create_optimizer_v2(groups + list(extra_param_groups), opt=args.opt, lr=args.lr,
+    return create_optimizer_v2(groups + list(extra_param_groups), opt=args.opt, lr=lr,
                                weight_decay=args.weight_decay, momentum=args.momentum, **kwargs)
 
 
@@ -438,12 +537,16 @@ def build_scheduler(args, optimizer):
     return scheduler
 
 
-def build_criterion(args, mixup_active):
-    if mixup_active:  # smoothing is folded into the mixup targets
-        return SoftTargetCrossEntropy()
-    if args.smoothing > 0.:
-        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    return torch.nn.CrossEntropyLoss()
+def build_criterion(args):
+    """DeiT's loss and mixup: (criterion, mixup_fn or None)."""
+    if not (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None):
+        if args.smoothing > 0.:
+            return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
+        return torch.nn.CrossEntropyLoss(), None
+    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    return SoftTargetCrossEntropy(), mixup_fn  # smoothing is folded into the mixup targets
 
 
 class Run:
@@ -471,71 +574,26 @@ class Run:
         self.writer.flush()
 
     def log_pruning(self, record):
-        """One JSON line per mask update (and the finalize summary) in pruning_log.jsonl."""
+        """One JSON line per pruner record in pruning_log.jsonl; its scalars to TensorBoard."""
         if self.dir is None or not utils.is_main_process():
             return
         with (self.dir / 'pruning_log.jsonl').open('a') as f:
             f.write(json.dumps(record) + '\n')
-        if 'step' in record and 'tau' not in record:  # a baseline's record: its scalars as they are
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != 'step':
-                    self.writer.add_scalar(f'pruning/{k}', v, record['step'])
-        elif 'step' in record:
-            step = record['step']
-            self.writer.add_scalar('pruning/total_kept_params', record['total_kept_params'], step)
-            self.writer.add_scalar('pruning/tau', record['tau'], step)
-            for i, (goal, applied, kept) in enumerate(zip(
-                    record['goal_keep_ratio'], record['applied_keep_ratio'], record['kept_params'])):
-                name = f'{"attn" if i % 2 == 0 else "mlp"}{i // 2}'
-                self.writer.add_scalar(f'keep_ratio_goal/{name}', goal, step)
-                self.writer.add_scalar(f'keep_ratio_applied/{name}', applied, step)
-                self.writer.add_scalar(f'kept_params/{name}', kept, step)
-                self.writer.add_scalar(f'delta_psi_cls/{name}', record['delta_psi_cls'][i], step)
-                self.writer.add_scalar(f'delta_psi_patch/{name}', record['delta_psi_patch'][i], step)
+        for tag, value in getattr(record, 'scalars', {}).items():
+            self.writer.add_scalar(tag, value, record.get('step', 0))
+
+    def write_args(self, args):
+        if self.dir is not None and utils.is_main_process():
+            (self.dir / 'args.json').write_text(json.dumps(vars(args), indent=2))
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
 
 
-def steps_between_mask_updates(args, steps_per_epoch):
-    """--prune-steps-update-mask, or about 3 updates per epoch for 'auto' (the authors' advice)."""
-    if args.prune_steps_update_mask == 'auto':
-        return max(1, round(steps_per_epoch / 3))
-    return int(args.prune_steps_update_mask)
-
-
-def build_pruner(args, model, nb_classes, steps_per_epoch):
-    try:
-        if args.prune_method == 'wdprune':
-            from pruning.wdprune import WDPrunePruner
-            return WDPrunePruner(model, nb_classes, prune_config(args),
-                                 total_steps=steps_per_epoch * args.prune_finalize_epoch)
-        if args.prune_method == 'savit':
-            from pruning.savit import SaViTPruner
-            return SaViTPruner(model, nb_classes, prune_config(args))
-        schedule = PruneSchedule(
-            steps_per_epoch=steps_per_epoch, start_epoch=args.prune_start_epoch,
-            sparse_epoch=args.prune_sparse_epoch, finalize_epoch=args.prune_finalize_epoch,
-            steps_update_mask=steps_between_mask_updates(args, steps_per_epoch),
-            tau_max=args.pr_tau_max, tau_min=args.pr_tau_min)
-        return DepthAwarePruner(model, nb_classes, prune_config(args), schedule)
-    except ValueError as e:
-        raise UsageError(str(e))
-
-
-def count_params(model):
-    """Parameters of the network itself: gates and ΔΨ heads are pruning machinery."""
-    return sum(p.numel() for n, p in model.named_parameters()
-               if '.gates.' not in n and n != 'embed_gate')
-
-
-def main(args):
-    check_args(args)
-    utils.init_distributed_mode(args)
-    print(args)
+def setup_device(args):
+    """(device, amp): AMP only on CUDA; seeds; flush float32 denormals on the CPU."""
     device = torch.device(args.device)
-    amp = args.amp and device.type == 'cuda'
     utils.seed_everything(args.seed + utils.get_rank())
     if device.type == 'cuda':
         cudnn.benchmark = True
@@ -543,187 +601,206 @@ def main(args):
         # masked paths and AdamW's decaying second moments underflow into float32 denormals,
         # which CPUs multiply about 10x slower (a pruning epoch went from 5 s to 50 s)
         torch.set_flush_denormal(True)
+    return device, args.amp and device.type == 'cuda'
 
+
+def main(args):
+    args = validate(args)
+    utils.init_distributed_mode(args)
+    print(args)
+    device, amp = setup_device(args)
     # everything that can fail on bad input happens before output_dir is touched
-    dataset_train, dataset_val, nb_classes = build_datasets(args)
+    dataset_train, dataset_val, args.nb_classes = build_datasets(args)
     checkpoint = load_resume_checkpoint(args) if args.resume else None
-    model = build_model(args, nb_classes, checkpoint)
+    model = build_model(args, args.nb_classes, checkpoint)
     pruning = args.prune_method is not None and not (checkpoint and checkpoint.get('arch'))
     if checkpoint is not None and checkpoint.get('pruner') is not None and not pruning:
         raise UsageError(f'--resume {args.resume} was written while pruning: repeat the pruning flags')
-    args.lr_unscaled = args.lr
-    if not args.unscale_lr:  # --lr-soft-head is used as given, as the authors do
-        args.lr = args.lr * args.batch_size * utils.get_world_size() * args.grad_accum_steps / 512.0
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
-    steps_per_epoch = len(loader_train) // args.grad_accum_steps
-
     model.to(device)
-    pruner = build_pruner(args, model, nb_classes, steps_per_epoch) if pruning else None
+    pruner = build_pruner(args, model, args.nb_classes, len(loader_train) // args.grad_accum_steps) \
+        if pruning else None
     if not args.eval:
         check_output_dir(args.output_dir)
     run = Run(args.output_dir if not args.eval else '')
     if pruner is not None:
         pruner.on_update = run.log_pruning
     if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint['model'])
-        except RuntimeError as e:
-            lines = str(e).splitlines()
-            raise UsageError(f'--resume {args.resume} does not fit --model {args.model}: '
-                             f'{lines[1].strip() if len(lines) > 1 else e}')
-        if pruner is not None and checkpoint.get('pruner') is not None:
-            pruner.load_state_dict(checkpoint['pruner'])
-
-    def wrap(net):
-        if not args.distributed:
-            return net
-        return torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[args.gpu] if device.type == 'cuda' else None)
-
-    net = wrap(pruner.module if pruner is not None else model)
-    n_parameters = count_params(model)
-    print('number of params:', n_parameters)
-
+        restore_weights(args, checkpoint, model, pruner)
     if args.eval:
+        print('number of params:', model.num_parameters())
+        net = wrap(args, device, pruner.module if pruner is not None else model)
         test_stats = evaluate(loader_val, net, device, amp=amp, pruner=pruner, print_freq=args.print_freq)
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
         return test_stats
+    trainer = Trainer(args, model, pruner, device, amp, run)
+    if pruner is not None and pruner.one_shot:
+        return trainer.prune_one_shot(loader_train, loader_val)
+    return trainer.fit(loader_train, loader_val, checkpoint)
 
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                     cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
-                     switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                     label_smoothing=args.smoothing, num_classes=nb_classes) if mixup_active else None
-    criterion = build_criterion(args, mixup_active)
-    if args.prune_method == 'savit' and pruner is not None:
-        return savit_one_shot(args, pruner, model, net, criterion, mixup_fn, loader_train,
-                              loader_val, device, amp, run)
-    # the pruner's own trained modules: DAP's ΔΨ heads at --lr-soft-head (§3), WD-Prune's
-    # shallow classifiers with the backbone's learning rate (they are part of its model)
-    aux_lr = args.lr if args.prune_method == 'wdprune' else args.lr_soft_head
-    optimizer = build_optimizer(args, model, pruner.param_groups(aux_lr, args.weight_decay)
-                                if pruner is not None else ())
-    # a DAP run keeps the learning rate constant, also after the cut (METHOD.md §6); WD-Prune's
-    # joint run and fine-tuning follow DeiT's schedule
-    lr_scheduler = None if args.prune_method in BUDGET_POLICIES else build_scheduler(args, optimizer)
-    loss_scaler = NativeScaler(device='cuda') if amp else None
-    # EMA of a gated model would average masks as well as weights: it starts after the cut
-    model_ema = None
-    if args.model_ema and pruner is None:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device='cpu' if args.model_ema_force_cpu else None)
 
-    max_accuracy = 0.0
-    if checkpoint is not None and 'optimizer' in checkpoint:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        if lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:
-            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        if model_ema is not None and checkpoint.get('model_ema') is not None:
-            model_ema.module.load_state_dict(checkpoint['model_ema'])
-        if loss_scaler is not None and checkpoint.get('scaler'):
-            loss_scaler.load_state_dict(checkpoint['scaler'])
-        args.start_epoch = checkpoint['epoch'] + 1
-        max_accuracy = checkpoint.get('max_accuracy', 0.0)
-        print(f'Resumed from {args.resume} at epoch {args.start_epoch}')
+def wrap(args, device, net):
+    if not args.distributed:
+        return net
+    return torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[args.gpu] if device.type == 'cuda' else None)
 
-    if run.dir is not None and utils.is_main_process():
-        (run.dir / 'args.json').write_text(json.dumps(vars(args), indent=2))
-    global_step = args.start_epoch * steps_per_epoch
-    print(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        # an epoch's randomness depends on (seed, epoch, rank) only: resuming repeats it exactly
-        utils.seed_everything(args.seed + 1000 * epoch + utils.get_rank())
-        loader_train.sampler.set_epoch(epoch)
-        train_stats, global_step = train_one_epoch(
-            net, criterion, loader_train, optimizer, device, epoch, loss_scaler,
-            max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
-            accum_steps=args.grad_accum_steps, amp=amp, print_freq=args.print_freq,
-            writer=run.writer, pruner=pruner, global_step=global_step,
-            set_training_mode=args.train_mode)
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1)
 
-        if pruner is not None and epoch + 1 == args.prune_finalize_epoch:
-            model, test_stats = finalize_pruning(pruner, model, args, loader_val, device, amp,
-                                                 epoch, run)
-            pruner, n_parameters = None, count_params(model)
-            net = wrap(model)
-            optimizer = build_optimizer(args, model)
-            if lr_scheduler is not None:  # WD-Prune: the cut model goes on with the same schedule
-                lr_scheduler = build_scheduler(args, optimizer)
-                lr_scheduler.step(epoch + 1)
-            if args.model_ema:
-                model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                                       device='cpu' if args.model_ema_force_cpu else None)
-        else:
-            test_stats = evaluate(loader_val, net, device, amp=amp, pruner=pruner,
-                                  print_freq=args.print_freq)
-        print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
+def restore_weights(args, checkpoint, model, pruner):
+    try:
+        model.load_state_dict(checkpoint['model'])
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise UsageError(f'--resume {args.resume} does not fit --model {args.model}: '
+                         f'{lines[1].strip() if len(lines) > 1 else e}')
+    if pruner is not None and checkpoint.get('pruner') is not None:
+        pruner.load_state_dict(checkpoint['pruner'])
 
+
+class Trainer:
+    """The epoch loop of one run: the network (gated and with a pruner's modules while pruning,
+    the cut model after), its optimizer, schedule, EMA and checkpoints."""
+
+    def __init__(self, args, model, pruner, device, amp, run):
+        self.args, self.device, self.amp, self.run = args, device, amp, run
+        self.criterion, self.mixup_fn = build_criterion(args)
+        self.lr = scaled_lr(args)
+        self.max_accuracy = 0.0
+        self.loss_scaler = NativeScaler(device='cuda') if amp else None
+        self.use(model, pruner)
+
+    def use(self, model, pruner):
+        """Train `model` from now on: a new optimizer (DeiT's schedule unless a pruner keeps the
+        learning rate constant, METHOD.md §6), DDP wrapper and EMA (EMA of a gated model would
+        average masks as well as weights: it starts after the cut)."""
+        args = self.args
+        self.model, self.pruner = model, pruner
+        self.net = wrap(args, self.device, pruner.module if pruner is not None else model)
+        self.n_parameters = model.num_parameters()
+        print('number of params:', self.n_parameters)
+        self.optimizer = build_optimizer(args, model, self.lr, pruner.param_groups(self.lr, args.weight_decay)
+                                         if pruner is not None else ())
+        constant_lr = pruner is not None and not pruner.follows_lr_schedule
+        self.lr_scheduler = None if constant_lr else build_scheduler(args, self.optimizer)
+        self.model_ema = None
+        if args.model_ema and pruner is None:
+            self.model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                                        device='cpu' if args.model_ema_force_cpu else None)
+
+    def resume(self, checkpoint) -> int:
+        """The optimizer, schedule, EMA and scaler states of a --resume checkpoint; the next epoch."""
+        if checkpoint is None or 'optimizer' not in checkpoint:
+            return self.args.start_epoch
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        if self.lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:
+            self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        if self.model_ema is not None and checkpoint.get('model_ema') is not None:
+            self.model_ema.module.load_state_dict(checkpoint['model_ema'])
+        if self.loss_scaler is not None and checkpoint.get('scaler'):
+            self.loss_scaler.load_state_dict(checkpoint['scaler'])
+        self.max_accuracy = checkpoint.get('max_accuracy', 0.0)
+        print(f'Resumed from {self.args.resume} at epoch {checkpoint["epoch"] + 1}')
+        return checkpoint['epoch'] + 1
+
+    def fit(self, loader_train, loader_val, checkpoint=None):
+        args = self.args
+        start_epoch = self.resume(checkpoint)
+        self.run.write_args(args)
+        steps_per_epoch = len(loader_train) // args.grad_accum_steps
+        global_step = start_epoch * steps_per_epoch
+        print(f'Start training for {args.epochs} epochs')
+        start_time = time.time()
+        for epoch in range(start_epoch, args.epochs):
+            # an epoch's randomness depends on (seed, epoch, rank) only: resuming repeats it exactly
+            utils.seed_everything(args.seed + 1000 * epoch + utils.get_rank())
+            loader_train.sampler.set_epoch(epoch)
+            train_stats, global_step = train_one_epoch(
+                self.net, self.criterion, loader_train, self.optimizer, self.device, epoch,
+                self.loss_scaler, max_norm=args.clip_grad, model_ema=self.model_ema,
+                mixup_fn=self.mixup_fn, accum_steps=args.grad_accum_steps, amp=self.amp,
+                print_freq=args.print_freq, writer=self.run.writer, pruner=self.pruner,
+                global_step=global_step, set_training_mode=args.train_mode)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step(epoch + 1)
+            if self.pruner is not None and epoch + 1 == args.prune_finalize_epoch:
+                test_stats = self.cut(loader_val, epoch)
+            else:
+                test_stats = evaluate(loader_val, self.net, self.device, amp=self.amp, pruner=self.pruner,
+                                      print_freq=args.print_freq)
+            print(f'Accuracy of the network on the {len(loader_val.dataset)} test images: {test_stats["acc1"]:.1f}%')
+            self.end_epoch(epoch, train_stats, test_stats)
+        print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+        print(f'[rank {utils.get_rank()}] parameter digest {utils.parameter_digest(self.model)}',
+              flush=True, **({'force': True} if args.distributed else {}))
+        self.run.close()
+        return {'max_accuracy': self.max_accuracy}
+
+    def cut(self, loader_val, epoch):
+        """The end of the pruning run (§7), after which training goes on with the cut model;
+        a schedule that the pruning run followed (WD-Prune) carries on into it."""
+        cut, test_stats = finalize_pruning(self.pruner, self.model, self.args, loader_val, self.device,
+                                           self.amp, epoch, self.run)
+        followed = self.lr_scheduler is not None
+        self.use(cut, None)
+        if followed:
+            self.lr_scheduler.step(epoch + 1)
+        else:  # DAP keeps the learning rate constant after the cut too (§6)
+            self.lr_scheduler = None
+        return test_stats
+
+    def end_epoch(self, epoch, train_stats, test_stats):
+        """DeiT's checkpoint.pth (with the pruner's state while pruning), best_checkpoint.pth
+        and log.txt line."""
         ckpt = {
-            'model': model.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             'epoch': epoch,
-            'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
-            'args': vars(args),
-            'max_accuracy': max(max_accuracy, test_stats['acc1']),
+            'scaler': self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
+            'args': vars(self.args),
+            'max_accuracy': max(self.max_accuracy, test_stats['acc1']),
         }
-        if model_ema is not None:
-            ckpt['model_ema'] = model_ema.module.state_dict()
-        if model.is_cut:
-            ckpt['arch'] = model.arch()
-        if pruner is not None:
-            ckpt['pruner'] = pruner.state_dict()
-        run.save('checkpoint.pth', ckpt)
-        if test_stats['acc1'] > max_accuracy:
-            max_accuracy = test_stats['acc1']
-            run.save('best_checkpoint.pth', ckpt)
-        print(f'Max accuracy: {max_accuracy:.2f}%')
-        run.log({**{f'train_{k}': v for k, v in train_stats.items()},
-                 **{f'test_{k}': v for k, v in test_stats.items()},
-                 'epoch': epoch, 'n_parameters': n_parameters}, epoch)
+        if self.model_ema is not None:
+            ckpt['model_ema'] = self.model_ema.module.state_dict()
+        if self.model.is_cut:
+            ckpt['arch'] = self.model.arch()
+        if self.pruner is not None:
+            ckpt['pruner'] = self.pruner.state_dict()
+        self.run.save('checkpoint.pth', ckpt)
+        if test_stats['acc1'] > self.max_accuracy:
+            self.max_accuracy = test_stats['acc1']
+            self.run.save('best_checkpoint.pth', ckpt)
+        print(f'Max accuracy: {self.max_accuracy:.2f}%')
+        self.run.log({**{f'train_{k}': v for k, v in train_stats.items()},
+                      **{f'test_{k}': v for k, v in test_stats.items()},
+                      'epoch': epoch, 'n_parameters': self.n_parameters}, epoch)
 
-    total_time = time.time() - start_time
-    print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
-    print(f'[rank {utils.get_rank()}] parameter digest {utils.parameter_digest(model)}',
-          flush=True, **({'force': True} if args.distributed else {}))
-    run.close()
-    return {'max_accuracy': max_accuracy}
-
-
-def savit_one_shot(args, pruner, model, net, criterion, mixup_fn, loader_train, loader_val,
-                   device, amp, run):
-    """SaViT (BASELINES.md): Taylor scores over a fraction of an epoch without weight updates,
-    the optional interaction matrix, the search, the cut. Fine-tuning is the second command."""
-    steps = max(1, math.ceil(args.savit_fraction * len(loader_train)))
-    print(f'SaViT: Taylor scores over {steps} of {len(loader_train)} training batches')
-    loader_train.sampler.set_epoch(0)
-    accumulate_scores(net, criterion, loader_train, device, pruner, steps, amp=amp,
-                      mixup_fn=mixup_fn, print_freq=args.print_freq,
-                      set_training_mode=args.train_mode)
-    if args.need_hessian:
-        batches = []
-        for images, target in loader_train:
-            batches.append((images.to(device), target.to(device)))
-            if len(batches) == min(steps, 4):
-                break
-        C = pruner.estimate_interaction(batches, torch.nn.CrossEntropyLoss())
-        print('SaViT interaction matrix (heads, mlp, embed):', C.tolist())
-    model, test_stats = finalize_pruning(pruner, model, args, loader_val, device, amp, 0, run)
-    run.log({**{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': 0,
-             'n_parameters': count_params(model)}, 0)
-    run.close()
-    return {'max_accuracy': test_stats['acc1']}
+    def prune_one_shot(self, loader_train, loader_val):
+        """A one-shot pruner (SaViT, docs/BASELINES.md): scores over a share of an epoch without
+        weight updates, its calibration, the cut. Fine-tuning is the second command."""
+        args, pruner = self.args, self.pruner
+        steps = pruner.score_batches(len(loader_train))
+        print(f'{args.prune_method}: scores over {steps} of {len(loader_train)} training batches')
+        loader_train.sampler.set_epoch(0)
+        accumulate_scores(self.net, self.criterion, loader_train, self.device, pruner, steps, amp=self.amp,
+                          mixup_fn=self.mixup_fn, print_freq=args.print_freq,
+                          set_training_mode=args.train_mode)
+        batches = ((x.to(self.device), y.to(self.device)) for x, y in loader_train)
+        pruner.calibrate(batches, torch.nn.CrossEntropyLoss())
+        cut, test_stats = finalize_pruning(pruner, self.model, args, loader_val, self.device, self.amp, 0,
+                                           self.run)
+        self.run.log({**{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': 0,
+                      'n_parameters': cut.num_parameters()}, 0)
+        self.run.close()
+        return {'max_accuracy': test_stats['acc1']}
 
 
 def finalize_pruning(pruner, model, args, loader_val, device, amp, epoch, run):
     """METHOD.md §7: binarise, cut, report, measure the cut model, write first_sparse_checkpoint.pth."""
-    params_before = count_params(model)
+    params_before = model.num_parameters()
     flops_before = utils.count_flops(model, args.input_size, device)
     cut, rows = pruner.finalize()
-    params_after = count_params(cut)
+    params_after = cut.num_parameters()
     flops_after = utils.count_flops(cut, args.input_size, device)
     print(format_summary(rows, flops_before, flops_after, params_before, params_after))
     summary = {'event': 'finalize', 'method': args.prune_method, 'epoch': epoch, 'sub_blocks': rows,

@@ -1,11 +1,13 @@
 """Models registered with timm by name (`timm.create_model('deit_small_patch16_224', ...)`)."""
 import warnings
+from typing import NamedTuple
 
 from timm.models import register_model
 
-from .vision_transformer import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, HEAD_GATE, MLP_GATES,
-                                 VisionTransformer, align_widths, build_from_arch,
-                                 dense_block_arch, masked_layer_norm, pretrained_state_dict)
+from .vision_transformer import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, GATE_SLOTS, HEAD_GATE,
+                                 MLP_GATES, Gate, VisionTransformer, align_widths, binarize,
+                                 build_from_arch, dense_block_arch, is_gate, masked_layer_norm,
+                                 pretrained_state_dict)
 
 # The official DeiT ImageNet checkpoints (facebookresearch/deit), for --model-path.
 DEIT_URLS = {
@@ -14,38 +16,46 @@ DEIT_URLS = {
     'deit_base_patch16_224': 'https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth',
 }
 
-# name -> (patch_size, embed_dim, depth, num_heads, img_size)
+class ViTConfig(NamedTuple):
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    img_size: int
+
+
 CONFIGS = {
-    'deit_tiny_patch16_224': (16, 192, 12, 3, 224),
-    'deit_small_patch16_224': (16, 384, 12, 6, 224),
-    'deit_base_patch16_224': (16, 768, 12, 12, 224),
-    'vit_tiny_patch16_224': (16, 192, 12, 3, 224),
-    'vit_small_patch16_224': (16, 384, 12, 6, 224),
-    'vit_base_patch16_224': (16, 768, 12, 12, 224),
+    'deit_tiny_patch16_224': ViTConfig(16, 192, 12, 3, 224),
+    'deit_small_patch16_224': ViTConfig(16, 384, 12, 6, 224),
+    'deit_base_patch16_224': ViTConfig(16, 768, 12, 12, 224),
+    'vit_tiny_patch16_224': ViTConfig(16, 192, 12, 3, 224),
+    'vit_small_patch16_224': ViTConfig(16, 384, 12, 6, 224),
+    'vit_base_patch16_224': ViTConfig(16, 768, 12, 12, 224),
     # Sized for CPU tests and the DIGITS demo: 32x32 input, 8x8 patches grid, 4 layers.
-    'deit_micro_patch4_32': (4, 64, 4, 4, 32),
+    'deit_micro_patch4_32': ViTConfig(4, 64, 4, 4, 32),
     # The same width with DeiT's 12 layers: the transfer comparison and the ΔΨ estimator check.
-    'deit_micro12_patch4_32': (4, 64, 12, 4, 32),
+    'deit_micro12_patch4_32': ViTConfig(4, 64, 12, 4, 32),
 }
 
 
 def _entrypoint(name):
-    patch_size, embed_dim, depth, num_heads, img_size = CONFIGS[name]
+    cfg = CONFIGS[name]
 
     def create(pretrained=False, **kwargs):
         if pretrained:
             raise ValueError('pretrained=True is not supported: pass a checkpoint with --model-path')
         for k in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
             kwargs.pop(k, None)
-        kwargs.setdefault('img_size', img_size)
-        return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                 num_heads=num_heads, mlp_ratio=4., qkv_bias=True, family=name,
+        kwargs.setdefault('img_size', cfg.img_size)
+        return VisionTransformer(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                                 num_heads=cfg.num_heads, mlp_ratio=4., qkv_bias=True, family=name,
                                  **kwargs)
 
     create.__name__ = name
     create.__qualname__ = name
     create.__module__ = __name__
-    create.__doc__ = f'{name}: patch {patch_size}, width {embed_dim}, depth {depth}, {num_heads} heads.'
+    create.__doc__ = (f'{name}: patch {cfg.patch_size}, width {cfg.embed_dim}, depth {cfg.depth}, '
+                      f'{cfg.num_heads} heads.')
     return create
 
 

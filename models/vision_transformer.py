@@ -25,11 +25,36 @@ GATE_NAMES = ATTN_GATES + MLP_GATES
 # embedding channels with one gate shared by all layers (`VisionTransformer.embed_gate`).
 HEAD_GATE = 'attn_head'
 ALL_GATE_NAMES = GATE_NAMES + (HEAD_GATE,)
+# Where each gate sits in a Block: the path of its slot.
+GATE_SLOTS = {'attn_in': 'attn_in_gate', 'attn_qkv': 'attn.qkv_gate', 'attn_head': 'attn.head_gate',
+              'attn_out': 'attn_out_gate', 'mlp_in': 'mlp_in_gate', 'mlp_hid': 'mlp.hid_gate',
+              'mlp_out': 'mlp_out_gate'}
 
 
-def kept_channels(embed_gate: torch.Tensor, dtype) -> torch.Tensor:
-    """The embedding channels a gate keeps, as 0 / 1: the binarisation the cut uses (≥ 0.5)."""
-    return (embed_gate.detach() >= 0.5).to(dtype)
+def binarize(mask: torch.Tensor) -> torch.Tensor:
+    """The hard mask of a gate, m ≥ 0.5 (METHOD.md §5): the one rule by which every pruner,
+    the cut and the masked LayerNorm decide what a gate keeps."""
+    return mask.detach() >= 0.5
+
+
+class Gate(nn.Module):
+    """A soft mask m ∈ [0, 1]^n (METHOD.md §2) that multiplies one dimension of its input:
+    the last, or the one `trailing` dimensions before the end. Its values are a parameter, so
+    that they receive gradients (the Taylor scores read them), but pruners set them: no
+    optimizer holds them. A model without pruner has `nn.Identity()` in every gate slot."""
+
+    def __init__(self, size: int, trailing: int = 0, device=None):
+        super().__init__()
+        self.mask = nn.Parameter(torch.ones(size, device=device))
+        self.view = (-1,) + (1,) * trailing
+
+    def forward(self, x):
+        return x * self.mask.view(self.view)
+
+
+def is_gate(name: str) -> bool:
+    """Whether a parameter or state-dict name is a gate's: the one name filter."""
+    return name == 'embed_gate.mask' or name.endswith('_gate.mask')
 
 
 def masked_layer_norm(x, keep, weight, bias, eps):
@@ -44,13 +69,27 @@ def masked_layer_norm(x, keep, weight, bias, eps):
     return ((x - mean) * torch.rsqrt(var + eps) * weight + bias) * keep
 
 
-class ReadNorm(nn.Module):
-    """LayerNorm over the full residual width, then keep the dims a sub-block reads.
+class _EmbedGateRef:
+    """`embed_gate` is a reference to the model's shared embedding gate (SaViT), which the model
+    owns: not a submodule here, so that it is in one state-dict entry only."""
+
+    def __setattr__(self, name, value):
+        if name == 'embed_gate':
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+class ReadNorm(_EmbedGateRef, nn.Module):
+    """How a sub-block reads the residual stream: LayerNorm over the full residual width, then
+    the dims it reads (`in_idx`).
 
     METHOD.md §7 asks the cut model to compute exactly what the gated model computes. The
     statistics are therefore taken over all `dim` channels; only the affine parameters of the
     kept channels are stored (so a LayerNorm costs 2·|in| parameters, as §2 counts it).
     With `in_idx=None` this is exactly `nn.LayerNorm(dim)` with the same parameter names.
+    While a shared embedding gate is attached (SaViT, only to an uncut model), it normalises
+    over the channels that gate keeps.
     """
 
     def __init__(self, dim: int, in_idx: Optional[List[int]] = None, eps: float = 1e-6):
@@ -63,9 +102,11 @@ class ReadNorm(nn.Module):
             self.in_idx = None
         else:
             self.register_buffer('in_idx', torch.tensor(in_idx, dtype=torch.long), persistent=False)
+        self.embed_gate: Optional[Gate] = None  # a reference; the model owns the gate
 
-    def forward(self, x, keep: Optional[torch.Tensor] = None):
-        if keep is not None:  # an embedding gate is attached (only to an uncut model)
+    def forward(self, x):
+        if self.embed_gate is not None:
+            keep = binarize(self.embed_gate.mask).to(x.dtype)
             return masked_layer_norm(x, keep, self.weight, self.bias, self.eps)
         if self.in_idx is None:
             return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
@@ -75,11 +116,51 @@ class ReadNorm(nn.Module):
         return torch.addcmul(self.bias, kept, self.weight).view(*x.shape[:-1], -1)
 
 
+class ResidualWrite(_EmbedGateRef, nn.Module):
+    """How a sub-block writes into the residual stream: x[..., out_idx] += drop_path(y), or
+    x + drop_path(y) when it writes every dim (`out_idx=None`).
+
+    `inplace` (set with `VisionTransformer.set_inplace_writes`, for inference) adds into x
+    itself when autograd is off: after a cut most of x passes through unchanged, and copying
+    it per sub-block costs ~7% on CPU. A forward hook that keeps a block's output then sees it
+    change with the next write. While a shared embedding gate is attached (SaViT), it follows
+    the add.
+    """
+
+    def __init__(self, dim: int, out_idx: Optional[List[int]] = None, drop_path: float = 0.):
+        super().__init__()
+        self.dim = dim
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        if out_idx is None:
+            self.out_idx = None
+        else:
+            self.register_buffer('out_idx', torch.tensor(out_idx, dtype=torch.long), persistent=False)
+        self.inplace = False
+        self.embed_gate: Optional[Gate] = None  # a reference; the model owns the gate
+
+    def forward(self, x, y):
+        y = self.drop_path(y)
+        inplace = self.inplace and not torch.is_grad_enabled()
+        if self.out_idx is None:
+            x = x.add_(y) if inplace else x + y
+        else:
+            # on 2-D views (faster than index_add on the last of 3 dims); under autocast y is
+            # half precision while the residual stream stays float32, as x + y would promote it
+            y = y.reshape(-1, y.shape[-1]).to(x.dtype)
+            if inplace:
+                x.view(-1, self.dim).index_add_(1, self.out_idx, y)
+            else:
+                x = x.reshape(-1, self.dim).index_add(1, self.out_idx, y).view_as(x)
+        return x if self.embed_gate is None else self.embed_gate(x)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a free head size and free input / output widths.
 
     `scale` stays the dense model's head_dim ** -0.5 after a cut, so that the cut model
-    computes the same logits as the masked one.
+    computes the same logits as the masked one. Gate slots: `qkv_gate` (one mask over the
+    head_dim channels, shared by q, k, v and all heads, §2) and `head_gate` (one value per
+    head on attention·V, the baselines').
     """
 
     def __init__(self, dim_in, num_heads, head_dim, dim_out, scale, qkv_bias=True,
@@ -88,17 +169,16 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
         self.fused_attn = use_fused_attn()
         self.qkv = nn.Linear(dim_in, 3 * num_heads * head_dim, bias=qkv_bias)
+        self.qkv_gate = nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
+        self.head_gate = nn.Identity()
         self.proj = nn.Linear(num_heads * head_dim, dim_out)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, qkv_gate: Optional[torch.Tensor] = None,
-                head_gate: Optional[torch.Tensor] = None):
+    def forward(self, x):
         B, N, _ = x.shape
         # qkv rows are ordered q|k|v, then head, then channel (timm's layout)
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        if qkv_gate is not None:  # one mask shared by q, k, v and all heads (§2)
-            qkv = qkv * qkv_gate
+        qkv = self.qkv_gate(self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
@@ -107,25 +187,24 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
-        if head_gate is not None:  # one value per head, on attention·V (the baselines' head gate)
-            x = x * head_gate.view(1, -1, 1, 1)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        x = self.head_gate(x).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
 
 
 class Mlp(nn.Module):
+    """fc1, GELU, fc2; gate slot `hid_gate` on the activation (§2)."""
+
     def __init__(self, dim_in, hidden_features, dim_out, drop=0.):
         super().__init__()
         self.fc1 = nn.Linear(dim_in, hidden_features)
         self.act = nn.GELU()
+        self.hid_gate = nn.Identity()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, dim_out)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x, hid_gate: Optional[torch.Tensor] = None):
-        x = self.act(self.fc1(x))
-        if hid_gate is not None:
-            x = x * hid_gate
+    def forward(self, x):
+        x = self.hid_gate(self.act(self.fc1(x)))
         return self.drop2(self.fc2(self.drop1(x)))
 
 
@@ -139,9 +218,13 @@ def dense_block_arch(embed_dim: int, num_heads: int, mlp_ratio: float) -> Dict:
 
 
 class Block(nn.Module):
-    """One transformer layer: two sub-blocks, each `x[..., out] += f(norm(x)[..., in])`.
+    """One transformer layer: two sub-blocks, each x[..., out] += f(norm(x)[..., in]) (§7).
 
-    A sub-block whose arch entry is None was removed by the cut and costs nothing.
+    Per sub-block: a `ReadNorm`, the gate slot on what it reads (`attn_in_gate`,
+    `mlp_in_gate`), the layer with its inner gate slots, the gate slot on what it writes
+    (`attn_out_gate`, `mlp_out_gate`) and a `ResidualWrite`. Slots are `nn.Identity()` until a
+    pruner attaches a `Gate` (`VisionTransformer.add_gates`). A sub-block removed by the cut
+    has `attn` (or `mlp`) None, and no norm or write: it costs nothing.
     """
 
     def __init__(self, dim, block_arch: Dict, scale: float, qkv_bias=True, proj_drop=0.,
@@ -150,69 +233,52 @@ class Block(nn.Module):
         self.dim = dim
         self.arch = copy.deepcopy(block_arch)
         a, m = block_arch['attn'], block_arch['mlp']
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.gates: Optional[nn.ParameterDict] = None
+        self.attn_in_gate, self.attn_out_gate = nn.Identity(), nn.Identity()
+        self.mlp_in_gate, self.mlp_out_gate = nn.Identity(), nn.Identity()
+        self.norm1 = self.attn = self.attn_write = None
+        self.norm2 = self.mlp = self.mlp_write = None
         if a is not None:
             self.norm1 = ReadNorm(dim, a['in_idx'])
             self.attn = Attention(_width(dim, a['in_idx']), a['num_heads'], a['head_dim'],
                                   _width(dim, a['out_idx']), scale, qkv_bias, attn_drop, proj_drop)
-            self._register_index('attn_out_idx', a['out_idx'])
+            self.attn_write = ResidualWrite(dim, a['out_idx'], drop_path)
         if m is not None:
             self.norm2 = ReadNorm(dim, m['in_idx'])
-            self.mlp = Mlp(_width(dim, m['in_idx']), m['hidden_features'],
-                           _width(dim, m['out_idx']), proj_drop)
-            self._register_index('mlp_out_idx', m['out_idx'])
+            self.mlp = Mlp(_width(dim, m['in_idx']), m['hidden_features'], _width(dim, m['out_idx']),
+                           proj_drop)
+            self.mlp_write = ResidualWrite(dim, m['out_idx'], drop_path)
 
-    def _register_index(self, name, idx):
-        if idx is None:
-            setattr(self, name, None)
-        else:
-            self.register_buffer(name, torch.tensor(idx, dtype=torch.long), persistent=False)
-
-    def _write(self, x, y, out_idx, inplace=False, embed_gate=None):
-        """x[..., out_idx] += y. `inplace` (inference only) writes into x itself: after a cut
-        most of x passes through unchanged, and copying it per sub-block costs ~7% on CPU."""
-        y = self.drop_path(y)
-        if embed_gate is not None:  # SaViT: the shared gate follows every residual add
-            return (x + y) * embed_gate
-        if out_idx is None:
-            return x.add_(y) if inplace else x + y
-        # on 2-D views (faster than index_add on the last of 3 dims); under autocast y is half
-        # precision while the residual stream stays float32, as x + y would promote it
-        y = y.reshape(-1, y.shape[-1]).to(x.dtype)
-        if inplace:
-            x.view(-1, self.dim).index_add_(1, out_idx, y)
+    def forward_attn(self, x):
+        if self.attn is None:
             return x
-        return x.reshape(-1, self.dim).index_add(1, out_idx, y).view_as(x)
+        h = self.attn_out_gate(self.attn(self.attn_in_gate(self.norm1(x))))
+        return self.attn_write(x, h)
 
-    def _gate(self, name):
-        return None if self.gates is None else self.gates.get(name)
-
-    @staticmethod
-    def _mul(h, gate):
-        return h if gate is None else h * gate
-
-    def forward_attn(self, x, embed_gate=None, inplace=False):
-        """`embed_gate` is the model's shared embedding gate, if one is attached."""
-        if self.arch['attn'] is None:
+    def forward_mlp(self, x):
+        if self.mlp is None:
             return x
-        keep = None if embed_gate is None else kept_channels(embed_gate, x.dtype)
-        h = self._mul(self.norm1(x, keep), self._gate('attn_in'))
-        h = self.attn(h, self._gate('attn_qkv'), self._gate(HEAD_GATE))
-        h = self._mul(h, self._gate('attn_out'))
-        return self._write(x, h, self.attn_out_idx, inplace, embed_gate)
+        h = self.mlp_out_gate(self.mlp(self.mlp_in_gate(self.norm2(x))))
+        return self.mlp_write(x, h)
 
-    def forward_mlp(self, x, embed_gate=None, inplace=False):
-        if self.arch['mlp'] is None:
-            return x
-        keep = None if embed_gate is None else kept_channels(embed_gate, x.dtype)
-        h = self._mul(self.norm2(x, keep), self._gate('mlp_in'))
-        h = self.mlp(h, self._gate('mlp_hid'))
-        h = self._mul(h, self._gate('mlp_out'))
-        return self._write(x, h, self.mlp_out_idx, inplace, embed_gate)
+    def forward(self, x):
+        return self.forward_mlp(self.forward_attn(x))
 
-    def forward(self, x, embed_gate=None, inplace=False):
-        return self.forward_mlp(self.forward_attn(x, embed_gate, inplace), embed_gate, inplace)
+    @property
+    def gates(self) -> Dict[str, nn.Parameter]:
+        """The masks of the gates attached to this layer, by their §2 name."""
+        slots = {n: self.get_submodule(path) for n, path in GATE_SLOTS.items()
+                 if self._has(path)}
+        return {n: slot.mask for n, slot in slots.items() if isinstance(slot, Gate)}
+
+    def _has(self, path):
+        owner = path.split('.')[0]
+        return getattr(self, owner) is not None
+
+    def norms(self):
+        return [n for n in (self.norm1, self.norm2) if n is not None]
+
+    def writes(self):
+        return [w for w in (self.attn_write, self.mlp_write) if w is not None]
 
 
 def _width(dim, idx):
@@ -225,7 +291,7 @@ class VisionTransformer(nn.Module):
     `blocks_arch` (one dict per layer, see `dense_block_arch`) describes a cut model; None
     builds the dense model. A cut may also narrow the shared `embed_dim` (SaViT) or keep only
     the first `depth` of the `dense_depth` layers (WD-Prune); `attn_scale` then keeps the dense
-    model's head_dim ** -0.5.
+    model's head_dim ** -0.5. `embed_gate` is the slot of SaViT's shared embedding gate.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
@@ -242,7 +308,6 @@ class VisionTransformer(nn.Module):
         self.family = family
         self.dense_depth = depth if dense_depth is None else dense_depth
         self._cut = cut
-        self.embed_gate: Optional[nn.Parameter] = None
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.depth, self.num_heads, self.mlp_ratio, self.qkv_bias = depth, num_heads, mlp_ratio, qkv_bias
@@ -254,12 +319,14 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
+        self.embed_gate = nn.Identity()
+        self.inplace_writes = False
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
         scale = self.attn_scale = (embed_dim // num_heads) ** -0.5 if attn_scale is None else attn_scale
         self.blocks = nn.ModuleList([
             Block(embed_dim, blocks_arch[i], scale, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i])
             for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = ReadNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
@@ -301,6 +368,10 @@ class VisionTransformer(nn.Module):
         dense = dense_block_arch(self.embed_dim, self.num_heads, self.mlp_ratio)
         return self._cut or self.depth != self.dense_depth or any(b.arch != dense for b in self.blocks)
 
+    def num_parameters(self) -> int:
+        """Parameters of the network itself: gates are pruning machinery, not counted."""
+        return sum(p.numel() for n, p in self.named_parameters() if not is_gate(n))
+
     # ---- gates (METHOD.md §2, BASELINES.md) ----------------------------------------------
     def gate_sizes(self) -> Dict[str, int]:
         d, hid = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
@@ -308,74 +379,71 @@ class VisionTransformer(nn.Module):
                 'mlp_hid': hid, 'mlp_out': d, HEAD_GATE: self.num_heads}
 
     def add_gates(self, names=GATE_NAMES, embed: bool = False) -> None:
-        """Attach the named gates to every layer (DAP's six by default), all ones, and with
-        `embed` the shared embedding gate. Only an uncut model can be gated."""
+        """Put a `Gate` (all ones) into the named slots of every layer (DAP's six by default),
+        and with `embed` into the shared embedding gate slot. Only an uncut model can be gated."""
         if self.is_cut:
             raise ValueError('gates can only be added to an uncut model')
         unknown = [n for n in names if n not in ALL_GATE_NAMES]
         if unknown:
             raise ValueError(f'unknown gates {unknown}; gates are {", ".join(ALL_GATE_NAMES)}')
-        sizes = self.gate_sizes()
-        dev = self.cls_token.device
+        sizes, dev = self.gate_sizes(), self.cls_token.device
         for b in self.blocks:
-            b.gates = nn.ParameterDict({n: nn.Parameter(torch.ones(sizes[n], device=dev)) for n in names})
-        self.embed_gate = nn.Parameter(torch.ones(self.embed_dim, device=dev)) if embed else None
+            for n in names:
+                b.set_submodule(GATE_SLOTS[n], Gate(sizes[n], trailing=2 if n == HEAD_GATE else 0, device=dev))
+        if embed:
+            self._set_embed_gate(Gate(self.embed_dim, device=dev))
+
+    def _set_embed_gate(self, gate: Optional[Gate]):
+        self.embed_gate = nn.Identity() if gate is None else gate
+        for part in [self.norm] + [p for b in self.blocks for p in b.norms() + b.writes()]:
+            part.embed_gate = gate
 
     def remove_gates(self) -> None:
         for b in self.blocks:
-            b.gates = None
-        self.embed_gate = None
+            for path in GATE_SLOTS.values():
+                if b._has(path):
+                    b.set_submodule(path, nn.Identity())
+        self._set_embed_gate(None)
 
-    def gate_parameters(self):
-        gates = [p for b in self.blocks if b.gates is not None for p in b.gates.values()]
-        return gates + ([self.embed_gate] if self.embed_gate is not None else [])
+    def gate_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if is_gate(n)]
+
+    def set_inplace_writes(self, enabled: bool = True) -> 'VisionTransformer':
+        """The inference switch of `ResidualWrite.inplace` (used by benchmark.py and export.py)."""
+        self.inplace_writes = enabled
+        for b in self.blocks:
+            for w in b.writes():
+                w.inplace = enabled
+        return self
 
     # ---- forward -------------------------------------------------------------------------
     def forward_embed(self, x):
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        return x if self.embed_gate is None else x * self.embed_gate
-
-    def final_norm(self, x, norm=None):
-        """The final LayerNorm (or a shallow classifier's `norm`), over the kept embedding
-        channels when an embedding gate is attached."""
-        norm = self.norm if norm is None else norm
-        if self.embed_gate is None:
-            return norm(x)
-        return masked_layer_norm(x, kept_channels(self.embed_gate, x.dtype), norm.weight, norm.bias, norm.eps)
+        return self.embed_gate(self.pos_drop(x + self.pos_embed))
 
     def forward_head(self, x):
-        x = self.final_norm(x)[:, 0]
+        x = self.norm(x)[:, 0]
         return self.head(self.head_drop(x))
 
     def forward_stream(self, x):
         """Logits and the residual stream x_0 … x_{2L} around every sub-block (METHOD.md §3)."""
+        if self.inplace_writes:
+            raise RuntimeError('forward_stream keeps every x_i: call set_inplace_writes(False) first')
         x = self.forward_embed(x)
         stream = [x]
         for blk in self.blocks:
-            x = blk.forward_attn(x, self.embed_gate)
+            x = blk.forward_attn(x)
             stream.append(x)
-            x = blk.forward_mlp(x, self.embed_gate)
+            x = blk.forward_mlp(x)
             stream.append(x)
         return self.forward_head(x), stream
 
     def forward_features(self, x):
         x = self.forward_embed(x)
-        inplace = self._may_write_in_place()
         for blk in self.blocks:
-            x = blk(x, self.embed_gate, inplace)
+            x = blk(x)
         return x
-
-    def _may_write_in_place(self) -> bool:
-        """Without autograd nothing else holds the residual stream (forward_embed made it),
-        so the sub-blocks may add into it in place — unless a forward hook could keep a
-        block's output, which the next block's write would then change."""
-        from torch.nn.modules import module as nn_module
-        if torch.is_grad_enabled() or nn_module._global_forward_hooks \
-                or nn_module._global_forward_pre_hooks:
-            return False
-        return not any(b._forward_hooks or b._forward_pre_hooks for b in self.blocks)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

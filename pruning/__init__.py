@@ -1,5 +1,6 @@
-"""Depth Aware Pruning (METHOD.md): one module per concept.
+"""Depth Aware Pruning (METHOD.md): one module per concept, and the baselines.
 
+protocol.py           the pruner protocol every method follows; records; the summary table
 gates.py              §2  gates and their coupled parameter count
 block_performance.py  §3  ΔΨ heads and their accumulation
 keep_ratio.py         §4  block importance, water-filling to the budget, ramp
@@ -12,10 +13,10 @@ wdprune.py                the WD-Prune baseline (BASELINES.md)
 savit.py                  the SaViT baseline (BASELINES.md)
 """
 from .cut import cut_model
-from .pruner import BUDGET_POLICIES, DepthAwarePruner, MaskMismatchError, PruneConfig, format_summary
-
-# DAP and its ablations share DepthAwarePruner; the baselines have their own modules
-# (wdprune.py, savit.py), imported where they are used.
-PRUNE_METHODS = BUDGET_POLICIES + ('wdprune', 'savit')
+from .gates import MaskMismatchError
+from .protocol import ConfigError, Pruner, PrunerModule, Record, format_summary
+from .pruner import BUDGET_POLICIES, TAYLOR_WINDOWS, DepthAwarePruner, PruneConfig
+from .savit import SaViTConfig, SaViTPruner
 from .schedule import PruneSchedule
 from .taylor import DEFAULT_GATE_SCALE
+from .wdprune import WDPruneConfig, WDPrunePruner

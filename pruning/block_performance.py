@@ -5,7 +5,7 @@ features, so they never change the backbone. The same head is applied to the sub
 input x_i and output x_{i+1}; ΔΨ_i = ℓ(ψ_i(x_i)) − ℓ(ψ_i(x_{i+1})) is how much the sub-block
 improved the features for the task.
 """
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,26 +50,6 @@ class BlockPerformanceHeads(nn.Module):
                for i, h in enumerate(self.cls)]
         patch = [torch.stack([h(stream[i]), h(stream[i + 1])]) for i, h in enumerate(self.patch)]
         return torch.stack(cls), torch.stack(patch)
-
-
-class PrunableViT(nn.Module):
-    """The gated ViT together with its ΔΨ heads, as one module for DDP.
-
-    forward(x) -> (logits, (cls_head_logits, patch_head_logits)). Keeping the heads inside the
-    module that DDP wraps makes their gradients (and the gates') all-reduced like any other.
-    Without heads (handcrafted κ) it is the gated model: forward(x) -> (logits, None).
-    """
-
-    def __init__(self, model, heads: Optional[BlockPerformanceHeads]):
-        super().__init__()
-        self.model = model
-        self.heads = heads
-
-    def forward(self, x):
-        if self.heads is None:
-            return self.model(x), None
-        logits, stream = self.model.forward_stream(x)
-        return logits, self.heads(stream)
 
 
 class BlockPerformance:

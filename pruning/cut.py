@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
-from models import HEAD_GATE, VisionTransformer, build_from_arch
+from models import HEAD_GATE, Gate, is_gate, VisionTransformer, binarize, build_from_arch
 
 
 def _index(mask: Optional[torch.Tensor]) -> Optional[list]:
@@ -90,23 +90,24 @@ def cut_model(model: VisionTransformer, depth: Optional[int] = None,
     """
     if model.is_cut or not model.gate_parameters():
         raise ValueError('cut_model needs an uncut model with gates attached')
+    embed_gate = model.embed_gate.mask if isinstance(model.embed_gate, Gate) else None
     depth = model.depth if depth is None else depth
     if not 1 <= depth <= model.depth:
         raise ValueError(f'depth {depth} is outside 1 … {model.depth}')
     D, H = model.embed_dim, model.num_heads
-    embed_idx = None if model.embed_gate is None else _index(model.embed_gate.detach() >= 0.5)
+    embed_idx = None if embed_gate is None else _index(binarize(embed_gate))
     if embed_idx is not None and not embed_idx:
         raise ValueError('the embedding gate keeps no channel')
     blocks_arch, weights = [], {}
     for l, blk in enumerate(model.blocks[:depth]):
-        g = {} if blk.gates is None else {k: v.detach() >= 0.5 for k, v in blk.gates.items()}
+        g = {k: binarize(v) for k, v in blk.gates.items()}
         a, wa = _cut_attn(blk, g, embed_idx, D, H, D // H)
         m, wm = _cut_mlp(blk, g, embed_idx, D)
         blocks_arch.append({'attn': a, 'mlp': m})
         weights.update({f'blocks.{l}.{k}': v for k, v in {**wa, **wm}.items()})
 
     state = {k: v for k, v in model.state_dict().items()
-             if not k.startswith('blocks.') and k != 'embed_gate'}
+             if not k.startswith('blocks.') and not is_gate(k)}
     if classifier is not None:
         state.update(classifier)
     if embed_idx is not None:  # a narrower residual stream: every tensor that touches it
@@ -126,8 +127,10 @@ def cut_model(model: VisionTransformer, depth: Optional[int] = None,
     cut = build_from_arch(arch, drop_rate=model.pos_drop.p, attn_drop_rate=blk.attn.attn_drop.p,
                           proj_drop_rate=blk.attn.proj_drop.p)
     cut.load_state_dict(state)
-    # carry the dropout / drop-path modules of the source, so training can continue as configured
+    # carry the drop-path modules of the source, so training can continue as configured
     for src, dst in zip(model.blocks, cut.blocks):
-        dst.drop_path = copy.deepcopy(src.drop_path)
+        for s_write, d_write in ((src.attn_write, dst.attn_write), (src.mlp_write, dst.mlp_write)):
+            if d_write is not None:
+                d_write.drop_path = copy.deepcopy(s_write.drop_path)
     p = next(model.parameters())
     return cut.to(device=p.device, dtype=p.dtype)

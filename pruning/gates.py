@@ -9,7 +9,34 @@ from typing import List, Sequence
 
 import torch
 
-from models import ATTN_GATES, MLP_GATES
+from models import ATTN_GATES, MLP_GATES, binarize
+
+
+def _count(n: torch.Tensor, widths, as_tensor: bool):
+    """0 where a width is 0 (the cut removes a sub-block with an empty gate: only a constant
+    bias would be left); an int unless a width was given as a tensor."""
+    n = torch.where(torch.stack(torch.broadcast_tensors(*widths)).gt(0).all(0), n, torch.zeros_like(n))
+    return n if as_tensor else int(n)
+
+
+def attn_params(d_in, heads, head_dim, d_out, qkv_bias: bool = True):
+    """Parameters of an attention sub-block (METHOD.md §2): its LayerNorm on the d_in dims it
+    reads (2·d_in), qkv (d_in → 3·heads·head_dim) and proj (heads·head_dim → d_out), with
+    biases. The one count for every method's attention; elementwise on tensors."""
+    as_tensor = any(isinstance(w, torch.Tensor) for w in (d_in, heads, head_dim, d_out))
+    a, h, b, c = (torch.as_tensor(w, dtype=torch.float64) for w in (d_in, heads, head_dim, d_out))
+    inner = h * b
+    n = 2 * a + (a * 3 * inner + 3 * inner * qkv_bias) + (inner * c + c)
+    return _count(n, (a, h, b, c), as_tensor)
+
+
+def mlp_params(d_in, hidden, d_out):
+    """Parameters of an MLP sub-block (§2): LayerNorm on d_in, fc1 (d_in → hidden), fc2
+    (hidden → d_out), with biases. The one count for every method's MLP."""
+    as_tensor = any(isinstance(w, torch.Tensor) for w in (d_in, hidden, d_out))
+    a, b, c = (torch.as_tensor(w, dtype=torch.float64) for w in (d_in, hidden, d_out))
+    n = 2 * a + (a * b + b) + (b * c + c)
+    return _count(n, (a, b, c), as_tensor)
 
 
 @dataclass(frozen=True)
@@ -22,24 +49,28 @@ class SubBlock:
     gate_sizes: tuple   # their lengths
     num_heads: int      # H for attention, 1 for the MLP
 
-    def params(self, kept: Sequence) -> torch.Tensor:
-        """Parameters kept for kept-element counts (a, b, c) of its gates (§2).
-
-        Works elementwise on tensors, so one call can count many candidate thresholds.
-        A sub-block with an empty gate is skipped entirely and counts 0: an empty input or
-        middle gate would leave only a constant bias, which the cut drops with the rest.
-        """
-        a, b, c = (torch.as_tensor(k, dtype=torch.float64) for k in kept)
+    def params(self, kept: Sequence):
+        """Parameters kept for kept-element counts (a, b, c) of its gates (§2); the middle gate
+        of attention is the head_dim mask shared by all heads."""
+        a, b, c = kept
         if self.kind == 'attn':
-            h = self.num_heads
-            n = (a * 3 * h * b + 3 * h * b) + (h * b * c + c) + 2 * a  # qkv, proj, norm1
-        else:
-            n = (a * b + b) + (b * c + c) + 2 * a                        # fc1, fc2, norm2
-        return torch.where((a > 0) & (b > 0) & (c > 0), n, torch.zeros_like(n))
+            return attn_params(a, self.num_heads, b, c)
+        return mlp_params(a, b, c)
 
     @property
     def dense_params(self) -> int:
         return int(self.params(self.gate_sizes))
+
+    def element_costs(self) -> torch.Tensor:
+        """Parameters each gate element of the dense sub-block controls (its rows / columns in
+        the Linear layers and LayerNorm), concatenated over the three gates: what one element
+        costs, the rank the global ablation divides Taylor scores by (BASELINES.md)."""
+        costs = []
+        for g, size in enumerate(self.gate_sizes):
+            fewer = list(self.gate_sizes)
+            fewer[g] -= 1
+            costs.append(torch.full((size,), float(self.dense_params - int(self.params(fewer)))))
+        return torch.cat(costs).double()
 
     @property
     def name(self) -> str:
@@ -58,26 +89,19 @@ def sub_blocks(model) -> List[SubBlock]:
 
 
 def gates_of(model, sb: SubBlock) -> List[torch.nn.Parameter]:
-    """The three gate parameters of sub-block `sb` (the model must have gates attached)."""
+    """The three gate masks of sub-block `sb` (the model must have them attached)."""
     g = model.blocks[sb.layer].gates
     return [g[n] for n in sb.gate_names]
 
 
-def hard_masks(model, sb: SubBlock) -> List[torch.Tensor]:
-    """Binary masks m ≥ 0.5 (§5) of the three gates of `sb`."""
-    return [g.detach() >= 0.5 for g in gates_of(model, sb)]
-
-
 def kept_params(model, sbs: Sequence[SubBlock]) -> List[int]:
     """Parameters each sub-block keeps under the current hard masks."""
-    return [int(sb.params([m.sum() for m in hard_masks(model, sb)])) for sb in sbs]
+    return [int(sb.params([int(binarize(m).sum()) for m in gates_of(model, sb)])) for sb in sbs]
 
 
 def non_block_params(model, sbs: Sequence[SubBlock]) -> int:
     """Patch embedding, tokens, position embedding, final norm and head: never pruned (§2)."""
-    total = sum(p.numel() for n, p in model.named_parameters() if '.gates.' not in n)
-    return total - sum(sb.dense_params for sb in sbs)
-
+    return model.num_parameters() - sum(sb.dense_params for sb in sbs)
 
 
 class MaskMismatchError(RuntimeError):
@@ -93,7 +117,7 @@ def check_masks_consistent(gates: Sequence[torch.Tensor]) -> None:
         return
     checksum = torch.stack([
         sum((g.double() * torch.arange(1, g.numel() + 1, device=g.device)).sum() for g in gates),
-        sum((g >= 0.5).sum().double() for g in gates)])
+        sum(binarize(g).sum().double() for g in gates)])
     lo, hi = checksum.clone(), checksum.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)

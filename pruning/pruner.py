@@ -1,6 +1,6 @@
 """DepthAwarePruner: ties ΔΨ, κ, Taylor scores, soft masks, schedule and cut together.
 
-Usable from any training loop:
+Usable from any training loop (`pruning/protocol.py` shows the loop every pruner shares):
 
     pruner = DepthAwarePruner(model, num_classes, PruneConfig(prune_ratio=0.5), schedule)
     net = pruner.module                       # forward(x) -> (logits, aux); wrap it in DDP
@@ -11,21 +11,26 @@ Usable from any training loop:
         loss.backward(); optimizer.step()
         pruner.step()                         # after the optimizer step, before zero_grad
         optimizer.zero_grad()
-    cut = pruner.finalize()                   # the dense, smaller ViT
+    cut, rows = pruner.finalize()             # the dense, smaller ViT and its summary rows
+
+A mask update has two decisions, each one function chosen when the pruner is built:
+how many parameters each sub-block keeps (`keep_ratio`: κ from ΔΨ, §4; uniform; or
+handcrafted) and which elements (`place`: a threshold per sub-block, §5; or one global
+threshold, the `global` ablation).
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .block_performance import BlockPerformance, BlockPerformanceHeads, PrunableViT
+from models import GATE_NAMES, binarize
+from .block_performance import BlockPerformance, BlockPerformanceHeads
 from .cut import cut_model
-from .gates import (MaskMismatchError, check_masks_consistent, gates_of, kept_params,
-                    non_block_params, sub_blocks)
+from .gates import check_masks_consistent, gates_of, kept_params, non_block_params, sub_blocks
 from .keep_ratio import block_budget, block_importance, ramp, uniform_keep_ratio, water_fill
+from .protocol import ConfigError, Pruner, PrunerModule, Record, summary_row
 from .schedule import PruneSchedule
-from .taylor import (DEFAULT_GATE_SCALE, TaylorScore, element_costs, element_importance,
-                     global_masks, sub_block_masks)
+from .taylor import DEFAULT_GATE_SCALE, TaylorScore, element_importance, global_masks, sub_block_masks
 
 # DAP's budget policy and the two ablations that replace it (BASELINES.md, "Ablations"):
 # block_pr  κ per sub-block from ΔΨ (§4), then a threshold per sub-block (§5)
@@ -48,38 +53,47 @@ class PruneConfig:
     block_imp_scale: float = 10.
     block_params_only: bool = False
     taylor_window: str = 'update'
+    head_lr: float = 5e-4          # learning rate of the ΔΨ heads (§3), used as given
 
     def __post_init__(self):
         if not 0 < self.prune_ratio < 1:
-            raise ValueError(f'--prune-ratio must be in (0, 1), got {self.prune_ratio}')
+            raise ConfigError('prune_ratio', f'must be in (0, 1), got {self.prune_ratio}')
         if self.method not in BUDGET_POLICIES:
-            raise ValueError(f'unknown --prune-method {self.method!r}; choose from {", ".join(BUDGET_POLICIES)}')
+            raise ConfigError('method', f'{self.method!r} is not one of {", ".join(BUDGET_POLICIES)}')
         if self.taylor_window not in TAYLOR_WINDOWS:
-            raise ValueError(f'unknown Taylor window {self.taylor_window!r}; choose from {", ".join(TAYLOR_WINDOWS)}')
-        from models import GATE_NAMES
-        for name in self.gate_scale:
-            if name not in GATE_NAMES:
-                raise ValueError(f'unknown gate {name!r} in --prune-scale-gate-imp; gates are {", ".join(GATE_NAMES)}')
+            raise ConfigError('taylor_window', f'{self.taylor_window!r} is not one of {", ".join(TAYLOR_WINDOWS)}')
+        unknown = [n for n in self.gate_scale if n not in GATE_NAMES]
+        if unknown:
+            raise ConfigError('gate_scale', f'names unknown gates {unknown}; gates are {", ".join(GATE_NAMES)}')
         if self.keep_ratio_handcraft is not None and not all(0 <= k <= 1 for k in self.keep_ratio_handcraft):
-            raise ValueError(f'--prune-kr-handcraft values must lie in [0, 1], got {list(self.keep_ratio_handcraft)}')
+            raise ConfigError('keep_ratio_handcraft', f'values must lie in [0, 1], got {list(self.keep_ratio_handcraft)}')
 
 
-class DepthAwarePruner:
+@dataclass
+class Window:
+    """What one mask update reads (§4 step 1): the mean ΔΨ of the window and its size."""
+    delta_psi_cls: torch.Tensor
+    delta_psi_patch: torch.Tensor
+    size: int
+
+
+class DepthAwarePruner(Pruner):
     def __init__(self, model, num_classes: int, config: PruneConfig, schedule: PruneSchedule,
-                 on_update: Optional[Callable[[dict], None]] = None):
+                 on_update=None):
         self.cfg, self.schedule, self.on_update = config, schedule, on_update
         self.sbs = sub_blocks(model)
         n_sb = len(self.sbs)
-        if config.keep_ratio_handcraft is not None and len(config.keep_ratio_handcraft) != n_sb:
-            raise ValueError(f'--prune-kr-handcraft needs {n_sb} values (2 × depth {model.depth}), '
-                             f'got {len(config.keep_ratio_handcraft)}')
+        handcraft = config.keep_ratio_handcraft
+        if handcraft is not None and len(handcraft) != n_sb:
+            raise ConfigError('keep_ratio_handcraft', f'needs {n_sb} values (2 × depth {model.depth}), '
+                                                      f'got {len(handcraft)}')
         device = next(model.parameters()).device
         model.add_gates()
         self.model = model
         # handcrafted κ needs no ΔΨ: no heads are built or trained (as in the authors' code)
-        self.heads = None if config.keep_ratio_handcraft is not None else BlockPerformanceHeads(
+        self.heads = None if handcraft is not None else BlockPerformanceHeads(
             n_sb, model.embed_dim, num_classes, tuple(model.patch_embed.grid_size)).to(device)
-        self.module = PrunableViT(model, self.heads)
+        self.module = PrunerModule(model, self.heads)
         self.performance = BlockPerformance(n_sb, device)
         self.taylor = TaylorScore(self._gates())
         self.dense = torch.tensor([sb.dense_params for sb in self.sbs], dtype=torch.float64)
@@ -87,14 +101,16 @@ class DepthAwarePruner:
         self.budget = block_budget(self.dense.tolist(), self.non_block, config.prune_ratio,
                                    config.block_params_only)
         if self.budget <= 0:
-            raise ValueError(f'--prune-ratio {config.prune_ratio} leaves no parameters for the blocks: '
-                             f'the {self.non_block} non-block parameters alone exceed the budget')
+            raise ConfigError('prune_ratio', f'{config.prune_ratio} leaves no parameters for the blocks: '
+                                             f'the {self.non_block} non-block parameters alone exceed the budget')
+        self.keep_ratio = (self._handcrafted_keep_ratio if handcraft is not None
+                           else self._delta_psi_keep_ratio if config.method == 'block_pr'
+                           else self._uniform_keep_ratio)
+        self.place = self._place_globally if config.method == 'global' else self._place_per_sub_block
         self.step_count = 0
         self.imp_c: Optional[torch.Tensor] = None
         self.imp_p: Optional[torch.Tensor] = None
         self.goal = torch.ones(n_sb, dtype=torch.float64)
-        self.applied = torch.ones(n_sb, dtype=torch.float64)
-        self.records: List[dict] = []
 
     def _gates(self) -> Dict[str, torch.nn.Parameter]:
         return {f'{sb.index}.{n}': g for sb in self.sbs
@@ -102,13 +118,13 @@ class DepthAwarePruner:
 
     # ---- hooks for the training loop ----------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
-        """The ΔΨ heads' parameters, with their own learning rate (§3)."""
+        """The ΔΨ heads' parameters, at their own learning rate (§3), not the backbone's."""
         if self.heads is None:
             return []
         decay = [p for p in self.heads.parameters() if p.ndim > 1]
         no_decay = [p for p in self.heads.parameters() if p.ndim <= 1]
-        return [{'params': decay, 'lr': lr, 'weight_decay': weight_decay},
-                {'params': no_decay, 'lr': lr, 'weight_decay': 0.}]
+        return [{'params': decay, 'lr': self.cfg.head_lr, 'weight_decay': weight_decay},
+                {'params': no_decay, 'lr': self.cfg.head_lr, 'weight_decay': 0.}]
 
     def aux_loss(self, aux, targets, criterion) -> torch.Tensor:
         """All 4·2L head losses, unweighted; records ΔΨ from the prune start step on (§3)."""
@@ -119,13 +135,14 @@ class DepthAwarePruner:
             self.performance.add(lc, lp)
         return lc.sum() + lp.sum()
 
-    @staticmethod
-    def eval_heads(aux):
+    def eval_heads(self, aux):
         """Logits of the last class head and last patch head on the final features."""
+        if aux is None:
+            return {}
         cls, patch = aux
         return {'cls_head': cls[-1, 1], 'patch_head': patch[-1, 1]}
 
-    def step(self, grad_scale: float = 1.0) -> Optional[dict]:
+    def step(self, grad_scale: float = 1.0) -> Optional[Record]:
         """After each optimizer step (gate gradients still present): Taylor scores, and the
         mask update when one is due; then clears the gate gradients (the optimizer does not
         hold the gates, so its zero_grad does not). Returns the update's record, if any."""
@@ -143,85 +160,98 @@ class DepthAwarePruner:
         return record
 
     # ---- the mask update ---------------------------------------------------------------
-    def _goal_keep_ratio(self, mean_c: torch.Tensor, mean_p: torch.Tensor,
-                         kept: torch.Tensor, window: int) -> torch.Tensor:
-        """§4: goal κ from the window's mean ΔΨ (or handcrafted)."""
-        cfg = self.cfg
-        if cfg.keep_ratio_handcraft is not None:
-            return torch.tensor(cfg.keep_ratio_handcraft, dtype=torch.float64)
-        if cfg.method in ('uniform', 'global'):  # global: only the total of κ·P matters
-            return uniform_keep_ratio(self.dense, self.budget)
-        if window == 0:  # empty window: nothing new to judge by
-            return self.goal
-        self.imp_c = block_importance(mean_c, kept, self.imp_c, cfg.block_imp_scale, cfg.gamma)
-        self.imp_p = block_importance(mean_p, kept, self.imp_p, cfg.block_imp_scale, cfg.gamma)
-        importance = cfg.alpha * self.imp_c + (1 - cfg.alpha) * self.imp_p
-        return water_fill(importance, self.dense, self.budget)
-
     @torch.no_grad()
-    def update_masks(self, step: int, tau: Optional[float] = None, final: bool = False) -> dict:
+    def update_masks(self, step: int, tau: Optional[float] = None, final: bool = False) -> Record:
         """One mask update (§4, §5) on the current window of ΔΨ and Taylor scores; the `final`
         one, at finalize, on the current and the previous window together (§5 v2)."""
         self.performance.all_reduce()
         self.taylor.all_reduce()
+        delta_c, delta_p = (m.cpu() for m in self.performance.mean(with_previous=final))
+        window = Window(delta_c, delta_p, self.performance.window_size(with_previous=final))
         kept_before = torch.tensor(kept_params(self.model, self.sbs), dtype=torch.float64)
-        mean_c, mean_p = (m.cpu() for m in self.performance.mean(with_previous=final))
-        window = self.performance.window_size(with_previous=final)
-        self.goal = self._goal_keep_ratio(mean_c, mean_p, kept_before, window)
-        self.applied = ramp(self.goal, self.schedule.ramp_progress(step))
+        self.goal = self.keep_ratio(window, kept_before)
+        applied = ramp(self.goal, self.schedule.ramp_progress(step))
         tau = self.schedule.tau(step) if tau is None else tau
-        if self.cfg.method == 'global':
-            self._global_update(tau, final)
-        else:
-            carry = 0.
-            for sb in self.sbs:
-                scores = [self.taylor.mean(f'{sb.index}.{n}', final) for n in sb.gate_names]
-                importance = element_importance(scores, sb.gate_names, self.cfg.gate_scale)
-                # each sub-block lands within one element of its target; carrying the
-                # difference into the next target keeps the model's total within one element
-                # of the budget too (without it the micro model drifted 1.3% under at pr 0.75)
-                # (κ = 0 and κ = 1 stay exact, and the carry never decides whether a sub-block
-                # lives: where it would push the target below the smallest non-empty sub-block,
-                # it is passed on)
-                kappa = float(self.applied[sb.index])
-                base = kappa * float(self.dense[sb.index])
-                target = base + carry if 0 < kappa < 1 and base + carry >= float(sb.params((1, 1, 1))) else base
-                masks = sub_block_masks(sb, importance, target, tau)
-                for g, m in zip(gates_of(self.model, sb), masks):
-                    g.copy_(m.to(g))
-                if 0 < kappa < 1:
-                    carry = base + carry - float(sb.params([(m >= 0.5).sum() for m in masks]))
+        for sb, masks in zip(self.sbs, self.place(applied, tau, final)):
+            for g, m in zip(gates_of(self.model, sb), masks):
+                g.copy_(m.to(g))
         check_masks_consistent(list(self._gates().values()))
-        kept = kept_params(self.model, self.sbs)
-        if self.cfg.method == 'global':  # the κ the global threshold arrived at, for the logs
-            self.goal = self.applied = torch.tensor(kept, dtype=torch.float64) / self.dense
-        record = {
-            'step': step, 'epoch': step / self.schedule.steps_per_epoch, 'tau': tau,
-            'delta_psi_cls': mean_c.tolist(), 'delta_psi_patch': mean_p.tolist(),
-            'importance_cls': None if self.imp_c is None else self.imp_c.tolist(),
-            'importance_patch': None if self.imp_p is None else self.imp_p.tolist(),
-            'goal_keep_ratio': self.goal.tolist(), 'applied_keep_ratio': self.applied.tolist(),
-            'kept_params': kept, 'total_kept_params': int(sum(kept) + self.non_block),
-            'window': window,
-        }
+        record = self._record(step, tau, window, applied)
         self.performance.next_window()
         if self.cfg.taylor_window == 'update':
             self.taylor.next_window()
-        self.records.append(record)
-        if self.on_update is not None:
-            self.on_update(record)
-        return record
+        return self.emit(record)
 
-    def _global_update(self, tau: float, final: bool):
-        """The global ablation: one threshold over all sub-blocks' elements (BASELINES.md)."""
+    # how many parameters each sub-block keeps (§4): one of these three, chosen in __init__
+    def _delta_psi_keep_ratio(self, window: Window, kept: torch.Tensor) -> torch.Tensor:
+        """§4: importance from the window's mean ΔΨ, water-filled to the budget."""
+        if window.size == 0:  # empty window: nothing new to judge by
+            return self.goal
+        cfg = self.cfg
+        self.imp_c = block_importance(window.delta_psi_cls, kept, self.imp_c, cfg.block_imp_scale, cfg.gamma)
+        self.imp_p = block_importance(window.delta_psi_patch, kept, self.imp_p, cfg.block_imp_scale, cfg.gamma)
+        return water_fill(cfg.alpha * self.imp_c + (1 - cfg.alpha) * self.imp_p, self.dense, self.budget)
+
+    def _uniform_keep_ratio(self, window: Window, kept: torch.Tensor) -> torch.Tensor:
+        """The uniform ablation; for `global` only its total Σ κ·P matters."""
+        return uniform_keep_ratio(self.dense, self.budget)
+
+    def _handcrafted_keep_ratio(self, window: Window, kept: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.cfg.keep_ratio_handcraft, dtype=torch.float64)
+
+    # which elements (§5): one of these two, chosen in __init__
+    def _scores(self, sb, final: bool) -> List[torch.Tensor]:
+        return [self.taylor.mean(f'{sb.index}.{n}', with_previous=final) for n in sb.gate_names]
+
+    def _place_per_sub_block(self, applied: torch.Tensor, tau: float, final: bool):
+        """§5 per sub-block, towards κ(step)·P_i. Each sub-block lands within one element of
+        its target; the difference is carried into the next sub-block's target, which keeps
+        the model's total within one element of the budget too (without it the micro model
+        drifted 1.3% under at pr 0.75). κ = 0 and κ = 1 stay exact, and the carry never
+        decides whether a sub-block lives: where it would push a target below the smallest
+        non-empty sub-block, it is passed on."""
+        carry, out = 0., []
+        for sb in self.sbs:
+            kappa = float(applied[sb.index])
+            target = kappa * float(self.dense[sb.index])
+            partial = 0 < kappa < 1
+            if partial and target + carry >= float(sb.params((1, 1, 1))):
+                target, carry = target + carry, 0.
+            importance = element_importance(self._scores(sb, final), sb.gate_names, self.cfg.gate_scale)
+            masks = sub_block_masks(sb, importance, target, tau)
+            if partial:
+                carry += target - float(sb.params([int(binarize(m).sum()) for m in masks]))
+            out.append(masks)
+        return out
+
+    def _place_globally(self, applied: torch.Tensor, tau: float, final: bool):
+        """The global ablation: one threshold over all sub-blocks' elements, ranked by Taylor
+        score per parameter the element controls (BASELINES.md)."""
         scores = []
         for sb in self.sbs:
-            raw = torch.cat([self.taylor.mean(f'{sb.index}.{n}', final) for n in sb.gate_names])
-            scores.append(raw / element_costs(sb).to(raw.device))
-        target = float((self.applied * self.dense).sum())
-        for sb, masks in zip(self.sbs, global_masks(self.sbs, scores, target, tau)):
-            for g, m in zip(gates_of(self.model, sb), masks):
-                g.copy_(m.to(g))
+            raw = torch.cat(self._scores(sb, final))
+            scores.append(raw / sb.element_costs().to(raw.device))
+        return global_masks(self.sbs, scores, float((applied * self.dense).sum()), tau)
+
+    def _record(self, step: int, tau: float, window: Window, applied: torch.Tensor) -> Record:
+        kept = kept_params(self.model, self.sbs)
+        data = {
+            'step': step, 'epoch': step / self.schedule.steps_per_epoch, 'tau': tau,
+            'delta_psi_cls': window.delta_psi_cls.tolist(), 'delta_psi_patch': window.delta_psi_patch.tolist(),
+            'importance_cls': None if self.imp_c is None else self.imp_c.tolist(),
+            'importance_patch': None if self.imp_p is None else self.imp_p.tolist(),
+            'goal_keep_ratio': self.goal.tolist(), 'applied_keep_ratio': applied.tolist(),
+            'keep_ratio': (torch.tensor(kept, dtype=torch.float64) / self.dense).tolist(),
+            'kept_params': kept, 'total_kept_params': int(sum(kept) + self.non_block),
+            'window': window.size,
+        }
+        scalars = {'pruning/total_kept_params': data['total_kept_params'], 'pruning/tau': tau}
+        tags = {'goal_keep_ratio': 'keep_ratio_goal', 'applied_keep_ratio': 'keep_ratio_applied',
+                'kept_params': 'kept_params', 'delta_psi_cls': 'delta_psi_cls', 'delta_psi_patch': 'delta_psi_patch'}
+        for sb in self.sbs:
+            for key, tag in tags.items():
+                scalars[f'{tag}/{sb.name}'] = data[key][sb.index]
+        return Record(data, scalars)
 
     # ---- the end ------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,11 +263,9 @@ class DepthAwarePruner:
         last = max(self.step_count - 1, self.schedule.step_final - 1)
         self.update_masks(last, tau=self.schedule.tau_min, final=True)
         for g in self._gates().values():
-            g.copy_((g >= 0.5).to(g))
+            g.copy_(binarize(g).to(g))
         kept = kept_params(self.model, self.sbs)
-        rows = [{'sub_block': sb.name, 'dense_params': sb.dense_params, 'kept_params': k,
-                 'goal_keep_ratio': float(self.goal[sb.index]),
-                 'keep_ratio': k / sb.dense_params, 'skipped': k == 0}
+        rows = [summary_row(sb.name, sb.dense_params, k, float(self.goal[sb.index]))
                 for sb, k in zip(self.sbs, kept)]
         cut = cut_model(self.model)
         self.model.remove_gates()
@@ -247,28 +275,12 @@ class DepthAwarePruner:
     def state_dict(self) -> dict:
         return {'step': self.step_count, 'performance': self.performance.state_dict(),
                 'taylor': self.taylor.state_dict(), 'imp_c': self.imp_c, 'imp_p': self.imp_p,
-                'goal': self.goal, 'applied': self.applied,
-                'heads': None if self.heads is None else self.heads.state_dict()}
+                'goal': self.goal, 'heads': None if self.heads is None else self.heads.state_dict()}
 
     def load_state_dict(self, sd: dict):
         self.step_count = int(sd['step'])
         self.performance.load_state_dict(sd['performance'])
         self.taylor.load_state_dict(sd['taylor'])
-        self.imp_c, self.imp_p = sd['imp_c'], sd['imp_p']
-        self.goal, self.applied = sd['goal'], sd['applied']
+        self.imp_c, self.imp_p, self.goal = sd['imp_c'], sd['imp_p'], sd['goal']
         if self.heads is not None:
             self.heads.load_state_dict(sd['heads'])
-
-
-def format_summary(rows: Sequence[dict], flops_before: float, flops_after: float,
-                   params_before: int, params_after: int) -> str:
-    """The table printed at finalize: per sub-block (any pruner's rows), then totals."""
-    lines = [f'{"sub-block":<10}{"dense":>12}{"kept":>12}{"goal κ":>9}{"κ":>8}  skipped']
-    for r in rows:
-        goal = f'{r["goal_keep_ratio"]:>9.3f}' if r.get('goal_keep_ratio') is not None else f'{"–":>9}'
-        lines.append(f'{r["sub_block"]:<10}{r["dense_params"]:>12,}{r["kept_params"]:>12,}'
-                     f'{goal}{r["keep_ratio"]:>8.3f}  {"yes" if r["skipped"] else ""}')
-    lines.append(f'params: {params_before:,} -> {params_after:,} ({params_after / params_before:.3f}); '
-                 f'FLOPs: {flops_before / 1e6:,.1f}M -> {flops_after / 1e6:,.1f}M '
-                 f'({flops_after / flops_before:.3f})')
-    return '\n'.join(lines)

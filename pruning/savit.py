@@ -1,12 +1,13 @@
 """SaViT baseline (Zheng et al., NeurIPS 2022), one-shot, as BASELINES.md "SaViT" specifies.
 
     pruner = SaViTPruner(model, num_classes, SaViTConfig(prune_ratio=0.5))
-    net = pruner.module                          # the model itself; wrap it in DDP
-    for images, targets in a fraction of one epoch:   # no weight updates
-        criterion(net(images), targets).backward()
-        pruner.accumulate()                      # Taylor FO (g·∂L/∂g)² of every gate
+    net = pruner.module                          # forward(x) -> (logits, None); wrap it in DDP
+    for images, targets in pruner.score_batches(len(loader)) batches:   # no weight updates
+        logits, _ = net(images)
+        criterion(logits, targets).backward()
+        pruner.step()                            # Taylor FO (g·∂L/∂g)² of every gate
         model.zero_grad()
-    pruner.estimate_interaction(batches, criterion)   # optional: the 3 × 3 matrix C
+    pruner.calibrate(batches, criterion)         # with use_interaction: the 3 × 3 matrix C
     cut, rows = pruner.finalize()                # search, global thresholds, cut
 
 Three component types are pruned: attention heads (gate after attention·V), MLP hidden neurons
@@ -39,7 +40,8 @@ import torch
 
 from models import HEAD_GATE
 from .cut import cut_model
-from .gates import check_masks_consistent
+from .gates import attn_params, check_masks_consistent, mlp_params
+from .protocol import ConfigError, Pruner, PrunerModule, Record, summary_row
 from .taylor import TaylorScore
 
 SAVIT_GATES = (HEAD_GATE, 'mlp_hid')
@@ -56,18 +58,21 @@ class SaViTConfig:
     generations: int = 100
     min_keep: float = 0.05      # at least this share of each layer's units of each type (≥ 1)
     use_interaction: bool = False
+    score_fraction: float = 0.1     # of a training epoch, over which Taylor scores are averaged
     seed: int = 0
 
     def __post_init__(self):
         if not 0 < self.prune_ratio < 1:
-            raise ValueError(f'--prune-ratio must be in (0, 1), got {self.prune_ratio}')
+            raise ConfigError('prune_ratio', f'must be in (0, 1), got {self.prune_ratio}')
         if self.budget not in BUDGETS:
-            raise ValueError(f'unknown SaViT budget {self.budget!r}; choose from {", ".join(BUDGETS)}')
-        if self.population < 1 or self.children < 0 or self.generations < 0:
-            raise ValueError('SaViT search needs population ≥ 1, children ≥ 0, generations ≥ 0, got '
-                             f'{self.population}, {self.children}, {self.generations}')
+            raise ConfigError('budget', f'{self.budget!r} is not one of {", ".join(BUDGETS)}')
+        for name, least in (('population', 1), ('children', 0), ('generations', 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(name, f'must be at least {least}, got {getattr(self, name)}')
         if not 0 <= self.min_keep < 1:
-            raise ValueError(f'SaViT min_keep must be in [0, 1), got {self.min_keep}')
+            raise ConfigError('min_keep', f'must be in [0, 1), got {self.min_keep}')
+        if not 0 < self.score_fraction <= 1:
+            raise ConfigError('score_fraction', f'must be in (0, 1], got {self.score_fraction}')
 
 
 # ---- exact kept parameters and FLOPs --------------------------------------------------------
@@ -103,12 +108,12 @@ class ViTShape:
         """
         h, m = heads.double(), hidden.double()
         e = embed.double()
-        E, d = e.unsqueeze(-1), self.head_dim
-        attn = E * 3 * h * d + 3 * h * d * self.qkv_bias + h * d * E + E + 2 * E  # qkv, proj, norm1
-        mlp = E * m + m + m * E + E + 2 * E                                         # fc1, fc2, norm2
+        E = e.unsqueeze(-1).expand_as(h)
+        attn = attn_params(E, h, torch.full_like(h, self.head_dim), E, self.qkv_bias)
+        mlp = mlp_params(E, m, E)
         C, N = self.num_classes, self.num_patches + 1
         rest = e * (self.patch_in + self.patch_bias) + e + N * e + 2 * e + e * C + C  # patch, cls, pos, norm, head
-        return torch.where(h > 0, attn, 0.), torch.where(m > 0, mlp, 0.), rest
+        return attn, mlp, rest
 
     def flops(self, heads, hidden, embed):
         """FLOPs of one image per part, as `params` (see the module docstring for what counts)."""
@@ -321,14 +326,16 @@ def evolutionary_search(space: SaViTSpace, cfg: SaViTConfig,
 
 
 # ---- the pruner -------------------------------------------------------------------------------
-class SaViTPruner:
-    def __init__(self, model, num_classes: int, config: SaViTConfig,
-                 on_update: Optional[Callable[[dict], None]] = None):
+class SaViTPruner(Pruner):
+    one_shot = True  # Taylor scores without weight updates, the search, the cut
+
+    def __init__(self, model, num_classes: int, config: SaViTConfig, schedule=None,
+                 on_update: Optional[Callable[[Record], None]] = None):
         self.cfg, self.on_update = config, on_update
         self.num_classes = num_classes
         self.shape = ViTShape.from_model(model)
         model.add_gates(names=SAVIT_GATES, embed=True)
-        self.model = self.module = model
+        self.model, self.module = model, PrunerModule(model)
         self.taylor = TaylorScore(self._gates())
         self.interaction: Optional[torch.Tensor] = None
         self.search_result: Optional[dict] = None
@@ -336,14 +343,14 @@ class SaViTPruner:
 
     def _gates(self) -> Dict[str, torch.nn.Parameter]:
         gates = {f'{l}.{n}': b.gates[n] for l, b in enumerate(self.model.blocks) for n in SAVIT_GATES}
-        gates['embed'] = self.model.embed_gate
+        gates['embed'] = self.model.embed_gate.mask
         return gates
 
     def _groups(self) -> List[List[torch.nn.Parameter]]:
         """The gates of each component type, in COMPONENTS order."""
         blocks = self.model.blocks
         return [[b.gates[HEAD_GATE] for b in blocks], [b.gates['mlp_hid'] for b in blocks],
-                [self.model.embed_gate]]
+                [self.model.embed_gate.mask]]
 
     def _check_budget_reachable(self):
         """Fail before any scoring if even the most pruned model (min_keep of every type)
@@ -354,17 +361,32 @@ class SaViTPruner:
                              torch.tensor(k[2])))
         dense = float(s.cost(cfg.budget, *s.dense_counts()))
         if least > (1 - cfg.prune_ratio) * dense:
-            raise ValueError(f'--prune-ratio {cfg.prune_ratio} is out of reach for SaViT: keeping '
-                             f'{cfg.min_keep:.0%} of each layer still leaves {least / dense:.3f} of the {cfg.budget}')
+            raise ConfigError('prune_ratio', f'{cfg.prune_ratio} is out of reach for SaViT: keeping '
+                                             f'{cfg.min_keep:.0%} of each layer still leaves '
+                                             f'{least / dense:.3f} of the {cfg.budget}')
 
     # ---- scores ------------------------------------------------------------------------------
-    def accumulate(self, grad_scale: float = 1.0) -> None:
+    def score_batches(self, batches_per_epoch: int) -> int:
+        return max(1, math.ceil(self.cfg.score_fraction * batches_per_epoch))
+
+    def step(self, grad_scale: float = 1.0) -> None:
         """After a backward pass: add (g·∂L/∂g)² of every gate (Taylor FO), then clear the
         gate gradients (no optimizer holds the gates, so nothing else would)."""
         gates = self._gates()
         self.taylor.accumulate(gates, grad_scale)
         for g in gates.values():
             g.grad = None
+
+    def calibrate(self, batches, criterion, max_batches: int = 4) -> None:
+        """With `use_interaction`: the interaction matrix C on the first `max_batches` batches."""
+        if self.cfg.use_interaction:
+            taken = []
+            for batch in batches:
+                taken.append(batch)
+                if len(taken) == max_batches:
+                    break
+            C = self.estimate_interaction(taken, criterion)
+            print('SaViT interaction matrix (heads, mlp, embed):', C.tolist())
 
     def scores(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean Taylor scores: heads (L, H), hidden neurons (L, M), embedding channels (D,)."""
@@ -422,7 +444,7 @@ class SaViTPruner:
     def search(self) -> dict:
         """The evolutionary search on the current (local) scores; changes nothing."""
         if self.taylor.count == 0:
-            raise RuntimeError('SaViT has no Taylor scores: call accumulate() after backward passes')
+            raise RuntimeError('SaViT has no Taylor scores: call step() after backward passes')
         C = self.interaction if self.cfg.use_interaction else None
         if self.cfg.use_interaction and C is None:
             raise RuntimeError('use_interaction is set but estimate_interaction() was not run')
@@ -442,7 +464,7 @@ class SaViTPruner:
         for grp, mask in zip(self._groups()[:2], masks[:2]):
             for g, m in zip(grp, mask):
                 g.copy_(m.to(g))
-        self.model.embed_gate.copy_(masks[2].to(self.model.embed_gate))
+        self.model.embed_gate.mask.copy_(masks[2].to(self.model.embed_gate.mask))
         check_masks_consistent(list(self._gates().values()))
         rows = self._rows(result)
         cut = cut_model(self.model)
@@ -451,8 +473,8 @@ class SaViTPruner:
         if counted != result['kept_params']:  # the closed form and the cut must agree exactly
             raise RuntimeError(f'SaViT: cut model has {counted} parameters, closed form {result["kept_params"]}')
         self.search_result = result
-        if self.on_update is not None:
-            self.on_update(result)
+        self.emit(Record(result, {f'pruning/{k}': v for k, v in result.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)}))
         return cut, rows
 
     def _rows(self, result: dict) -> List[dict]:
@@ -464,8 +486,8 @@ class SaViTPruner:
         rows = []
         for l in range(s.depth):
             for name, dense, kept in (('attn', attn_d[l], attn_k[l]), ('mlp', mlp_d[l], mlp_k[l])):
-                rows.append(_row(f'{name}{l}', int(dense), int(kept)))
-        rows.append(_row('embed', int(rest_d), int(rest_k)))
+                rows.append(summary_row(f'{name}{l}', int(dense), int(kept)))
+        rows.append(summary_row('embed', int(rest_d), int(rest_k)))
         return rows
 
     # ---- checkpointing ------------------------------------------------------------------
@@ -477,10 +499,3 @@ class SaViTPruner:
         self.taylor.load_state_dict(sd['taylor'])
         self.interaction = sd.get('interaction')
         self.search_result = sd.get('search_result')
-
-
-def _row(name: str, dense: int, kept: int) -> dict:
-    # 'goal_keep_ratio' repeats keep_ratio (SaViT has no per-block goal) so that
-    # pruner.format_summary prints these rows as it prints DAP's
-    return {'sub_block': name, 'dense_params': dense, 'kept_params': kept,
-            'keep_ratio': kept / dense, 'goal_keep_ratio': kept / dense, 'skipped': kept == 0}

@@ -1,6 +1,8 @@
 """When things happen (METHOD.md §6). Steps are optimizer steps, counted from 0 over the run."""
 from dataclasses import dataclass
 
+from .protocol import ConfigError
+
 
 @dataclass(frozen=True)
 class PruneSchedule:
@@ -13,18 +15,19 @@ class PruneSchedule:
     tau_min: float = 0.0
 
     def __post_init__(self):
-        if self.steps_per_epoch < 1:
-            raise ValueError(f'steps per epoch must be at least 1, got {self.steps_per_epoch}')
-        if self.steps_update_mask < 1:
-            raise ValueError(f'--prune-steps-update-mask must be at least 1, got {self.steps_update_mask}')
-        if not 0 <= self.start_epoch <= self.sparse_epoch <= self.finalize_epoch:
-            raise ValueError('pruning epochs must satisfy 0 <= --prune-start-epoch <= '
-                             '--prune-sparse-epoch <= --prune-finalize-epoch, got '
-                             f'{self.start_epoch}, {self.sparse_epoch}, {self.finalize_epoch}')
-        if self.finalize_epoch < 1:
-            raise ValueError('--prune-finalize-epoch must be at least 1')
-        if not 0 <= self.tau_min <= self.tau_max:
-            raise ValueError(f'need 0 <= --pr-tau-min <= --pr-tau-max, got {self.tau_min}, {self.tau_max}')
+        for name in ('steps_per_epoch', 'steps_update_mask', 'finalize_epoch'):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f'must be at least 1, got {getattr(self, name)}')
+        if self.start_epoch < 0:
+            raise ConfigError('start_epoch', f'must not be negative, got {self.start_epoch}')
+        if self.start_epoch > self.sparse_epoch:
+            raise ConfigError('start_epoch', f'{self.start_epoch} is after the sparse epoch {self.sparse_epoch}')
+        if self.sparse_epoch > self.finalize_epoch:
+            raise ConfigError('sparse_epoch', f'{self.sparse_epoch} is after the finalize epoch {self.finalize_epoch}')
+        if self.tau_min < 0:
+            raise ConfigError('tau_min', f'must not be negative, got {self.tau_min}')
+        if self.tau_min > self.tau_max:
+            raise ConfigError('tau_min', f'{self.tau_min} is above the largest temperature {self.tau_max}')
 
     @property
     def step_start(self) -> int:

@@ -4,6 +4,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from models import binarize
+
 from .gates import SubBlock
 
 DEFAULT_GATE_SCALE = {'attn_out': 1.5, 'mlp_hid': 0.75, 'mlp_out': 1.5}
@@ -85,6 +87,13 @@ def rank_percentile(score: torch.Tensor) -> torch.Tensor:
     return (ranks + 1).double() / len(score)
 
 
+def _remove_if_empty(masks: List[torch.Tensor]) -> List[torch.Tensor]:
+    """An empty gate removes the whole sub-block (§2): all three gates go to zero."""
+    if any(not binarize(m).any() for m in masks):
+        return [torch.zeros_like(m) for m in masks]
+    return masks
+
+
 def element_importance(scores: Sequence[torch.Tensor], gate_names: Sequence[str],
                        gate_scale: Dict[str, float]) -> torch.Tensor:
     """Steps 1–2: per-gate percentiles times the per-gate factor, concatenated over the three gates."""
@@ -138,29 +147,14 @@ def sub_block_masks(sb: SubBlock, importance: torch.Tensor, target: float,
     values = torch.empty(n, dtype=torch.float64, device=importance.device)
     values[order] = soft_mask(n, t, tau, device=importance.device)
     masks = list(torch.split(values, list(sb.gate_sizes)))
-    if any(int((m >= 0.5).sum()) == 0 for m in masks):
-        masks = [torch.zeros_like(m) for m in masks]  # an empty gate removes the sub-block (§2)
-    return masks
-
-
-def element_costs(sb: SubBlock) -> torch.Tensor:
-    """Parameters each gate element of the dense sub-block controls (its rows / columns in
-    the Linear layers and LayerNorm), concatenated over the three gates: the "per parameter
-    cost" by which the global ablation ranks elements (BASELINES.md)."""
-    a, b, c = sb.gate_sizes
-    if sb.kind == 'attn':
-        h = sb.num_heads
-        per = (3 * h * b + 2, 3 * h * a + 3 * h + h * c, h * b + 1)
-    else:
-        per = (b + 2, a + 1 + c, b + 1)
-    return torch.repeat_interleave(torch.tensor(per, dtype=torch.float64), torch.tensor(sb.gate_sizes))
+    return _remove_if_empty(masks)
 
 
 def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target: float,
                  tau: float) -> List[List[torch.Tensor]]:
     """The global ablation: one threshold over the elements of all sub-blocks at once.
 
-    `scores[i]` are sub-block i's Taylor scores divided by `element_costs`, concatenated over
+    `scores[i]` are sub-block i's Taylor scores divided by `SubBlock.element_costs`, concatenated over
     its gates. Elements are ranked together and the t lowest dropped, with t the smallest
     count whose kept parameters (§2's coupled count) do not exceed `target` (or the closer of
     t and t − 1); the soft mask of §5 is applied to the global ranking.
@@ -192,8 +186,5 @@ def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target
     values[order] = soft_mask(len(flat), t, tau, device=device)
     out = []
     for sb, block_values in zip(sbs, torch.split(values, [sum(sb.gate_sizes) for sb in sbs])):
-        masks = list(torch.split(block_values, list(sb.gate_sizes)))
-        if any(int((m >= 0.5).sum()) == 0 for m in masks):
-            masks = [torch.zeros_like(m) for m in masks]  # an empty gate removes the sub-block (§2)
-        out.append(masks)
+        out.append(_remove_if_empty(list(torch.split(block_values, list(sb.gate_sizes)))))
     return out

@@ -6,7 +6,7 @@ every forward, trained straight-through. A Lagrangian term holds the expected ke
 s at or below the target T. Depth: shallow classifiers on the class token after chosen blocks,
 trained jointly; at the end the model is truncated and one of them becomes its head.
 
-    pruner = WDPrunePruner(model, num_classes, WDPruneConfig(prune_ratio=0.5), total_steps)
+    pruner = WDPrunePruner(model, num_classes, WDPruneConfig(prune_ratio=0.5), schedule)
     net = pruner.module                       # forward(x) -> (logits, aux); wrap it in DDP
     optimizer = AdamW(model_params + pruner.param_groups(lr, weight_decay))
     loss = criterion(logits, y) + pruner.aux_loss(aux, y, criterion)
@@ -22,8 +22,10 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from .cut import cut_model
+from .gates import attn_params, check_masks_consistent, mlp_params
 from .keep_ratio import block_budget
-from .gates import check_masks_consistent
+from .protocol import ConfigError, Pruner, PrunerModule, Record, summary_row
+from .schedule import PruneSchedule
 
 # The masked layers of one block, in the column order of the thresholds tensor (L, 4).
 MASKED = ('attn_head', 'attn_out', 'mlp_hid', 'mlp_out')
@@ -48,12 +50,16 @@ class WDPruneConfig:
     def __post_init__(self):
         self.classifiers = tuple(sorted(set(int(k) for k in self.classifiers)))
         if not 0 < self.prune_ratio < 1:
-            raise ValueError(f'--prune-ratio must be in (0, 1), got {self.prune_ratio}')
-        if self.round_to < 1 or self.record_every < 1 or self.lr < 0 or self.lambda_lr < 0:
-            raise ValueError('round_to and record_every must be ≥ 1, lr and lambda_lr ≥ 0')
+            raise ConfigError('prune_ratio', f'must be in (0, 1), got {self.prune_ratio}')
+        for name in ('round_to', 'record_every'):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f'must be at least 1, got {getattr(self, name)}')
+        for name in ('lr', 'lambda_lr'):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f'must not be negative, got {getattr(self, name)}')
         if self.keep_depth is not None and self.keep_depth not in self.classifiers:
-            raise ValueError(f'--keep-depth {self.keep_depth} needs a shallow classifier there; '
-                             f'classifiers are {list(self.classifiers)}')
+            raise ConfigError('keep_depth', f'{self.keep_depth} needs a classifier there: add it to the '
+                                            f'shallow classifiers {list(self.classifiers)}')
 
 
 def kept_count(ratio: float, n: int, round_to: int = 1) -> int:
@@ -80,10 +86,8 @@ def block_keep_fraction(r: torch.Tensor, D: int, hid: int) -> torch.Tensor:
 
 def block_params(D: int, hd: int, heads, o, f1, f2) -> Tuple[int, int]:
     """Exact parameters of a block's attention and MLP under kept counts, as `cut_model` builds
-    them; a sub-block with an empty gate is removed and costs 0."""
-    attn = 0 if heads == 0 or o == 0 else 3 * heads * hd * (D + 1) + heads * hd * o + o + 2 * D
-    mlp = 0 if f1 == 0 or f2 == 0 else f1 * (D + 1) + f1 * f2 + f2 + 2 * D
-    return attn, mlp
+    them (every block reads all D dims); a sub-block with an empty gate is removed, costs 0."""
+    return int(attn_params(D, heads, hd, o)), int(mlp_params(D, f1, f2))
 
 
 class ShallowClassifier(nn.Module):
@@ -98,56 +102,54 @@ class ShallowClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
 
-class WDPruneViT(nn.Module):
-    """The gated ViT with its shallow classifiers, one module for DDP. forward(x) -> (logits,
-    tuple of shallow logits); no detach: the classifiers' losses train the backbone."""
+class ShallowClassifiers(nn.ModuleDict):
+    """`classifierK` after block K; forward(residual stream) -> their logits, in K order. No
+    detach: the classifiers' losses train the backbone."""
 
-    def __init__(self, model, classifiers: nn.ModuleDict, depths: Sequence[int]):
-        super().__init__()
-        self.model, self.classifiers, self.depths = model, classifiers, tuple(depths)
+    def __init__(self, depths: Sequence[int], dim: int, num_classes: int):
+        super().__init__({f'classifier{k}': ShallowClassifier(dim, num_classes) for k in depths})
+        self.depths = tuple(depths)
 
-    def forward(self, x):
-        logits, stream = self.model.forward_stream(x)
-        return logits, tuple(
-            clf.head(self.model.final_norm(stream[2 * k][:, 0], clf.norm))
-            for k, clf in zip(self.depths, self.classifiers.values()))
+    def forward(self, stream):
+        return tuple(clf.head(clf.norm(stream[2 * k][:, 0])) for k, clf in zip(self.depths, self.values()))
 
 
-class WDPrunePruner:
-    def __init__(self, model, num_classes: int, config: WDPruneConfig, total_steps: int,
-                 on_update: Optional[Callable[[dict], None]] = None):
+class WDPrunePruner(Pruner):
+    follows_lr_schedule = True  # one joint run on DeiT's schedule (BASELINES.md)
+
+    def __init__(self, model, num_classes: int, config: WDPruneConfig, schedule: PruneSchedule,
+                 on_update: Optional[Callable[[Record], None]] = None):
         cfg = self.cfg = config
-        self.on_update, self.total_steps = on_update, max(int(total_steps), 1)
+        self.on_update, self.total_steps = on_update, max(schedule.step_final, 1)
         L, D, H = model.depth, model.embed_dim, model.num_heads
         bad = [k for k in cfg.classifiers if not 1 <= k < L]
         if bad:
-            raise ValueError(f'shallow classifiers must sit after blocks 1 … {L - 1}, got {bad}')
+            raise ConfigError('classifiers', f'{bad} outside 1 … {L - 1}: shallow classifiers sit after a block')
         dev = next(model.parameters()).device
         model.add_gates(names=MASKED)  # before DDP wraps the module
+        self.gates = {n: [blk.gates[n] for blk in model.blocks] for n in MASKED}  # per layer
         self.model, self.L, self.D, self.hd = model, L, D, D // H
         self.hid = int(D * model.mlp_ratio)
         self.sizes = dict(zip(MASKED, (H, D, self.hid, D)))
-        self.classifiers = nn.ModuleDict({f'classifier{k}': ShallowClassifier(D, num_classes)
-                                          for k in cfg.classifiers}).to(dev)
-        self.module = WDPruneViT(model, self.classifiers, cfg.classifiers)
+        self.classifiers = ShallowClassifiers(cfg.classifiers, D, num_classes).to(dev)
+        self.module = PrunerModule(model, self.classifiers)
 
         self.scores = {n: torch.zeros(L, s, device=dev, requires_grad=True) for n, s in self.sizes.items()}
         self.threshold = torch.full((L, 4), cfg.threshold_init, device=dev, requires_grad=True)
         self.optimizer = torch.optim.AdamW([*self.scores.values(), self.threshold], lr=cfg.lr,
                                            weight_decay=0.)
         self.lambda1 = self.lambda2 = 0.
-        self.step_count, self.records, self.shrink_factor = 0, [], 1.
+        self.step_count, self.shrink_factor = 0, 1.
 
         dense = sum(block_params(D, self.hd, H, D, self.hid, D)) * L
-        non_block = sum(p.numel() for n, p in model.named_parameters()
-                        if '.gates.' not in n and n != 'embed_gate') - dense
+        non_block = model.num_parameters() - dense
         self.dense_block, self.non_block = dense, non_block
         self.budget = block_budget([dense], non_block, cfg.prune_ratio, cfg.block_params_only)
         self.target = self.budget / dense  # T of BASELINES.md
         smallest = self._kept_block_params(self._counts(torch.zeros(L, 4, dtype=torch.float64)))
         if self.budget < smallest:
-            raise ValueError(f'--prune-ratio {cfg.prune_ratio} leaves {self.budget:.0f} block params, '
-                             f'fewer than the smallest masks (1 head, {cfg.round_to} units) keep: {smallest}')
+            raise ConfigError('prune_ratio', f'{cfg.prune_ratio} leaves {self.budget:.0f} block params, fewer '
+                                             f'than the smallest masks (1 head, {cfg.round_to} units) keep: {smallest}')
         self.apply_masks()
 
     # ---- masks -----------------------------------------------------------------------------
@@ -165,8 +167,8 @@ class WDPrunePruner:
         self.counts = counts
         for j, n in enumerate(MASKED):
             masks = topk_mask(self.scores[n].detach(), counts[:, j])
-            for blk, m in zip(self.model.blocks, masks):
-                blk.gates[n].copy_(m)
+            for gate, m in zip(self.gates[n], masks):
+                gate.copy_(m)
 
     def _hard_ratios(self) -> torch.Tensor:
         return self.counts.double() / torch.tensor([self.sizes[n] for n in MASKED], dtype=torch.float64)
@@ -195,20 +197,20 @@ class WDPrunePruner:
 
     def aux_loss(self, aux, targets, criterion) -> torch.Tensor:
         """Shallow classifiers' losses (equal weights) + λ1(s − T) + λ2(s − T)² when s > T."""
-        loss = sum((criterion(o, targets) for o in aux), torch.zeros((), device=self.threshold.device))
+        loss = sum((criterion(o, targets) for o in aux or ()), torch.zeros((), device=self.threshold.device))
         if self.hard_keep() > self.target:
             gap = self.expected_keep() - self.target
             loss = loss + self.lambda1 * gap + self.lambda2 * gap ** 2
         return loss
 
     def eval_heads(self, aux) -> Dict[str, torch.Tensor]:
-        return dict(zip(self.classifiers.keys(), aux))
+        return dict(zip(self.classifiers.keys(), aux or ()))
 
     def _set_grads(self, grad_scale: float = 1.0) -> bool:
         """Straight-through: ∂L/∂S = ∂L/∂M, ∂L/∂t = Σ ∂L/∂M·M (+ the budget's part, already in
         t.grad from aux_loss). False, and no gradient, when one is missing or not finite
         (an AMP step the scaler skips)."""
-        grads = {n: [blk.gates[n].grad for blk in self.model.blocks] for n in MASKED}
+        grads = {n: [g.grad for g in self.gates[n]] for n in MASKED}
         if any(g is None for gs in grads.values() for g in gs):
             return False
         grads = {n: torch.stack(gs) for n, gs in grads.items()}
@@ -216,13 +218,13 @@ class WDPrunePruner:
             return False
         t_grad = torch.zeros_like(self.threshold) if self.threshold.grad is None else self.threshold.grad
         for j, n in enumerate(MASKED):
-            mask = torch.stack([blk.gates[n].detach() for blk in self.model.blocks])
+            mask = torch.stack([g.detach() for g in self.gates[n]])
             self.scores[n].grad = grads[n] / grad_scale
             t_grad[:, j] += (grads[n] * mask).sum(1)
         self.threshold.grad = t_grad / grad_scale
         return True
 
-    def step(self, grad_scale: float = 1.0) -> Optional[dict]:
+    def step(self, grad_scale: float = 1.0) -> Optional[Record]:
         """After each optimizer step: λ ascent, S and t update, new masks into the gates, gate
         gradients cleared (the main optimizer does not hold them). Returns a record every
         `record_every` steps."""
@@ -245,17 +247,15 @@ class WDPrunePruner:
         check_masks_consistent(self.model.gate_parameters())
         return self._record(step, gap)
 
-    def _record(self, step: int, gap: float) -> dict:
+    def _record(self, step: int, gap: float) -> Record:
         ratios, soft = self._hard_ratios(), self.threshold.detach().sigmoid().cpu()
-        record = {'step': step, 's': gap + self.target, 'target': self.target,
-                  'lambda1': self.lambda1, 'lambda2': self.lambda2,
-                  'total_kept_params': int(self._kept_block_params(self.counts) + self.non_block),
-                  'keep_ratio': {n: ratios[:, j].tolist() for j, n in enumerate(MASKED)},
-                  'threshold_ratio': {n: soft[:, j].tolist() for j, n in enumerate(MASKED)}}
-        self.records.append(record)
-        if self.on_update is not None:
-            self.on_update(record)
-        return record
+        data = {'step': step, 's': gap + self.target, 'target': self.target,
+                'lambda1': self.lambda1, 'lambda2': self.lambda2,
+                'total_kept_params': int(self._kept_block_params(self.counts) + self.non_block),
+                'keep_ratio': {n: ratios[:, j].tolist() for j, n in enumerate(MASKED)},
+                'threshold_ratio': {n: soft[:, j].tolist() for j, n in enumerate(MASKED)}}
+        scalars = {f'pruning/{k}': data[k] for k in ('s', 'target', 'lambda1', 'lambda2', 'total_kept_params')}
+        return self.emit(Record(data, scalars))
 
     # ---- the end ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -304,19 +304,15 @@ class WDPrunePruner:
         afterwards): truncating removes more, so a keep_depth model keeps less than (1 − pr)."""
         s_learned = self.hard_keep()
         factor = self.fit_budget()
-        record = {'event': 'wdprune_fit_budget', 's_learned': s_learned, 'target': self.target,
-                  'shrink_factor': factor, 's_cut': self.hard_keep()}
-        if self.on_update is not None:
-            self.on_update(record)
+        self.emit(Record({'event': 'wdprune_fit_budget', 's_learned': s_learned, 'target': self.target,
+                          'shrink_factor': factor, 's_cut': self.hard_keep()}))
         check_masks_consistent(self.model.gate_parameters())
         depth = self.cfg.keep_depth or self.L
         rows = []
         for l, c in enumerate(self.counts.tolist()):
             dense = block_params(self.D, self.hd, *(self.sizes[n] for n in MASKED))
             kept = block_params(self.D, self.hd, *c) if l < depth else (0, 0)
-            rows += [{'sub_block': f'{kind}{l}', 'dense_params': d, 'kept_params': k,
-                      'keep_ratio': k / d, 'skipped': k == 0}
-                     for kind, d, k in zip(('attn', 'mlp'), dense, kept)]
+            rows += [summary_row(f'{kind}{l}', d, k) for kind, d, k in zip(('attn', 'mlp'), dense, kept)]
         clf = None if self.cfg.keep_depth is None else \
             self.classifiers[f'classifier{depth}'].state_dict()
         cut = cut_model(self.model, depth=depth, classifier=clf)

@@ -82,7 +82,7 @@ def measure(model, x, amp, warmup, iters):
     return sorted(times)[len(times) // 2]
 
 
-def main(argv=None):
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--checkpoint', default=None, help='a cut checkpoint (with "arch")')
     p.add_argument('--model', default='deit_small_patch16_224')
@@ -105,40 +105,72 @@ def main(argv=None):
                    help='also time this uncut model (e.g. deit_tiny_patch16_224): how close a '
                         'hand-designed smaller model of the same family gets to its FLOPs-ideal speedup')
     p.add_argument('--json', default=None, help='also write the figures here')
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def build_variants(args):
+    """(source description, {name: model}) on the device: dense, cut, and the optional ones."""
     if args.checkpoint:
         dense, cut = from_checkpoint(args.checkpoint)
         source = args.checkpoint
     else:
         if args.model not in models.CONFIGS:
             sys.exit(f'error: unknown --model {args.model!r}')
-        size = args.input_size or models.CONFIGS[args.model][4]
+        size = args.input_size or models.CONFIGS[args.model].img_size
         dense, cut = random_cut(args.model, args.prune_ratio, args.num_classes, size, args.seed,
                                 args.prune_method)
         source = (f'{args.model}, {args.prune_method} at prune ratio {args.prune_ratio}, '
                   f'random scores (seed {args.seed})')
     device = torch.device(args.device)
-    if device.type == 'cpu':  # as main.py: float32 denormals multiply ~10x slower on CPUs
-        torch.set_flush_denormal(True)
-    amp = device.type == 'cuda'
-    size = cut.img_size
-    dense, cut = dense.to(device), cut.to(device)
-    variants = {'dense': dense, 'cut': cut}
+    variants = {'dense': dense.to(device), 'cut': cut.to(device)}
     if args.align:
-        variants[f'cut, aligned to {args.align}'] = models.align_widths(cut, args.align)
+        variants[f'cut, aligned to {args.align}'] = models.align_widths(variants['cut'], args.align)
     if args.reference:
         variants[args.reference] = timm.create_model(
-            args.reference, num_classes=cut.num_classes, img_size=size).to(device)
-    x = torch.randn(args.batch_size, 3, size, size, device=device)
-    run = {name: torch.compile(m) if args.compile else m for name, m in variants.items()}
+            args.reference, num_classes=cut.num_classes, img_size=cut.img_size).to(device)
+    for m in variants.values():  # residual writes add in place: an inference-only switch
+        m.set_inplace_writes(True)
+    return source, variants
 
-    # interleave the models so that all see the same machine state
+
+def time_variants(variants, x, amp, args):
+    """Seconds per batch of each model; the models interleaved so that all see the same
+    machine state, the best of 3 rounds of medians."""
+    run = {name: torch.compile(m) if args.compile else m for name, m in variants.items()}
     times = {name: [] for name in variants}
     for _ in range(3):
         for name, model in run.items():
             times[name].append(measure(model, x, amp, args.warmup, args.iters))
-    times = {name: min(t) for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
+
+
+def report(res, variants, args):
+    print(f'{res["source"]}\n{res["family"]} @ {res["input_size"]}px, batch {args.batch_size}, '
+          f'{res["device"]}{", AMP" if res["amp"] else ""}{", torch.compile" if args.compile else ""}')
+    print(f'{"":20}{"params":>14}{"GFLOPs/img":>12}{"ms/batch":>11}{"img/s":>10}')
+    for name in variants:
+        r = res[name]
+        print(f'{name:20}{r["params"]:>14,}{r["flops_per_image"] / 1e9:>12.3f}'
+              f'{r["latency_ms_per_batch"]:>11.1f}{r["throughput_img_s"]:>10.1f}')
+    print(f'speedup {res["speedup"]:.2f}x, FLOPs-ideal {res["flops_ideal_speedup"]:.2f}x '
+          f'({res["speedup_vs_ideal"]:.2f} of ideal)'
+          + (f'; aligned cut: {res["speedup_aligned"]:.2f}x' if args.align else ''))
+    if args.reference:
+        r = res[args.reference]
+        print(f'{args.reference} (uncut reference): {r["speedup"]:.2f}x, FLOPs-ideal '
+              f'{r["flops_ideal_speedup"]:.2f}x ({r["speedup_vs_ideal"]:.2f} of ideal)')
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    if device.type == 'cpu':  # as main.py: float32 denormals multiply ~10x slower on CPUs
+        torch.set_flush_denormal(True)
+    amp = device.type == 'cuda'
+    source, variants = build_variants(args)
+    cut = variants['cut']
+    size = cut.img_size
+    times = time_variants(variants, torch.randn(args.batch_size, 3, size, size, device=device), amp, args)
     res = {'source': source, 'family': cut.family, 'input_size': size,
            'batch_size': args.batch_size, 'amp': amp, 'compiled': args.compile,
            'device': torch.cuda.get_device_name(device) if device.type == 'cuda'
@@ -159,21 +191,7 @@ def main(argv=None):
         r['speedup'] = times['dense'] / times[args.reference]
         r['flops_ideal_speedup'] = res['dense']['flops_per_image'] / r['flops_per_image']
         r['speedup_vs_ideal'] = r['speedup'] / r['flops_ideal_speedup']
-
-    print(f'{source}\n{res["family"]} @ {size}px, batch {args.batch_size}, {res["device"]}'
-          f'{", AMP" if amp else ""}{", torch.compile" if args.compile else ""}')
-    print(f'{"":20}{"params":>14}{"GFLOPs/img":>12}{"ms/batch":>11}{"img/s":>10}')
-    for name in variants:
-        r = res[name]
-        print(f'{name:20}{r["params"]:>14,}{r["flops_per_image"] / 1e9:>12.3f}'
-              f'{r["latency_ms_per_batch"]:>11.1f}{r["throughput_img_s"]:>10.1f}')
-    print(f'speedup {res["speedup"]:.2f}x, FLOPs-ideal {res["flops_ideal_speedup"]:.2f}x '
-          f'({res["speedup_vs_ideal"]:.2f} of ideal)'
-          + (f'; aligned cut: {res["speedup_aligned"]:.2f}x' if args.align else ''))
-    if args.reference:
-        r = res[args.reference]
-        print(f'{args.reference} (uncut reference): {r["speedup"]:.2f}x, FLOPs-ideal '
-              f'{r["flops_ideal_speedup"]:.2f}x ({r["speedup_vs_ideal"]:.2f} of ideal)')
+    report(res, variants, args)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(res, f, indent=2)

@@ -83,7 +83,7 @@ def main(argv=None):
     amp = device.type == 'cuda'
     if device.type == 'cpu':
         torch.set_flush_denormal(True)
-    size = args.input_size or models.CONFIGS[args.model][4]
+    size = args.input_size or models.CONFIGS[args.model].img_size
     x = torch.randn(args.batch_size, 3, size, size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     criterion = torch.nn.CrossEntropyLoss()

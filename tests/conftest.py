@@ -10,7 +10,11 @@ import socket
 import subprocess
 import sys
 
+import math
+
 import pytest
+import timm
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -23,6 +27,31 @@ BASE_ARGS = ['--num_workers', '0', '--model', 'deit_micro_patch4_32', '--data-se
 # so that the first epochs of a short run are those of a longer one (see test_resume_is_exact).
 SCHEDULE_ARGS = ['--lr', '5e-3', '--sched', 'step', '--decay-epochs', '2', '--warmup-epochs', '1',
                  '--warmup-lr', '1e-4']
+
+
+def micro(seed=0, num_classes=10, name='deit_micro_patch4_32', **kw):
+    """The tiny ViT of the tests (width 64, depth 4, 4 heads, MLP 256, 32 px, patch 4), seeded."""
+    import models  # noqa: F401  (registers the micro models with timm)
+    torch.manual_seed(seed)
+    return timm.create_model(name, num_classes=num_classes, **kw)
+
+
+def o1_weights(model, seed):
+    """O(1) activations, so that a 1e-4 logit tolerance is meaningful (init std .02 is not):
+    matrices scaled by 1/sqrt(fan in), norms near 1, biases near 0. Gates stay as they are."""
+    from models import is_gate
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_gate(name):
+                continue
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif name.endswith('weight'):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
 
 
 def free_port():

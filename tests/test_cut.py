@@ -9,25 +9,16 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)
+from conftest import micro, o1_weights
 from models import HEAD_GATE
 from pruning import cut_model
 
 D, L, H, M, C = 64, 4, 4, 256, 10
 
 
-def micro(seed):
-    torch.manual_seed(seed)
-    model = timm.create_model('deit_micro_patch4_32', num_classes=C)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():  # O(1) activations, so that a 1e-4 tolerance means something
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith('weight'):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
+def micro_o1(seed):
+    """The micro model with O(1) activations, so that a 1e-4 tolerance means something."""
+    return o1_weights(micro(seed), seed + 100).eval()
 
 
 def random_binary(n, keep, g):
@@ -42,7 +33,7 @@ def params(model):
 
 @pytest.mark.parametrize('seed', [0, 1])
 def test_heads_hidden_and_embedding_cut_exactly(seed):
-    model = micro(seed)
+    model = micro_o1(seed)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     model.add_gates(names=(HEAD_GATE, 'mlp_hid'), embed=True)
     g = torch.Generator().manual_seed(seed)
@@ -52,9 +43,9 @@ def test_heads_hidden_and_embedding_cut_exactly(seed):
         for blk, h, f in zip(model.blocks, heads_kept, hid_kept):
             blk.gates[HEAD_GATE].copy_(random_binary(H, h, g))
             blk.gates['mlp_hid'].copy_(random_binary(M, f, g))
-        model.embed_gate.copy_(random_binary(D, 40, g))
+        model.embed_gate.mask.copy_(random_binary(D, 40, g))
         gated = model(x)
-        dense_model = micro(seed)
+        dense_model = micro_o1(seed)
         assert (gated - dense_model(x)).abs().max() > 1e-2  # the gates do change the function
     cut = cut_model(model).eval()
     with torch.no_grad():
@@ -79,7 +70,7 @@ def test_heads_hidden_and_embedding_cut_exactly(seed):
 
 
 def test_truncated_depth_promotes_the_classifier():
-    model = micro(3)
+    model = micro_o1(3)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     model.add_gates(names=(HEAD_GATE, 'attn_out', 'mlp_hid', 'mlp_out'))
     g = torch.Generator().manual_seed(4)
@@ -107,12 +98,12 @@ def test_truncated_depth_promotes_the_classifier():
 
 
 def test_cut_refuses_bad_depth_and_empty_embedding():
-    model = micro(0)
+    model = micro_o1(0)
     model.add_gates(names=('mlp_hid',), embed=True)
     with pytest.raises(ValueError, match='depth'):
         cut_model(model, depth=L + 1)
     with torch.no_grad():
-        model.embed_gate.zero_()
+        model.embed_gate.mask.zero_()
     with pytest.raises(ValueError, match='embedding gate keeps no channel'):
         cut_model(model)
 
@@ -129,10 +120,11 @@ def test_cut_keeps_the_dropout_rates_and_dtype():
     assert all(p.dtype == torch.float64 for p in cut.parameters())
 
 
-def test_inference_writes_in_place_only_when_no_hook_can_see_it():
-    """Under no_grad the residual stream is updated in place; a forward hook that keeps the
-    blocks' outputs must still see each block's own output."""
-    model = micro(5)
+def test_inference_writes_in_place_only_when_switched_on():
+    """By default the residual writes copy, so a forward hook that keeps the blocks' outputs
+    sees each block's own output; `set_inplace_writes` (benchmark, export) adds in place under
+    no_grad, with the same logits, and forward_stream refuses to run then."""
+    model = micro_o1(5)
     model.add_gates(names=('attn_out', 'mlp_out'))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -153,6 +145,14 @@ def test_inference_writes_in_place_only_when_no_hook_can_see_it():
     assert len(seen) == L
     for s, e in zip(seen, expect):
         torch.testing.assert_close(s, e, atol=1e-5, rtol=0)
-    with torch.no_grad():  # without hooks: in place, and the same logits
-        assert cut._may_write_in_place()
+    cut.set_inplace_writes(True)
+    assert all(w.inplace for b in cut.blocks for w in b.writes())
+    seen.clear()
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o)) for b in cut.blocks]
+    with torch.no_grad():  # one residual stream, written in place, and the same logits
         torch.testing.assert_close(cut(x), logits, atol=1e-5, rtol=0)
+        assert all(s is seen[0] for s in seen)
+        with pytest.raises(RuntimeError, match='set_inplace_writes'):
+            cut.forward_stream(x)
+    for h in hooks:
+        h.remove()

@@ -9,7 +9,8 @@ from timm.layers import set_fused_attn
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import models
-from models import build_from_arch, pretrained_state_dict
+from conftest import micro
+from models import build_from_arch, is_gate, pretrained_state_dict
 
 MICRO = 'deit_micro_patch4_32'  # patch 4, width 64, depth 4, 4 heads, 32 px
 
@@ -21,11 +22,6 @@ def unfused_attn():
     set_fused_attn(False)
     yield
     timm.layers.config._USE_FUSED_ATTN = saved
-
-
-def micro(num_classes=10, **kw):
-    torch.manual_seed(0)
-    return timm.create_model(MICRO, num_classes=num_classes, **kw).eval()
 
 
 def images(n=2, size=32, seed=1):
@@ -167,11 +163,11 @@ def test_zero_output_gate_removes_sub_block(gate, sub_block):
         arch['blocks'][layer]['attn' if sub_block == 0 else 'mlp'] = None
         cut = build_from_arch(arch).eval()
         sd = model.state_dict()
-        gone = {k for k in sd if '.gates.' in k or k not in cut.state_dict()}
+        gone = {k for k in sd if is_gate(k) or k not in cut.state_dict()}
         names = ('attn.', 'norm1.') if sub_block == 0 else ('mlp.', 'norm2.')
         prefix = tuple(f'blocks.{layer}.{n}' for n in names)
-        assert {k for k in gone if '.gates.' not in k} == \
-            {k for k in sd if k.startswith(prefix) and '.gates.' not in k}
+        assert {k for k in gone if not is_gate(k)} == \
+            {k for k in sd if k.startswith(prefix) and not is_gate(k)}
         cut.load_state_dict({k: v for k, v in sd.items() if k not in gone}, strict=True)
         assert torch.equal(cut(x), logits)
 
@@ -276,3 +272,30 @@ def test_align_widths_pads_with_exact_zeros():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert (aligned(x) - cut(x)).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- every registered model
+
+@pytest.mark.parametrize('name', list(models.CONFIGS))
+def test_registered_model_contract(name):
+    """Forward, backward, a weights_only state-dict round trip and the output shape, at a
+    2 x 2 patch grid so that even deit_base stays cheap."""
+    cfg = models.CONFIGS[name]
+    size = 2 * cfg.patch_size
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7, img_size=size)
+    assert (model.embed_dim, model.depth, model.num_heads) == (cfg.embed_dim, cfg.depth, cfg.num_heads)
+    assert timm.create_model(name).img_size == cfg.img_size
+    x = images(n=2, size=size)
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    buf = io.BytesIO()
+    torch.save({'model': model.state_dict(), 'arch': model.arch()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    rebuilt = models.build_from_arch(ckpt['arch'])
+    rebuilt.load_state_dict(ckpt['model'])
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), model.eval()(x))

@@ -10,6 +10,7 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the micro model)
+from models import is_gate
 from conftest import REPO, check_ok, cli_command, cli_env, free_port, run_cli
 
 # 16x16 inputs: a 4x4 patch grid keeps the ΔΨ patch heads cheap on the CPU
@@ -68,7 +69,7 @@ def test_first_sparse_checkpoint(pruned):
     assert ckpt['epoch'] == 2 and isinstance(ckpt['args'], dict)
     cut = models.build_from_arch(ckpt['arch'])
     cut.load_state_dict(ckpt['model'])  # strict: the arch describes exactly these weights
-    assert not any('gates' in k or 'heads' in k for k in ckpt['model'])
+    assert not any(is_gate(k) or 'heads' in k for k in ckpt['model'])
     # the finalize table is printed, and acc1 is the accuracy printed right after the cut
     assert 'sub-block' in proc.stdout and 'params: ' in proc.stdout and 'FLOPs: ' in proc.stdout
     after_cut = proc.stdout.split('Accuracy of the cut model:')[1]
@@ -123,7 +124,7 @@ def test_resume_in_the_middle_of_pruning_gives_the_same_masks(pruned):
     proc.wait()
     ckpt = load(out / 'checkpoint.pth')
     assert ckpt['epoch'] == 1 and 'pruner' in ckpt and not (out / 'first_sparse_checkpoint.pth').exists()
-    assert ckpt['pruner']['step'] > 0 and any('gates' in k for k in ckpt['model'])
+    assert ckpt['pruner']['step'] > 0 and any(is_gate(k) for k in ckpt['model'])
     check_ok(run_cli([*args, '--resume', out / 'checkpoint.pth'], tmp))
     a = load(out_full / 'first_sparse_checkpoint.pth')
     b = load(out / 'first_sparse_checkpoint.pth')
@@ -212,7 +213,7 @@ def test_finetune_resized_model_then_resume_and_eval(pruned):
     assert log[0]['n_parameters'] == sum(v.numel() for v in sparse['model'].values())
     ckpt = load(out2 / 'checkpoint.pth')
     assert ckpt['arch'] == sparse['arch']  # checkpoints of the fine-tuning run keep the arch
-    assert not any('gates' in k for k in ckpt['model'])
+    assert not any(is_gate(k) for k in ckpt['model'])
     # --eval --resume rebuilds the cut model from the checkpoint alone
     proc = check_ok(run_cli(['--input-size', '16', '--batch-size', '32', '--eval',
                              '--resume', out2 / 'checkpoint.pth'], tmp))
@@ -266,7 +267,7 @@ def test_removed_sub_blocks_cost_nothing():
     arch['blocks'][1]['attn'] = None
     arch['blocks'][2]['mlp'] = None
     cut = models.build_from_arch(arch)
-    assert not hasattr(cut.blocks[1], 'attn') and not hasattr(cut.blocks[2], 'mlp')
+    assert cut.blocks[1].attn is None and cut.blocks[2].mlp is None  # the one removed state
     dense_total, dense_parts = flops_by_module(model)
     cut_total, cut_parts = flops_by_module(cut)
     gone = ('VisionTransformer.blocks.1.attn', 'VisionTransformer.blocks.2.mlp')

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)
-from models import GATE_NAMES
+from conftest import micro, o1_weights
+from models import GATE_NAMES, is_gate
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule, cut_model
 from pruning.gates import gates_of, kept_params, non_block_params, sub_blocks
 from pruning.keep_ratio import block_budget, block_importance, water_fill
@@ -23,11 +24,6 @@ from pruning.taylor import TaylorScore, soft_mask, sub_block_masks, threshold_se
 
 MICRO = 'deit_micro_patch4_32'  # width 64, depth 4, 4 heads, mlp 256, 32 px, patch 4
 D, L, H, M, C = 64, 4, 4, 256, 10
-
-
-def micro(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model(MICRO, num_classes=C)
 
 
 def batch(seed, n=4):
@@ -108,23 +104,7 @@ def train_step(pruner, opt, x, y):
 
 
 def gate_values(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if '.gates.' in n}
-
-
-def randomize_weights(model, seed):
-    """O(1) activations, so that a 1e-4 logit tolerance is meaningful (init std .02 is not)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if '.gates.' in name:
-                continue
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif name.endswith('weight'):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return {n: p.detach().clone() for n, p in model.named_parameters() if is_gate(n)}
 
 
 # ---------------------------------------------------------------- 1. water-filling and budget
@@ -384,7 +364,7 @@ def set_random_binary_masks(model, seed, remove=(1, 4)):
 @pytest.mark.parametrize('seed', [0, 1])
 def test_kept_params_equal_cut_model_and_logits_match(seed):
     model = micro(seed)
-    randomize_weights(model, seed + 10)
+    o1_weights(model, seed + 10)
     model.eval()
     x, _ = batch(seed + 20)
     with torch.no_grad():
@@ -406,11 +386,11 @@ def test_kept_params_equal_cut_model_and_logits_match(seed):
 
     cut = cut_model(model).eval()
     assert sum(kept) + non_block_params(model, sbs) == sum(p.numel() for p in cut.parameters())
-    assert not any('gates' in n for n, _ in cut.named_parameters())
+    assert not any(is_gate(n) for n, _ in cut.named_parameters())
     # removed sub-blocks are gone, with their modules
     arch = cut.arch()['blocks']
     assert arch[0]['mlp'] is None and arch[2]['attn'] is None
-    assert not hasattr(cut.blocks[0], 'mlp') and not hasattr(cut.blocks[2], 'attn')
+    assert cut.blocks[0].mlp is None and cut.blocks[2].attn is None  # the one removed state
     for sb in sbs:
         if sb.index not in (1, 4):
             assert arch[sb.layer][sb.kind] is not None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)
+from conftest import micro
 import pruning.savit as savit
 from models import HEAD_GATE
 from pruning import cut_model
@@ -27,13 +28,8 @@ D, L, H, M, C, IMG = 64, 4, 4, 256, 10, 32
 SMALL_SEARCH = dict(population=16, children=12, generations=12)
 
 
-def micro(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model(MICRO, num_classes=C)
-
-
 def n_params(m):
-    return sum(p.numel() for n, p in m.named_parameters() if '.gates.' not in n and n != 'embed_gate')
+    return m.num_parameters()
 
 
 def batch(seed, n=4):
@@ -82,7 +78,7 @@ def gate_pattern(model, heads, hidden, E, g):
         for blk, h, m in zip(model.blocks, heads, hidden):
             blk.gates[HEAD_GATE].zero_()[torch.randperm(H, generator=g)[:h]] = 1
             blk.gates['mlp_hid'].zero_()[torch.randperm(M, generator=g)[:m]] = 1
-        model.embed_gate.zero_()[torch.randperm(D, generator=g)[:E]] = 1
+        model.embed_gate.mask.zero_()[torch.randperm(D, generator=g)[:E]] = 1
 
 
 def test_closed_form_counts_equal_the_real_cut_model():
@@ -267,8 +263,9 @@ def test_cut_logits_equal_binarised_gated_logits(monkeypatch):
     p = SaViTPruner(model, C, SaViTConfig(prune_ratio=0.5, **SMALL_SEARCH))
     for s in range(2):  # real scores from a few backward passes
         x, y = batch(s)
-        F.cross_entropy(p.module(x), y).backward()
-        p.accumulate()
+        logits, aux = p.module(x)  # the protocol's (logits, aux); SaViT has no aux
+        F.cross_entropy(logits, y).backward()
+        p.step()
         model.zero_grad()
     assert all(g.grad is None for g in model.gate_parameters())
     x, _ = batch(9, n=3)
@@ -288,7 +285,7 @@ def test_cut_logits_equal_binarised_gated_logits(monkeypatch):
         logits = cut(x)
     assert p.search_result['kept_embed'] < D  # the embedding really is narrower
     torch.testing.assert_close(logits, seen['gated'], atol=1e-4, rtol=0)
-    assert model.embed_gate is None and model.blocks[0].gates is None
+    assert isinstance(model.embed_gate, torch.nn.Identity) and model.blocks[0].gates == {}
 
 
 # ---------------------------------------------------------------- interaction matrix

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)
+from conftest import micro
+from models import is_gate
+from pruning import PruneSchedule
 from pruning.wdprune import (MASKED, WDPruneConfig, WDPrunePruner, block_keep_fraction,
                              kept_count, topk_mask)
 
@@ -16,17 +19,14 @@ CE = F.cross_entropy
 
 
 def count(m):
-    return sum(p.numel() for n, p in m.named_parameters() if '.gates.' not in n and n != 'embed_gate')
-
-
-def micro(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model('deit_micro_patch4_32', num_classes=10)
+    return sum(p.numel() for n, p in m.named_parameters() if not is_gate(n))
 
 
 def make(pr=0.5, total_steps=100, seed=0, **kw):
+    """Model and pruner, its cosine over `total_steps` (one epoch of that many steps)."""
     model = micro(seed)
-    return model, WDPrunePruner(model, 10, WDPruneConfig(pr, **kw), total_steps)
+    schedule = PruneSchedule(steps_per_epoch=total_steps, start_epoch=0, sparse_epoch=0, finalize_epoch=1)
+    return model, WDPrunePruner(model, 10, WDPruneConfig(pr, **kw), schedule)
 
 
 def batch(seed=1, n=8):
@@ -165,11 +165,12 @@ def test_training_moves_s_to_target():
     ~10 steps after s ≤ T (~10·lr in t: 0.025 at the default lr), so s may end a little below."""
     model, pruner = make(pr=0.5, lr=0.05, lambda_lr=1., threshold_init=1., total_steps=1000,
                          classifiers=(2,), record_every=1)
-    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if '.gates.' not in n]
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if not is_gate(n)]
                                   + [q for g in pruner.param_groups(1e-3, 0.05) for q in g['params']], lr=1e-3)
     g = torch.Generator().manual_seed(0)
     data, labels = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
-    s = [pruner.hard_keep()]
+    s, records = [pruner.hard_keep()], []
+    pruner.on_update = records.append
     for i in range(40):
         idx = torch.arange(8) + 8 * (i % 4)
         logits, aux = pruner.module(data[idx])
@@ -182,7 +183,7 @@ def test_training_moves_s_to_target():
     assert s[0] > pruner.target + 0.15
     assert min(s) <= pruner.target + 0.01, s
     assert s[-1] >= pruner.target - 0.2, s
-    assert len(pruner.records) == 40 and pruner.records[-1]['lambda1'] > 0
+    assert len(records) == 40 and records[-1]['lambda1'] > 0
 
 
 # ---- (5) finalize: budget and exactness -----------------------------------------------------
@@ -257,7 +258,7 @@ def train_steps(model, pruner, optimizer, steps, start):
 
 def setup_run(seed=0):
     model, pruner = make(pr=0.5, lr=0.5, lambda_lr=1., total_steps=8, classifiers=(1, 3), seed=seed)
-    params = [p for n, p in model.named_parameters() if '.gates.' not in n]
+    params = [p for n, p in model.named_parameters() if not is_gate(n)]
     optimizer = torch.optim.SGD(params + [q for g in pruner.param_groups(0.01, 0.) for q in g['params']], lr=0.01)
     return model, pruner, optimizer
 

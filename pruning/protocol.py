@@ -1,0 +1,127 @@
+"""The one shape of every pruning method: what a training loop and main.py use of a pruner.
+
+    pruner = SomePruner(model, num_classes, config, schedule)   # attaches its gates
+    net = pruner.module                  # forward(x) -> (logits, aux); wrap it in DDP
+    optimizer = AdamW(network params + pruner.param_groups(lr, weight_decay))
+    for x, y in batches:
+        logits, aux = net(x)
+        loss = criterion(logits, y) + pruner.aux_loss(aux, y, criterion)
+        loss.backward()
+        if not pruner.one_shot:
+            optimizer.step()
+        pruner.step()                    # after the optimizer step, before zero_grad
+        optimizer.zero_grad()
+    cut, rows = pruner.finalize()        # the dense, smaller ViT and one row per sub-block
+
+A pruner's records (returned by `step`, and passed to `on_update`) are plain dicts for
+pruning_log.jsonl that also carry the scalars they want in TensorBoard (`Record.scalars`).
+"""
+import abc
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+class ConfigError(ValueError):
+    """A pruning configuration value out of range. `field` names the config field, so that a
+    command line can name its own flag (the library does not know the flags)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f'{field} {reason}')
+        self.field, self.reason = field, reason
+
+
+class Record(dict):
+    """One log record: its items go to pruning_log.jsonl, `scalars` to TensorBoard."""
+
+    def __init__(self, data: dict, scalars: Optional[Dict[str, float]] = None):
+        super().__init__(data)
+        self.scalars = dict(scalars or {})
+
+
+class PrunerModule(nn.Module):
+    """The gated model together with the pruner's trained auxiliary modules, one module for DDP
+    (their gradients are all-reduced like any other). forward(x) -> (logits, aux): with
+    `aux_heads`, aux = aux_heads(residual stream x_0 … x_{2L}); without, aux is None."""
+
+    def __init__(self, model: nn.Module, aux_heads: Optional[nn.Module] = None):
+        super().__init__()
+        self.model = model
+        self.aux_heads = aux_heads
+
+    def forward(self, x):
+        if self.aux_heads is None:
+            return self.model(x), None
+        logits, stream = self.model.forward_stream(x)
+        return logits, self.aux_heads(stream)
+
+
+class Pruner(abc.ABC):
+    """The pruner protocol, with the defaults of a method that needs nothing more."""
+    module: PrunerModule
+    one_shot: bool = False            # scores without weight updates, then the cut (SaViT)
+    follows_lr_schedule: bool = False  # the backbone keeps DeiT's schedule while pruning
+    on_update: Optional[Callable[[Record], None]] = None
+
+    def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
+        """The pruner's own trained parameters, for the training optimizer (`lr` is the
+        backbone's; a pruner may set its own)."""
+        return []
+
+    def aux_loss(self, aux, targets, criterion) -> torch.Tensor:
+        """What the pruner adds to the training loss."""
+        return torch.zeros((), device=targets.device)
+
+    def eval_heads(self, aux) -> Dict[str, torch.Tensor]:
+        """Logits of auxiliary classifiers that evaluation reports (`acc1_<name>`)."""
+        return {}
+
+    @abc.abstractmethod
+    def step(self, grad_scale: float = 1.0) -> Optional[Record]:
+        """After each optimizer step, with the gate gradients still there (`grad_scale` undoes
+        AMP's loss scaling). Returns a record when there is one to log."""
+
+    @abc.abstractmethod
+    def finalize(self) -> Tuple[nn.Module, List[dict]]:
+        """Binary masks, the physical cut; (cut model, one summary row per sub-block)."""
+
+    def score_batches(self, batches_per_epoch: int) -> int:
+        """One-shot pruners: the training batches to score on."""
+        raise NotImplementedError
+
+    def calibrate(self, batches: Iterable, criterion) -> None:
+        """One-shot pruners: a further look at a few batches after scoring (a no-op here)."""
+
+    def emit(self, record: Record) -> Record:
+        if self.on_update is not None:
+            self.on_update(record)
+        return record
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, sd: dict) -> None:
+        ...
+
+
+def summary_row(name: str, dense: int, kept: int, goal: Optional[float] = None) -> dict:
+    """One row of the finalize table (`format_summary`): a sub-block's dense and kept params."""
+    return {'sub_block': name, 'dense_params': dense, 'kept_params': kept, 'goal_keep_ratio': goal,
+            'keep_ratio': kept / dense, 'skipped': kept == 0}
+
+
+def format_summary(rows: List[dict], flops_before: float, flops_after: float,
+                   params_before: int, params_after: int) -> str:
+    """The table printed at finalize: per sub-block (any pruner's rows), then totals."""
+    lines = [f'{"sub-block":<10}{"dense":>12}{"kept":>12}{"goal κ":>9}{"κ":>8}  skipped']
+    for r in rows:
+        goal = f'{r["goal_keep_ratio"]:>9.3f}' if r.get('goal_keep_ratio') is not None else f'{"–":>9}'
+        lines.append(f'{r["sub_block"]:<10}{r["dense_params"]:>12,}{r["kept_params"]:>12,}'
+                     f'{goal}{r["keep_ratio"]:>8.3f}  {"yes" if r["skipped"] else ""}')
+    lines.append(f'params: {params_before:,} -> {params_after:,} ({params_after / params_before:.3f}); '
+                 f'FLOPs: {flops_before / 1e6:,.1f}M -> {flops_after / 1e6:,.1f}M '
+                 f'({flops_after / flops_before:.3f})')
+    return '\n'.join(lines)
