@@ -99,22 +99,21 @@ def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_f
     """
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = MetricLogger(delimiter='  ')
-    model.eval()
+    # a pruner's module runs only the auxiliary heads evaluation reports (no DDP needed here)
+    net = pruner.module if pruner is not None else model
+    net.eval()
     for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=amp):
-            output, aux = model(images), None
-            if isinstance(output, tuple):  # a pruner's module: (logits, auxiliary outputs)
-                output, aux = output
+            output, heads = net.forward_eval(images) if pruner is not None else (net(images), {})
             loss = criterion(output, target)
         k = min(5, output.shape[1])
         acc1, acc5 = accuracy(output, target, topk=(1, k))
         n = images.shape[0]
         metric_logger.update(n=n, loss=loss.item(), acc1=acc1.item(), acc5=acc5.item())
-        if pruner is not None and aux is not None:
-            metric_logger.update(n=n, **{f'acc1_{name}': accuracy(logits, target)[0].item()
-                                         for name, logits in pruner.eval_heads(aux).items()})
+        metric_logger.update(n=n, **{f'acc1_{name}': accuracy(logits, target)[0].item()
+                                     for name, logits in heads.items()})
     metric_logger.synchronize_between_processes()
     m = metric_logger.meters
     print(f'* Acc@1 {m["acc1"].global_avg:.3f} Acc@5 {m["acc5"].global_avg:.3f} '

@@ -30,7 +30,7 @@ import models
 import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
 from engine import accumulate_scores, evaluate, train_one_epoch
-from pruning import (DEFAULT_GATE_SCALE, TAYLOR_WINDOWS, ConfigError, DepthAwarePruner, PruneConfig,
+from pruning import (BPI_MODES, DEFAULT_GATE_SCALE, TAYLOR_WINDOWS, ConfigError, DepthAwarePruner, PruneConfig,
                      PruneSchedule, SaViTConfig, SaViTPruner, WDPruneConfig, WDPrunePruner,
                      format_summary)
 from utils import UsageError
@@ -44,7 +44,10 @@ def dap_config(args) -> PruneConfig:
                        gate_scale=args.prune_scale_gate_imp, gamma=args.pr_gamma,
                        alpha=args.pr_alpha, block_imp_scale=args.pr_block_imp_scale,
                        block_params_only=args.prune_rate_by_block_param_only,
-                       taylor_window=args.prune_taylor_window, head_lr=args.lr_soft_head)
+                       taylor_window=args.prune_taylor_window, head_lr=args.lr_soft_head,
+                       bpi_mode=args.bpi_mode, bpi_width_div=args.bpi_fast_width,
+                       bpi_grid=args.bpi_fast_grid, bpi_fraction=args.bpi_fast_fraction,
+                       round_to=args.prune_round_to)
 
 
 def wdprune_config(args) -> WDPruneConfig:
@@ -100,6 +103,7 @@ PRUNERS = {
     'wdprune': Method(wdprune_config, WDPrunePruner, cut_schedule),
     'savit': Method(savit_config, SaViTPruner, cut_schedule),
 }
+ROUND_TO = 8  # --prune-round-to's default (README, "Benchmarks": aligned widths on the GPU)
 # flags that only some methods read: given under another method they are an error
 METHOD_FLAGS = {
     '--classifiers': (lambda a: bool(a.classifiers), ('wdprune',)),
@@ -107,13 +111,17 @@ METHOD_FLAGS = {
     '--need-hessian': (lambda a: a.need_hessian, ('savit',)),
     '--prune-taylor-window': (lambda a: a.prune_taylor_window != 'update', ('block_pr', 'uniform', 'global')),
     '--prune-kr-handcraft': (lambda a: a.prune_kr_handcraft is not None, ('block_pr',)),
+    '--bpi-mode': (lambda a: a.bpi_mode != 'faithful', ('block_pr', 'uniform', 'global')),
+    '--prune-round-to': (lambda a: a.prune_round_to != ROUND_TO, ('block_pr', 'uniform', 'global')),
 }
 # the flag of each configuration field, for the library's errors (pruning.ConfigError)
 CONFIG_FLAGS = {
     'prune_ratio': '--prune-ratio', 'keep_ratio_handcraft': '--prune-kr-handcraft',
     'gate_scale': '--prune-scale-gate-imp', 'gamma': '--pr-gamma', 'alpha': '--pr-alpha',
     'block_imp_scale': '--pr-block-imp-scale', 'taylor_window': '--prune-taylor-window',
-    'head_lr': '--lr-soft-head', 'start_epoch': '--prune-start-epoch',
+    'head_lr': '--lr-soft-head', 'round_to': '--prune-round-to', 'bpi_mode': '--bpi-mode',
+    'bpi_width_div': '--bpi-fast-width', 'bpi_grid': '--bpi-fast-grid',
+    'bpi_fraction': '--bpi-fast-fraction', 'start_epoch': '--prune-start-epoch',
     'sparse_epoch': '--prune-sparse-epoch', 'finalize_epoch': '--prune-finalize-epoch',
     'steps_update_mask': '--prune-steps-update-mask', 'tau_min': '--pr-tau-min',
     'tau_max': '--pr-tau-max', 'lr': '--wdprune-lr', 'lambda_lr': '--wdprune-lambda-lr',
@@ -318,10 +326,21 @@ def get_args_parser():
     parser.add_argument('--pr-tau-min', default=0.0, type=float, help='soft-mask temperature at finalize')
     parser.add_argument('--pr-alpha', default=0.5, type=float, help='weight of class vs patch ΔΨ')
     parser.add_argument('--pr-block-imp-scale', default=10., type=float, help='soft-clip range s of §4')
+    parser.add_argument('--prune-round-to', default=ROUND_TO, type=int,
+                        help='kept widths (read / written dims, head_dim, hidden) multiples of this '
+                             '(or whole): 8 keeps GPU tensor cores busy; 1 is the paper\'s method')
     parser.add_argument('--prune-rate-by-block-param-only', action='store_true',
                         help='the prune ratio counts block parameters only')
     parser.add_argument('--lr-soft-head', default=5e-4, type=float,
                         help='learning rate of the ΔΨ heads, used as given (not scaled like --lr)')
+    parser.add_argument('--bpi-mode', default='faithful', choices=BPI_MODES,
+                        help='ΔΨ heads: the authors\' (faithful) or cheaper patch heads (fast)')
+    parser.add_argument('--bpi-fast-width', default=4, type=int,
+                        help='fast: patch heads of width D / this')
+    parser.add_argument('--bpi-fast-grid', default=7, type=int,
+                        help='fast: patch maps average-pooled to at most this many tokens a side')
+    parser.add_argument('--bpi-fast-fraction', default=1.0, type=float,
+                        help='fast: share of each batch the patch heads see')
 
     # * WD-Prune parameters (BASELINES.md; a joint run over --epochs, masks learned throughout)
     parser.add_argument('--classifiers', default=[], type=int, nargs='*',

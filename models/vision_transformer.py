@@ -88,13 +88,16 @@ class ReadNorm(_EmbedGateRef, nn.Module):
     statistics are therefore taken over all `dim` channels; only the affine parameters of the
     kept channels are stored (so a LayerNorm costs 2·|in| parameters, as §2 counts it).
     With `in_idx=None` this is exactly `nn.LayerNorm(dim)` with the same parameter names.
+    `fused` (a deployment form, `models.deploy`) gathers the read dims first and normalises
+    them with the full-width statistics, instead of normalising all dims and then gathering.
     While a shared embedding gate is attached (SaViT, only to an uncut model), it normalises
     over the channels that gate keeps.
     """
 
-    def __init__(self, dim: int, in_idx: Optional[List[int]] = None, eps: float = 1e-6):
+    def __init__(self, dim: int, in_idx: Optional[List[int]] = None, eps: float = 1e-6,
+                 fused: bool = False):
         super().__init__()
-        self.dim, self.eps = dim, eps
+        self.dim, self.eps, self.fused = dim, eps, fused
         width = dim if in_idx is None else len(in_idx)
         self.weight = nn.Parameter(torch.ones(width))
         self.bias = nn.Parameter(torch.zeros(width))
@@ -110,6 +113,11 @@ class ReadNorm(_EmbedGateRef, nn.Module):
             return masked_layer_norm(x, keep, self.weight, self.bias, self.eps)
         if self.in_idx is None:
             return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+        if self.fused:
+            flat = x.reshape(-1, self.dim)
+            var, mean = torch.var_mean(flat, dim=1, keepdim=True, correction=0)
+            kept = (flat.index_select(1, self.in_idx) - mean) * torch.rsqrt(var + self.eps)
+            return torch.addcmul(self.bias, kept, self.weight).view(*x.shape[:-1], -1)
         x = F.layer_norm(x, (self.dim,), None, None, self.eps)
         # on a 2-D view the gather is ~10x faster on CPU than on the last dim of (B, N, D)
         kept = x.reshape(-1, self.dim).index_select(1, self.in_idx)
@@ -238,12 +246,12 @@ class Block(nn.Module):
         self.norm1 = self.attn = self.attn_write = None
         self.norm2 = self.mlp = self.mlp_write = None
         if a is not None:
-            self.norm1 = ReadNorm(dim, a['in_idx'])
+            self.norm1 = ReadNorm(dim, a['in_idx'], fused=a.get('read') == 'fused')
             self.attn = Attention(_width(dim, a['in_idx']), a['num_heads'], a['head_dim'],
                                   _width(dim, a['out_idx']), scale, qkv_bias, attn_drop, proj_drop)
             self.attn_write = ResidualWrite(dim, a['out_idx'], drop_path)
         if m is not None:
-            self.norm2 = ReadNorm(dim, m['in_idx'])
+            self.norm2 = ReadNorm(dim, m['in_idx'], fused=m.get('read') == 'fused')
             self.mlp = Mlp(_width(dim, m['in_idx']), m['hidden_features'], _width(dim, m['out_idx']),
                            proj_drop)
             self.mlp_write = ResidualWrite(dim, m['out_idx'], drop_path)

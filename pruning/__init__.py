@@ -15,7 +15,7 @@ savit.py                  the SaViT baseline (BASELINES.md)
 from .cut import cut_model
 from .gates import MaskMismatchError
 from .protocol import ConfigError, Pruner, PrunerModule, Record, format_summary
-from .pruner import BUDGET_POLICIES, TAYLOR_WINDOWS, DepthAwarePruner, PruneConfig
+from .pruner import BPI_MODES, BUDGET_POLICIES, TAYLOR_WINDOWS, DepthAwarePruner, PruneConfig
 from .savit import SaViTConfig, SaViTPruner
 from .schedule import PruneSchedule
 from .taylor import DEFAULT_GATE_SCALE

@@ -5,24 +5,34 @@ features, so they never change the backbone. The same head is applied to the sub
 input x_i and output x_{i+1}; ΔΨ_i = ℓ(ψ_i(x_i)) − ℓ(ψ_i(x_{i+1})) is how much the sub-block
 improved the features for the task.
 """
-from typing import List, Tuple
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 
 class PatchHead(nn.Module):
-    """Patch tokens as a D×h×w map → 2 × [Conv3×3, BatchNorm, ReLU] → global pool → Linear."""
+    """Patch tokens as a D×h×w map → 2 × [Conv3×3, BatchNorm, ReLU] → global pool → Linear.
 
-    def __init__(self, dim: int, num_classes: int, grid: Tuple[int, int]):
+    With `width` < D and `grid` below the token grid it is the cheaper probe of
+    `--bpi-mode fast`: the map average-pooled to at most grid × grid, convolutions D → width →
+    width. The faithful head (METHOD.md §3) is width D, no pooling.
+    """
+
+    def __init__(self, dim: int, num_classes: int, grid: Tuple[int, int],
+                 width: Optional[int] = None, pooled: Optional[int] = None):
         super().__init__()
         self.grid = grid
-        layers = []
-        for _ in range(2):
-            layers += [nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim),
-                       nn.ReLU(inplace=True)]
+        width = width or dim
+        pool = pooled is not None and pooled < max(grid)
+        layers = [nn.AdaptiveAvgPool2d((min(pooled, grid[0]), min(pooled, grid[1])))] if pool else []
+        for i in range(2):
+            layers += [nn.Conv2d(dim if i == 0 else width, width, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*layers)
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x):
         patches = x[:, 1:]  # drop the class token
@@ -31,25 +41,50 @@ class PatchHead(nn.Module):
         return self.fc(self.convs(fmap).mean(dim=(2, 3)))
 
 
+@dataclass(frozen=True)
+class HeadShape:
+    """How the ΔΨ heads are built (`--bpi-mode`): faithful is the authors' heads; fast narrows
+    the patch heads to width D // `width_div`, pools their map to at most `grid` × `grid`, and
+    runs them on the first `fraction` of each batch (the batch is shuffled: a random subset)."""
+    mode: str = 'faithful'
+    width_div: int = 4
+    grid: int = 7
+    fraction: float = 1.0
+
+    def patch_head(self, dim, num_classes, grid):
+        if self.mode == 'faithful':
+            return PatchHead(dim, num_classes, grid)
+        return PatchHead(dim, num_classes, grid, width=max(1, dim // self.width_div), pooled=self.grid)
+
+
 class BlockPerformanceHeads(nn.Module):
     """The 2·(2L) auxiliary heads: `cls[i]` and `patch[i]` for sub-block i."""
 
-    def __init__(self, num_sub_blocks: int, dim: int, num_classes: int, grid: Tuple[int, int]):
+    def __init__(self, num_sub_blocks: int, dim: int, num_classes: int, grid: Tuple[int, int],
+                 shape: HeadShape = HeadShape()):
         super().__init__()
+        self.fraction = shape.fraction if shape.mode == 'fast' else 1.0
         self.cls = nn.ModuleList([nn.Linear(dim, num_classes) for _ in range(num_sub_blocks)])
-        self.patch = nn.ModuleList([PatchHead(dim, num_classes, grid)
+        self.patch = nn.ModuleList([shape.patch_head(dim, num_classes, grid)
                                     for _ in range(num_sub_blocks)])
 
     def forward(self, stream: List[torch.Tensor]):
         """Head logits for each sub-block's input and output.
 
-        Returns (cls, patch), each of shape (2L, 2, B, C): [:, 0] on x_i, [:, 1] on x_{i+1}.
+        Returns (cls, patch) of shapes (2L, 2, B, C) and (2L, 2, k, C): [:, 0] on x_i, [:, 1]
+        on x_{i+1}; the patch heads see the first k = ⌈fraction · B⌉ samples.
         """
         stream = [x.detach() for x in stream]  # stop gradient: heads never train the backbone
+        k = math.ceil(self.fraction * stream[0].shape[0])
         cls = [torch.stack([h(stream[i][:, 0]), h(stream[i + 1][:, 0])])
                for i, h in enumerate(self.cls)]
-        patch = [torch.stack([h(stream[i]), h(stream[i + 1])]) for i, h in enumerate(self.patch)]
+        patch = [torch.stack([h(stream[i][:k]), h(stream[i + 1][:k])]) for i, h in enumerate(self.patch)]
         return torch.stack(cls), torch.stack(patch)
+
+    def forward_eval(self, stream: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Only what evaluation reports (§3): the last class and patch head on the final features."""
+        x = stream[-1]
+        return {'cls_head': self.cls[-1](x[:, 0]), 'patch_head': self.patch[-1](x)}
 
 
 class BlockPerformance:
@@ -71,7 +106,8 @@ class BlockPerformance:
         """ℓ of every head on x_i and x_{i+1}: two tensors (2L, 2)."""
         cls, patch = aux
         lc = torch.stack([torch.stack([criterion(o, targets) for o in pair]) for pair in cls])
-        lp = torch.stack([torch.stack([criterion(o, targets) for o in pair]) for pair in patch])
+        sub = targets[:patch.shape[2]]  # the patch heads may see the first rows only
+        lp = torch.stack([torch.stack([criterion(o, sub) for o in pair]) for pair in patch])
         return lc, lp
 
     def add(self, lc: torch.Tensor, lp: torch.Tensor):

@@ -71,3 +71,28 @@ def uniform_keep_ratio(dense_params: torch.Tensor, budget: float) -> torch.Tenso
     """The uniform ablation (BASELINES.md): every sub-block keeps the budget's ratio."""
     P = dense_params.double()
     return torch.full_like(P, min(1.0, budget / float(P.sum())))
+
+
+class KeepRatioFromDeltaPsi:
+    """§4 as a whole: the window's mean ΔΨ^c and ΔΨ^p → importance with its momentum state
+    (steps 2–6, blend α) → κ water-filled to the budget. One object per estimator, so that a
+    second estimator can be judged by the κ it would give (scripts/compare_bpi.py)."""
+
+    def __init__(self, dense_params: torch.Tensor, budget: float, scale: float = 10.,
+                 gamma: float = 0.2, alpha: float = 0.5):
+        self.dense, self.budget = dense_params.double(), budget
+        self.scale, self.gamma, self.alpha = scale, gamma, alpha
+        self.imp_c: Optional[torch.Tensor] = None
+        self.imp_p: Optional[torch.Tensor] = None
+
+    def __call__(self, delta_psi_cls: torch.Tensor, delta_psi_patch: torch.Tensor,
+                 kept_params: torch.Tensor) -> torch.Tensor:
+        self.imp_c = block_importance(delta_psi_cls, kept_params, self.imp_c, self.scale, self.gamma)
+        self.imp_p = block_importance(delta_psi_patch, kept_params, self.imp_p, self.scale, self.gamma)
+        return water_fill(self.alpha * self.imp_c + (1 - self.alpha) * self.imp_p, self.dense, self.budget)
+
+    def state_dict(self):
+        return {'imp_c': self.imp_c, 'imp_p': self.imp_p}
+
+    def load_state_dict(self, sd):
+        self.imp_c, self.imp_p = sd['imp_c'], sd['imp_p']

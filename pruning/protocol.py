@@ -56,10 +56,18 @@ class PrunerModule(nn.Module):
         logits, stream = self.model.forward_stream(x)
         return logits, self.aux_heads(stream)
 
+    def forward_eval(self, x):
+        """(logits, {name: logits}) of the auxiliary classifiers that evaluation reports
+        (`acc1_<name>`); only those run (`aux_heads.forward_eval(stream)`)."""
+        if self.aux_heads is None:
+            return self.model(x), {}
+        logits, stream = self.model.forward_stream(x)
+        return logits, self.aux_heads.forward_eval(stream)
+
 
 class Pruner(abc.ABC):
     """The pruner protocol, with the defaults of a method that needs nothing more."""
-    module: PrunerModule
+    module: PrunerModule               # forward(x) -> (logits, aux); forward_eval(x) for evaluate
     one_shot: bool = False            # scores without weight updates, then the cut (SaViT)
     follows_lr_schedule: bool = False  # the backbone keeps DeiT's schedule while pruning
     on_update: Optional[Callable[[Record], None]] = None
@@ -72,10 +80,6 @@ class Pruner(abc.ABC):
     def aux_loss(self, aux, targets, criterion) -> torch.Tensor:
         """What the pruner adds to the training loss."""
         return torch.zeros((), device=targets.device)
-
-    def eval_heads(self, aux) -> Dict[str, torch.Tensor]:
-        """Logits of auxiliary classifiers that evaluation reports (`acc1_<name>`)."""
-        return {}
 
     @abc.abstractmethod
     def step(self, grad_scale: float = 1.0) -> Optional[Record]:

@@ -24,10 +24,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from models import GATE_NAMES, binarize
-from .block_performance import BlockPerformance, BlockPerformanceHeads
+from .block_performance import BlockPerformance, BlockPerformanceHeads, HeadShape
 from .cut import cut_model
 from .gates import check_masks_consistent, gates_of, kept_params, non_block_params, sub_blocks
-from .keep_ratio import block_budget, block_importance, ramp, uniform_keep_ratio, water_fill
+from .keep_ratio import KeepRatioFromDeltaPsi, block_budget, ramp, uniform_keep_ratio
 from .protocol import ConfigError, Pruner, PrunerModule, Record, summary_row
 from .schedule import PruneSchedule
 from .taylor import DEFAULT_GATE_SCALE, TaylorScore, element_importance, global_masks, sub_block_masks
@@ -40,6 +40,8 @@ BUDGET_POLICIES = ('block_pr', 'uniform', 'global')
 # update: Taylor scores are a window, reset after every mask update (METHOD.md §5 v2, the
 # authors' code); cumulative: summed from the prune start on (v1 of the spec; an ablation)
 TAYLOR_WINDOWS = ('update', 'cumulative')
+# faithful: the authors' ΔΨ heads (METHOD.md §3); fast: cheaper patch heads (HeadShape)
+BPI_MODES = ('faithful', 'fast')
 
 
 @dataclass
@@ -54,6 +56,11 @@ class PruneConfig:
     block_params_only: bool = False
     taylor_window: str = 'update'
     head_lr: float = 5e-4          # learning rate of the ΔΨ heads (§3), used as given
+    bpi_mode: str = 'faithful'     # how ΔΨ is estimated: the authors' heads, or fast ones
+    bpi_width_div: int = 4         # fast: patch heads of width D // bpi_width_div ...
+    bpi_grid: int = 7              # ... on the patch map pooled to at most bpi_grid²
+    bpi_fraction: float = 1.0      # ... for the first bpi_fraction of each batch
+    round_to: int = 1              # kept widths of every gate a multiple of this (or whole)
 
     def __post_init__(self):
         if not 0 < self.prune_ratio < 1:
@@ -62,6 +69,15 @@ class PruneConfig:
             raise ConfigError('method', f'{self.method!r} is not one of {", ".join(BUDGET_POLICIES)}')
         if self.taylor_window not in TAYLOR_WINDOWS:
             raise ConfigError('taylor_window', f'{self.taylor_window!r} is not one of {", ".join(TAYLOR_WINDOWS)}')
+        if self.bpi_mode not in BPI_MODES:
+            raise ConfigError('bpi_mode', f'{self.bpi_mode!r} is not one of {", ".join(BPI_MODES)}')
+        for name in ('bpi_width_div', 'bpi_grid'):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f'must be at least 1, got {getattr(self, name)}')
+        if self.round_to < 1:
+            raise ConfigError('round_to', f'must be at least 1, got {self.round_to}')
+        if not 0 < self.bpi_fraction <= 1:
+            raise ConfigError('bpi_fraction', f'must be in (0, 1], got {self.bpi_fraction}')
         unknown = [n for n in self.gate_scale if n not in GATE_NAMES]
         if unknown:
             raise ConfigError('gate_scale', f'names unknown gates {unknown}; gates are {", ".join(GATE_NAMES)}')
@@ -91,8 +107,9 @@ class DepthAwarePruner(Pruner):
         model.add_gates()
         self.model = model
         # handcrafted κ needs no ΔΨ: no heads are built or trained (as in the authors' code)
+        shape = HeadShape(config.bpi_mode, config.bpi_width_div, config.bpi_grid, config.bpi_fraction)
         self.heads = None if handcraft is not None else BlockPerformanceHeads(
-            n_sb, model.embed_dim, num_classes, tuple(model.patch_embed.grid_size)).to(device)
+            n_sb, model.embed_dim, num_classes, tuple(model.patch_embed.grid_size), shape).to(device)
         self.module = PrunerModule(model, self.heads)
         self.performance = BlockPerformance(n_sb, device)
         self.taylor = TaylorScore(self._gates())
@@ -107,9 +124,9 @@ class DepthAwarePruner(Pruner):
                            else self._delta_psi_keep_ratio if config.method == 'block_pr'
                            else self._uniform_keep_ratio)
         self.place = self._place_globally if config.method == 'global' else self._place_per_sub_block
+        self.importance = KeepRatioFromDeltaPsi(self.dense, self.budget, config.block_imp_scale,
+                                                config.gamma, config.alpha)
         self.step_count = 0
-        self.imp_c: Optional[torch.Tensor] = None
-        self.imp_p: Optional[torch.Tensor] = None
         self.goal = torch.ones(n_sb, dtype=torch.float64)
 
     def _gates(self) -> Dict[str, torch.nn.Parameter]:
@@ -134,13 +151,6 @@ class DepthAwarePruner(Pruner):
         if self.schedule.is_active(self.step_count):
             self.performance.add(lc, lp)
         return lc.sum() + lp.sum()
-
-    def eval_heads(self, aux):
-        """Logits of the last class head and last patch head on the final features."""
-        if aux is None:
-            return {}
-        cls, patch = aux
-        return {'cls_head': cls[-1, 1], 'patch_head': patch[-1, 1]}
 
     def step(self, grad_scale: float = 1.0) -> Optional[Record]:
         """After each optimizer step (gate gradients still present): Taylor scores, and the
@@ -187,10 +197,7 @@ class DepthAwarePruner(Pruner):
         """§4: importance from the window's mean ΔΨ, water-filled to the budget."""
         if window.size == 0:  # empty window: nothing new to judge by
             return self.goal
-        cfg = self.cfg
-        self.imp_c = block_importance(window.delta_psi_cls, kept, self.imp_c, cfg.block_imp_scale, cfg.gamma)
-        self.imp_p = block_importance(window.delta_psi_patch, kept, self.imp_p, cfg.block_imp_scale, cfg.gamma)
-        return water_fill(cfg.alpha * self.imp_c + (1 - cfg.alpha) * self.imp_p, self.dense, self.budget)
+        return self.importance(window.delta_psi_cls, window.delta_psi_patch, kept)
 
     def _uniform_keep_ratio(self, window: Window, kept: torch.Tensor) -> torch.Tensor:
         """The uniform ablation; for `global` only its total Σ κ·P matters."""
@@ -207,18 +214,19 @@ class DepthAwarePruner(Pruner):
         """§5 per sub-block, towards κ(step)·P_i. Each sub-block lands within one element of
         its target; the difference is carried into the next sub-block's target, which keeps
         the model's total within one element of the budget too (without it the micro model
-        drifted 1.3% under at pr 0.75). κ = 0 and κ = 1 stay exact, and the carry never
+        drifted 1.3% under at pr 0.75). With `round_to`, each gate keeps a multiple of it (or
+        all of it). κ = 0 and κ = 1 stay exact, and the carry never
         decides whether a sub-block lives: where it would push a target below the smallest
         non-empty sub-block, it is passed on."""
-        carry, out = 0., []
+        carry, out, r = 0., [], self.cfg.round_to
         for sb in self.sbs:
             kappa = float(applied[sb.index])
             target = kappa * float(self.dense[sb.index])
             partial = 0 < kappa < 1
-            if partial and target + carry >= float(sb.params((1, 1, 1))):
+            if partial and target + carry >= float(sb.params([min(r, n) for n in sb.gate_sizes])):
                 target, carry = target + carry, 0.
             importance = element_importance(self._scores(sb, final), sb.gate_names, self.cfg.gate_scale)
-            masks = sub_block_masks(sb, importance, target, tau)
+            masks = sub_block_masks(sb, importance, target, tau, r)
             if partial:
                 carry += target - float(sb.params([int(binarize(m).sum()) for m in masks]))
             out.append(masks)
@@ -231,7 +239,7 @@ class DepthAwarePruner(Pruner):
         for sb in self.sbs:
             raw = torch.cat(self._scores(sb, final))
             scores.append(raw / sb.element_costs().to(raw.device))
-        return global_masks(self.sbs, scores, float((applied * self.dense).sum()), tau)
+        return global_masks(self.sbs, scores, float((applied * self.dense).sum()), tau, self.cfg.round_to)
 
     def _record(self, step: int, tau: float, window: Window, applied: torch.Tensor) -> Record:
         kept = kept_params(self.model, self.sbs)
@@ -272,15 +280,24 @@ class DepthAwarePruner(Pruner):
         return cut, rows
 
     # ---- checkpointing ------------------------------------------------------------------
+    @property
+    def imp_c(self) -> Optional[torch.Tensor]:
+        return self.importance.imp_c
+
+    @property
+    def imp_p(self) -> Optional[torch.Tensor]:
+        return self.importance.imp_p
+
     def state_dict(self) -> dict:
         return {'step': self.step_count, 'performance': self.performance.state_dict(),
-                'taylor': self.taylor.state_dict(), 'imp_c': self.imp_c, 'imp_p': self.imp_p,
+                'taylor': self.taylor.state_dict(), 'importance': self.importance.state_dict(),
                 'goal': self.goal, 'heads': None if self.heads is None else self.heads.state_dict()}
 
     def load_state_dict(self, sd: dict):
         self.step_count = int(sd['step'])
         self.performance.load_state_dict(sd['performance'])
         self.taylor.load_state_dict(sd['taylor'])
-        self.imp_c, self.imp_p, self.goal = sd['imp_c'], sd['imp_p'], sd['goal']
+        self.importance.load_state_dict(sd['importance'])
+        self.goal = sd['goal']
         if self.heads is not None:
             self.heads.load_state_dict(sd['heads'])

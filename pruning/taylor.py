@@ -101,7 +101,30 @@ def element_importance(scores: Sequence[torch.Tensor], gate_names: Sequence[str]
                       for s, n in zip(scores, gate_names)])
 
 
-def threshold_search(sb: SubBlock, importance: torch.Tensor, target: float) -> Tuple[int, torch.Tensor]:
+def round_kept(kept: torch.Tensor, sizes: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Kept counts rounded down to a multiple of `multiple` (`--prune-round-to`: widths that
+    suit the hardware, e.g. 8 for GPU tensor cores); a gate kept whole stays whole."""
+    if multiple <= 1:
+        return kept
+    return torch.where(kept >= sizes, sizes, torch.div(kept, multiple, rounding_mode='floor') * multiple)
+
+
+def _search(sb: SubBlock, importance: torch.Tensor, target: float, round_to: int = 1):
+    """(t, order, kept): the best t on the sorted path, the order, and each gate's kept count."""
+    sizes = torch.tensor(sb.gate_sizes, dtype=torch.float64)
+    gate_of = torch.repeat_interleave(torch.arange(3), torch.tensor(sb.gate_sizes)).to(importance.device)
+    order = torch.argsort(importance, stable=True)  # ties: lower concatenated index first
+    onehot = torch.nn.functional.one_hot(gate_of[order], 3).double()
+    dropped = torch.cat([torch.zeros(1, 3, dtype=torch.float64, device=onehot.device),
+                         onehot.cumsum(0)])              # (n + 1, 3): dropped per gate for t = 0 … n
+    kept = round_kept(sizes.to(dropped) - dropped, sizes.to(dropped), round_to)
+    params = sb.params([kept[:, 0], kept[:, 1], kept[:, 2]])
+    t = int(torch.argmin((params - target).abs()))  # first minimum: the smaller cut on ties
+    return t, order, kept[t]
+
+
+def threshold_search(sb: SubBlock, importance: torch.Tensor, target: float,
+                     round_to: int = 1) -> Tuple[int, torch.Tensor]:
     """Steps 3–4: sort ascending and choose t, the number of lowest elements to drop, so that
     the sub-block keeps as close to `target` parameters as possible.
 
@@ -109,17 +132,26 @@ def threshold_search(sb: SubBlock, importance: torch.Tensor, target: float) -> T
     is evaluated exactly for every t at once: the kept elements of each gate after dropping t
     are its size minus its elements among the first t, and §2's count is a closed form of those.
     Kept params never grow with t, so the best t is within one element's cost of the target.
+    With `round_to`, each gate's kept count at t is rounded down to a multiple of it.
     """
-    sizes = torch.tensor(sb.gate_sizes)
-    gate_of = torch.repeat_interleave(torch.arange(3), sizes).to(importance.device)
-    order = torch.argsort(importance, stable=True)  # ties: lower concatenated index first
-    onehot = torch.nn.functional.one_hot(gate_of[order], 3).double()
-    dropped = torch.cat([torch.zeros(1, 3, dtype=torch.float64, device=onehot.device),
-                         onehot.cumsum(0)])              # (n + 1, 3): dropped per gate for t = 0 … n
-    kept = sizes.to(dropped) - dropped
-    params = sb.params([kept[:, 0], kept[:, 1], kept[:, 2]])
-    t = int(torch.argmin((params - target).abs()))  # first minimum: the smaller cut on ties
+    t, order, _ = _search(sb, importance, target, round_to)
     return t, order
+
+
+def _masks_for_counts(order: torch.Tensor, gate_of: torch.Tensor, sizes: torch.Tensor,
+                      kept: torch.Tensor, tau: float) -> torch.Tensor:
+    """§5 step 5 when each gate keeps `kept[g]` of its elements: the lowest-ranked others of
+    each gate are dropped; the soft mask runs over the order with the dropped ones first, so
+    that m ≥ 0.5 keeps exactly the kept ones (without rounding this is the sorted order)."""
+    n = len(order)
+    ranked_gate = gate_of[order]
+    onehot = torch.nn.functional.one_hot(ranked_gate, len(sizes))
+    rank_in_gate = (onehot.cumsum(0) * onehot).sum(1) - 1      # 0 for each gate's least important
+    drop = rank_in_gate < (sizes.to(kept) - kept).to(order.device)[ranked_gate]
+    effective = torch.cat([order[drop], order[~drop]])
+    values = torch.empty(n, dtype=torch.float64, device=order.device)
+    values[effective] = soft_mask(n, int(drop.sum()), tau, device=order.device)
+    return values
 
 
 def soft_mask(n: int, t: int, tau: float, device=None) -> torch.Tensor:
@@ -140,24 +172,23 @@ def soft_mask(n: int, t: int, tau: float, device=None) -> torch.Tensor:
 
 
 def sub_block_masks(sb: SubBlock, importance: torch.Tensor, target: float,
-                    tau: float) -> List[torch.Tensor]:
+                    tau: float, round_to: int = 1) -> List[torch.Tensor]:
     """Steps 3–5 for one sub-block: the soft masks of its three gates."""
-    t, order = threshold_search(sb, importance, target)
-    n = len(importance)
-    values = torch.empty(n, dtype=torch.float64, device=importance.device)
-    values[order] = soft_mask(n, t, tau, device=importance.device)
-    masks = list(torch.split(values, list(sb.gate_sizes)))
-    return _remove_if_empty(masks)
+    t, order, kept = _search(sb, importance, target, round_to)
+    gate_of = torch.repeat_interleave(torch.arange(3), torch.tensor(sb.gate_sizes)).to(importance.device)
+    values = _masks_for_counts(order, gate_of, torch.tensor(sb.gate_sizes, dtype=torch.float64), kept, tau)
+    return _remove_if_empty(list(torch.split(values, list(sb.gate_sizes))))
 
 
 def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target: float,
-                 tau: float) -> List[List[torch.Tensor]]:
+                 tau: float, round_to: int = 1) -> List[List[torch.Tensor]]:
     """The global ablation: one threshold over the elements of all sub-blocks at once.
 
-    `scores[i]` are sub-block i's Taylor scores divided by `SubBlock.element_costs`, concatenated over
-    its gates. Elements are ranked together and the t lowest dropped, with t the smallest
-    count whose kept parameters (§2's coupled count) do not exceed `target` (or the closer of
-    t and t − 1); the soft mask of §5 is applied to the global ranking.
+    `scores[i]` are sub-block i's Taylor scores divided by `SubBlock.element_costs`, concatenated
+    over its gates. Elements are ranked together and the t lowest dropped, with t the smallest
+    count whose kept parameters (§2's coupled count, each gate's count rounded down to a
+    multiple of `round_to`) do not exceed `target` (or the closer of t and t − 1); the soft mask
+    of §5 is applied to the global ranking.
     """
     device = scores[0].device
     flat = torch.cat(list(scores))
@@ -167,9 +198,12 @@ def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target
                                       torch.tensor(sizes, device=device))
     dense = torch.tensor(sizes, dtype=torch.float64)
 
-    def kept_params(t):
+    def kept_counts(t):
         dropped = torch.bincount(gate_of[order[:t]], minlength=len(sizes)).double().cpu()
-        kept = dense - dropped
+        return round_kept(dense - dropped, dense, round_to)
+
+    def kept_params(t):
+        kept = kept_counts(t)
         return sum(float(sb.params(kept[3 * i:3 * i + 3])) for i, sb in enumerate(sbs))
 
     lo, hi = 0, len(flat)  # kept_params never grows with t: find the first t under target
@@ -182,8 +216,7 @@ def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target
     t = lo
     if t > 0 and abs(kept_params(t - 1) - target) < abs(kept_params(t) - target):
         t -= 1
-    values = torch.empty(len(flat), dtype=torch.float64, device=device)
-    values[order] = soft_mask(len(flat), t, tau, device=device)
+    values = _masks_for_counts(order, gate_of, dense, kept_counts(t), tau)
     out = []
     for sb, block_values in zip(sbs, torch.split(values, [sum(sb.gate_sizes) for sb in sbs])):
         out.append(_remove_if_empty(list(torch.split(block_values, list(sb.gate_sizes)))))

@@ -113,6 +113,9 @@ class ShallowClassifiers(nn.ModuleDict):
     def forward(self, stream):
         return tuple(clf.head(clf.norm(stream[2 * k][:, 0])) for k, clf in zip(self.depths, self.values()))
 
+    def forward_eval(self, stream) -> Dict[str, torch.Tensor]:
+        return dict(zip(self.keys(), self(stream)))
+
 
 class WDPrunePruner(Pruner):
     follows_lr_schedule = True  # one joint run on DeiT's schedule (BASELINES.md)
@@ -202,9 +205,6 @@ class WDPrunePruner(Pruner):
             gap = self.expected_keep() - self.target
             loss = loss + self.lambda1 * gap + self.lambda2 * gap ** 2
         return loss
-
-    def eval_heads(self, aux) -> Dict[str, torch.Tensor]:
-        return dict(zip(self.classifiers.keys(), aux or ()))
 
     def _set_grads(self, grad_scale: float = 1.0) -> bool:
         """Straight-through: ∂L/∂S = ∂L/∂M, ∂L/∂t = Σ ∂L/∂M·M (+ the budget's part, already in

@@ -28,10 +28,12 @@ from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
 from utils import count_flops, load_checkpoint_file, synchronize  # noqa: E402
 
 
-def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr'):
+def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr', round_to=None):
     """A cut architecture with the method's budget from random scores: for DAP random ΔΨ
     decide κ and random Taylor scores the elements; for SaViT random Taylor scores drive the
-    search (heads, MLP neurons and embedding channels)."""
+    search (heads, MLP neurons and embedding channels). `round_to` as --prune-round-to (None:
+    main.py's default)."""
+    import main as cli
     torch.manual_seed(seed)
     model = timm.create_model(name, num_classes=num_classes, img_size=img_size)
     g = torch.Generator().manual_seed(seed)
@@ -41,8 +43,9 @@ def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_p
     else:
         schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0,
                                  finalize_epoch=1, steps_update_mask=1)
-        pruner = DepthAwarePruner(model, num_classes,
-                                  PruneConfig(prune_ratio=prune_ratio, method=method), schedule)
+        config = PruneConfig(prune_ratio=prune_ratio, method=method,
+                             round_to=cli.ROUND_TO if round_to is None else round_to)
+        pruner = DepthAwarePruner(model, num_classes, config, schedule)
         n = len(pruner.sbs)
         pruner.performance.sum_c.copy_(torch.rand(n, generator=g, dtype=torch.float64))
         pruner.performance.sum_p.copy_(torch.rand(n, generator=g, dtype=torch.float64))
@@ -51,7 +54,6 @@ def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_p
         s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64))
     pruner.taylor.count = 1
     cut, _ = pruner.finalize()
-    model.remove_gates()
     return model, cut
 
 
@@ -104,12 +106,21 @@ def get_args(argv=None):
     p.add_argument('--reference', default=None,
                    help='also time this uncut model (e.g. deit_tiny_patch16_224): how close a '
                         'hand-designed smaller model of the same family gets to its FLOPs-ideal speedup')
+    p.add_argument('--deploy', default='measure', choices=['measure', 'none'],
+                   help='measure: every cut sub-block in its fastest exact form on this device '
+                        '(models.deploy, chosen per sub-block by timing); none: the plain cut model')
+    p.add_argument('--prune-round-to', type=int, default=None,
+                   help='round kept widths to this multiple in the random cut (default: main.py\'s)')
+    p.add_argument('--onnx', action='store_true',
+                   help='also time dense and cut exported to ONNX in onnxruntime (CPU)')
     p.add_argument('--json', default=None, help='also write the figures here')
     return p.parse_args(argv)
 
 
 def build_variants(args):
-    """(source description, {name: model}) on the device: dense, cut, and the optional ones."""
+    """(source description, {name: model timed}, {name: model counted}) on the device: dense,
+    cut, and the optional ones. A deployed cut is timed; its parameters and FLOPs are the cut
+    model's own (the deployment's dense forms only add exact zeros)."""
     if args.checkpoint:
         dense, cut = from_checkpoint(args.checkpoint)
         source = args.checkpoint
@@ -118,7 +129,7 @@ def build_variants(args):
             sys.exit(f'error: unknown --model {args.model!r}')
         size = args.input_size or models.CONFIGS[args.model].img_size
         dense, cut = random_cut(args.model, args.prune_ratio, args.num_classes, size, args.seed,
-                                args.prune_method)
+                                args.prune_method, args.prune_round_to)
         source = (f'{args.model}, {args.prune_method} at prune ratio {args.prune_ratio}, '
                   f'random scores (seed {args.seed})')
     device = torch.device(args.device)
@@ -130,7 +141,13 @@ def build_variants(args):
             args.reference, num_classes=cut.num_classes, img_size=cut.img_size).to(device)
     for m in variants.values():  # residual writes add in place: an inference-only switch
         m.set_inplace_writes(True)
-    return source, variants
+    counted = dict(variants)
+    if args.deploy == 'measure':
+        x = torch.randn(args.batch_size, 3, cut.img_size, cut.img_size, device=device)
+        variants['cut'], plan = models.deploy(variants['cut'], x, amp=device.type == 'cuda')
+        forms = [f'{f["read"]}/{f["write"]}' for p in plan.values() for f in p.values()]
+        source += '; forms (read/write): ' + ', '.join(f'{forms.count(f)}× {f}' for f in sorted(set(forms)))
+    return source, variants, counted
 
 
 def time_variants(variants, x, amp, args):
@@ -167,8 +184,8 @@ def main(argv=None):
     if device.type == 'cpu':  # as main.py: float32 denormals multiply ~10x slower on CPUs
         torch.set_flush_denormal(True)
     amp = device.type == 'cuda'
-    source, variants = build_variants(args)
-    cut = variants['cut']
+    source, variants, counted = build_variants(args)
+    cut = counted['cut']
     size = cut.img_size
     times = time_variants(variants, torch.randn(args.batch_size, 3, size, size, device=device), amp, args)
     res = {'source': source, 'family': cut.family, 'input_size': size,
@@ -176,7 +193,7 @@ def main(argv=None):
            'device': torch.cuda.get_device_name(device) if device.type == 'cuda'
            else f'cpu ({torch.get_num_threads()} threads)',
            'flop_counter': 'torch.utils.flop_counter (matmul + conv, 2 FLOPs per multiply-add)'}
-    for name, model in variants.items():
+    for name, model in counted.items():
         t = times[name]
         res[name] = {'params': sum(q.numel() for q in model.parameters()),
                      'flops_per_image': count_flops(model, size, device),

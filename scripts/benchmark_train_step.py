@@ -1,13 +1,19 @@
-"""Time per optimizer step: plain fine-tuning vs DAP pruning, same model, batch and machine.
+"""Time and memory per optimizer step: plain fine-tuning vs DAP pruning, same model, batch, machine.
 
-Prints both times, their ratio, and the time of one mask update as a share of an epoch
-(with about 3 updates per epoch, as the authors advise). Writes the figures as JSON too.
+Prints both step times and their ratio, the peak memory of both steps (CUDA: max allocated
+during the steps, above what was allocated before them; CPU: peak RSS growth of the process
+over the steps), an evaluation pass with and without the pruner's heads, and one mask update as
+a share of an epoch (about 3 per epoch, as the authors advise). Each measurement runs in a
+fresh process, fine-tuning and pruning alternating, best of `--rounds`. JSON too.
 
-    python scripts/benchmark_train_step.py --model deit_tiny_patch16_224 --batch-size 32
+    python scripts/benchmark_train_step.py --model deit_tiny_patch16_224 --batch-size 16 \
+        --input-size 224 --bpi-mode fast
 """
 import argparse
 import json
+import multiprocessing
 import os
+import resource
 import sys
 import time
 
@@ -20,22 +26,49 @@ from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
 from utils import synchronize  # noqa: E402
 
 
+def build(args, prune, device):
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.size).to(device)
+    pruner = None
+    if prune:
+        # scores accumulate from step 0; no update during the timed steps
+        schedule = PruneSchedule(steps_per_epoch=args.steps_per_epoch, start_epoch=0, sparse_epoch=1,
+                                 finalize_epoch=2, steps_update_mask=10 ** 9)
+        config = PruneConfig(prune_ratio=0.5, bpi_mode=args.bpi_mode, bpi_width_div=args.bpi_fast_width,
+                             bpi_grid=args.bpi_fast_grid, bpi_fraction=args.bpi_fast_fraction)
+        pruner = DepthAwarePruner(model, args.num_classes, config, schedule)
+    gates = {id(p) for p in model.gate_parameters()}
+    params = [p for p in model.parameters() if id(p) not in gates]
+    extra = pruner.param_groups(1e-4, 0.05) if pruner is not None else []
+    return model, pruner, torch.optim.AdamW([{'params': params}] + extra, lr=1e-4)
+
+
 def make_step(model, pruner, optimizer, x, y, criterion, amp):
     net = pruner.module if pruner is not None else model
 
     def step():
         with torch.autocast(x.device.type, enabled=amp):
+            logits, aux = net(x) if pruner is not None else (net(x), None)
+            loss = criterion(logits, y)
             if pruner is not None:
-                logits, aux = net(x)
-                loss = criterion(logits, y) + pruner.aux_loss(aux, y, criterion)
-            else:
-                loss = criterion(net(x), y)
+                loss = loss + pruner.aux_loss(aux, y, criterion)
         loss.backward()
         optimizer.step()
         if pruner is not None:
             pruner.step()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def make_eval(model, pruner, x, amp):
+    net = pruner.module if pruner is not None else model
+
+    @torch.no_grad()
+    def forward():
+        net.eval()
+        with torch.autocast(x.device.type, enabled=amp):
+            return net.forward_eval(x) if pruner is not None else net(x)
+    return forward
 
 
 def time_it(fn, device, warmup, iters):
@@ -49,23 +82,48 @@ def time_it(fn, device, warmup, iters):
     return (time.perf_counter() - t) / iters
 
 
-def build(name, img_size, num_classes, prune, device, steps_per_epoch):
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=num_classes, img_size=img_size).to(device)
-    pruner = None
-    if prune:
-        # scores accumulate from step 0; no update during the timed steps
-        schedule = PruneSchedule(steps_per_epoch=steps_per_epoch, start_epoch=0, sparse_epoch=1,
-                                 finalize_epoch=2, steps_update_mask=10 ** 9)
-        pruner = DepthAwarePruner(model, num_classes, PruneConfig(prune_ratio=0.5), schedule)
-    gates = {id(p) for p in model.gate_parameters()}
-    params = [p for p in model.parameters() if id(p) not in gates]
+def rss_peak_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def measure(args, prune, queue):
+    """In a fresh process: one configuration's step time, peak memory of its steps, eval time
+    and (pruning) one mask update."""
+    device = torch.device(args.device)
+    if device.type == 'cpu':
+        torch.set_flush_denormal(True)
+    amp = device.type == 'cuda'
+    x = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    model, pruner, opt = build(args, prune, device)
+    step = make_step(model, pruner, opt, x, y, torch.nn.CrossEntropyLoss(), amp)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = rss_peak_bytes()
+    out = {'step_s': time_it(step, device, args.warmup, args.iters)}
+    out['peak_mem_bytes'] = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
+                             else rss_peak_bytes()) - before
+    out['eval_s'] = time_it(make_eval(model, pruner, x, amp), device, args.warmup, args.iters)
     if pruner is not None:
-        params += list(pruner.heads.parameters())
-    return model, pruner, torch.optim.AdamW(params, lr=1e-4)
+        out['mask_update_s'] = time_it(lambda: pruner.update_masks(pruner.schedule.step_start),
+                                       device, 1, max(args.iters // 2, 1))
+    queue.put(out)
 
 
-def main(argv=None):
+def run_fresh(args, prune):
+    ctx = multiprocessing.get_context('fork')  # the parent never touched the device
+    queue = ctx.Queue()
+    proc = ctx.Process(target=measure, args=(args, prune, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
+
+
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--model', default='deit_micro_patch4_32')
     p.add_argument('--input-size', type=int, default=None)
@@ -74,42 +132,49 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--iters', type=int, default=10)
+    p.add_argument('--rounds', type=int, default=2, help='alternating fresh-process measurements')
+    p.add_argument('--bpi-mode', default='faithful', choices=['faithful', 'fast'])
+    p.add_argument('--bpi-fast-width', type=int, default=4)
+    p.add_argument('--bpi-fast-grid', type=int, default=7)
+    p.add_argument('--bpi-fast-fraction', type=float, default=1.0)
     p.add_argument('--steps-per-epoch', type=int, default=231,
                    help='optimizer steps per epoch, for the mask-update share (default: iFood 2019, '
                         '118,475 images / (64 x 4 GPUs x 2 accumulation))')
     p.add_argument('--json', default=None, help='write the figures here as JSON')
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    amp = device.type == 'cuda'
-    if device.type == 'cpu':
-        torch.set_flush_denormal(True)
-    size = args.input_size or models.CONFIGS[args.model].img_size
-    x = torch.randn(args.batch_size, 3, size, size, device=device)
-    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    criterion = torch.nn.CrossEntropyLoss()
+    args.size = args.input_size or models.CONFIGS[args.model].img_size
+    return args
 
-    times = {}
-    for prune in (False, True):
-        model, pruner, opt = build(args.model, size, args.num_classes, prune, device,
-                                   args.steps_per_epoch)
-        times['dap' if prune else 'finetune'] = time_it(
-            make_step(model, pruner, opt, x, y, criterion, amp), device, args.warmup, args.iters)
-        if prune:
-            update = time_it(lambda: pruner.update_masks(pruner.schedule.step_start),
-                             device, 1, max(args.iters // 2, 1))
-    epoch = args.steps_per_epoch * times['dap']
+
+def main(argv=None):
+    args = get_args(argv)
+    runs = {'finetune': [], 'prune': []}
+    for _ in range(args.rounds):
+        for name in runs:
+            runs[name].append(run_fresh(args, name == 'prune'))
+    best = {name: min(r, key=lambda o: o['step_s']) for name, r in runs.items()}
+    ft, pr = best['finetune'], best['prune']
+    update = min(o['mask_update_s'] for o in runs['prune'])
     result = {
-        'model': args.model, 'input_size': size, 'batch_size': args.batch_size,
-        'device': str(device) if device.type != 'cuda' else torch.cuda.get_device_name(device),
-        'amp': amp, 'finetune_step_s': times['finetune'], 'dap_step_s': times['dap'],
-        'ratio': times['dap'] / times['finetune'], 'mask_update_s': update,
-        'steps_per_epoch': args.steps_per_epoch,
-        'mask_updates_share_of_epoch': 3 * update / epoch,
+        'model': args.model, 'input_size': args.size, 'batch_size': args.batch_size,
+        'device': args.device if not args.device.startswith('cuda') else torch.cuda.get_device_name(0),
+        'threads': torch.get_num_threads(), 'bpi_mode': args.bpi_mode,
+        'bpi_fast': {'width_div': args.bpi_fast_width, 'grid': args.bpi_fast_grid,
+                     'fraction': args.bpi_fast_fraction} if args.bpi_mode == 'fast' else None,
+        'finetune_step_s': ft['step_s'], 'dap_step_s': pr['step_s'], 'ratio': pr['step_s'] / ft['step_s'],
+        'finetune_peak_mem_bytes': ft['peak_mem_bytes'], 'dap_peak_mem_bytes': pr['peak_mem_bytes'],
+        'eval_s': ft['eval_s'], 'dap_eval_s': pr['eval_s'], 'eval_ratio': pr['eval_s'] / ft['eval_s'],
+        'mask_update_s': update, 'steps_per_epoch': args.steps_per_epoch,
+        'mask_updates_share_of_epoch': 3 * update / (args.steps_per_epoch * pr['step_s']),
     }
-    print(f'{args.model} @ {size}px, batch {args.batch_size}, {result["device"]}'
-          f'{" (AMP)" if amp else ""}')
-    print(f'  fine-tuning step : {times["finetune"] * 1e3:9.1f} ms')
-    print(f'  DAP pruning step : {times["dap"] * 1e3:9.1f} ms   ratio {result["ratio"]:.2f}x')
+    mib = 2 ** 20
+    print(f'{args.model} @ {args.size}px, batch {args.batch_size}, {result["device"]}, '
+          f'ΔΨ heads: {args.bpi_mode}' + (f' {result["bpi_fast"]}' if result['bpi_fast'] else ''))
+    print(f'  fine-tuning step : {ft["step_s"] * 1e3:9.1f} ms   peak memory +{ft["peak_mem_bytes"] / mib:7.0f} MiB')
+    print(f'  DAP pruning step : {pr["step_s"] * 1e3:9.1f} ms   peak memory +{pr["peak_mem_bytes"] / mib:7.0f} MiB'
+          f'   ratio {result["ratio"]:.2f}x')
+    print(f'  evaluation pass  : {ft["eval_s"] * 1e3:9.1f} ms plain, {pr["eval_s"] * 1e3:.1f} ms while '
+          f'pruning   ratio {result["eval_ratio"]:.2f}x')
     print(f'  one mask update  : {update * 1e3:9.1f} ms   3 per epoch of {args.steps_per_epoch} '
           f'steps = {100 * result["mask_updates_share_of_epoch"]:.3f}% of the epoch')
     if args.json:

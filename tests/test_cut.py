@@ -156,3 +156,59 @@ def test_inference_writes_in_place_only_when_switched_on():
             cut.forward_stream(x)
     for h in hooks:
         h.remove()
+
+
+# ---------------------------------------------------------------- deployment forms (models/deploy.py)
+
+def deploy_cut(seed=7):
+    """A cut micro model whose sub-blocks read and write parts of the residual stream."""
+    model = micro_o1(seed)
+    model.add_gates()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in model.blocks:
+            for name, keep in (('attn_in', 40), ('attn_out', 56), ('mlp_in', 60), ('mlp_out', 24),
+                               ('attn_qkv', 12), ('mlp_hid', 200)):
+                blk.gates[name].copy_(random_binary(blk.gates[name].numel(), keep, g))
+    return cut_model(model).eval()
+
+
+@pytest.mark.parametrize('read', ['gather', 'fused', 'dense'])
+@pytest.mark.parametrize('write', ['scatter', 'dense'])
+def test_every_deployment_form_computes_the_cut_models_function(read, write):
+    cut = deploy_cut()
+    plan = {l: {k: {'read': read, 'write': write} for k in ('attn', 'mlp')} for l in range(L)}
+    deployed = models.apply_forms(cut, plan)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = cut(x)
+        torch.testing.assert_close(deployed(x), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(deployed.set_inplace_writes(True)(x), ref, atol=1e-4, rtol=0)
+    blocks = deployed.arch()['blocks']
+    if read == 'dense':
+        assert all(b[k]['in_idx'] is None for b in blocks for k in ('attn', 'mlp'))
+    if read == 'fused':
+        assert all(b[k]['read'] == 'fused' for b in blocks for k in ('attn', 'mlp'))
+    if write == 'dense':
+        assert all(b[k]['out_idx'] is None for b in blocks for k in ('attn', 'mlp'))
+    # the deployed model travels as arch + weights and rebuilds under weights_only
+    import io
+    buf = io.BytesIO()
+    torch.save({'arch': deployed.arch(), 'model': deployed.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    rebuilt = models.build_from_arch(ckpt['arch'])
+    rebuilt.load_state_dict(ckpt['model'])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), ref, atol=1e-4, rtol=0)
+
+
+def test_deploy_measures_a_plan_for_every_cut_sub_block():
+    cut = deploy_cut(8)
+    x = torch.randn(4, 3, 32, 32)
+    deployed, plan = models.deploy(cut, x, iters=2)
+    assert set(plan) == set(range(L)) and all(set(p) == {'attn', 'mlp'} for p in plan.values())
+    assert all(f['read'] in ('gather', 'fused', 'dense') and f['write'] in ('scatter', 'dense')
+               for p in plan.values() for f in p.values())
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), cut(x), atol=1e-4, rtol=0)

@@ -675,12 +675,12 @@ def test_mask_mismatch_across_processes_stops_the_run(tmp_path):
 
 # ---------------------------------------------------------------- 10. budget ablations (BASELINES.md)
 
-def pruner_with_random_scores(method, pr=0.5, seed=0):
+def pruner_with_random_scores(method, pr=0.5, seed=0, **config):
     """A pruner whose Taylor sums and ΔΨ window are random, as after some training."""
     model = micro(seed)
     schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1,
                              steps_update_mask=1)
-    pruner = DepthAwarePruner(model, C, PruneConfig(prune_ratio=pr, method=method), schedule)
+    pruner = DepthAwarePruner(model, C, PruneConfig(prune_ratio=pr, method=method, **config), schedule)
     g = torch.Generator().manual_seed(seed)
     pruner.performance.sum_c.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
     pruner.performance.sum_p.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
@@ -870,3 +870,19 @@ def test_handcrafted_keep_ratios_build_no_heads():
     logits, aux = pruner.module(x)
     assert aux is None and torch.equal(logits, model(x))
     assert pruner.aux_loss(aux, y, torch.nn.CrossEntropyLoss()).item() == 0
+
+
+@pytest.mark.parametrize('method', ['block_pr', 'uniform', 'global'])
+@pytest.mark.parametrize('round_to', [4, 8])
+def test_round_to_keeps_widths_in_multiples_and_the_budget(method, round_to):
+    """--prune-round-to: every gate keeps a multiple of N elements (or all of them, or the
+    sub-block goes), and the model still lands within 1% of its budget."""
+    model, pruner = pruner_with_random_scores(method, 0.5, seed=3, round_to=round_to)
+    record = pruner.update_masks(step=0, tau=0.1)  # soft masks: m ≥ 0.5 decides
+    for sb in pruner.sbs:
+        for g, size in zip(gates_of(model, sb), sb.gate_sizes):
+            kept = int((g >= 0.5).sum())
+            assert kept % round_to == 0 or kept == size, (sb.name, kept)
+    assert sum(record['kept_params']) == pytest.approx(pruner.budget, rel=0.01)
+    _, plain = pruner_with_random_scores(method, 0.5, seed=3)
+    assert plain.update_masks(step=0, tau=0.1)['kept_params'] != record['kept_params']

@@ -1,0 +1,154 @@
+"""Deployment forms of a cut model: the same function, the residual reads and writes in the form
+that runs fastest on the target hardware (chosen by measurement, per sub-block).
+
+A cut sub-block reads some residual dims (`in_idx`) and writes some (`out_idx`). Exact forms of
+the same computation:
+
+- read `gather`: LayerNorm over the full width, then gather the read dims (the default);
+- read `fused`: gather the read dims, normalise them with the full-width statistics (one pass
+  less over the residual stream);
+- read `dense`: no gather: LayerNorm over the full width with scale and shift 0 on the dims
+  not read, and zero columns in qkv / fc1 for them (more multiply-adds, no gather);
+- write `scatter`: add into the written dims (`index_add`, the default);
+- write `dense`: zero rows (and bias) in proj / fc2 for the dims not written, a plain add.
+
+`deploy(model, x)` times every form of every sub-block on the model's own residual stream for
+input x and returns a copy that uses the fastest; its `arch` records the forms (dense forms as
+full-width sub-blocks with exact zeros), so `build_from_arch` and `torch.load(weights_only=True)`
+rebuild it. For inference: the dense forms add parameters (zeros), so train and count the cut
+model, deploy a copy.
+"""
+import copy
+import time
+from typing import Dict, Optional
+
+import torch
+
+from .vision_transformer import Block, VisionTransformer, build_from_arch
+
+READS = ('gather', 'fused', 'dense')
+WRITES = ('scatter', 'dense')
+LAYERS = {'attn': ('norm1', 'attn.qkv', 'attn.proj'), 'mlp': ('norm2', 'mlp.fc1', 'mlp.fc2')}
+
+
+def _expand(t: torch.Tensor, dim: int, idx, size: int) -> torch.Tensor:
+    """t with `size` entries along `dim`: its entries at `idx`, zeros elsewhere."""
+    shape = list(t.shape)
+    shape[dim] = size
+    out = t.new_zeros(shape)
+    return out.index_copy(dim, torch.as_tensor(idx, device=t.device), t)
+
+
+def with_forms(sub_arch: Dict, weights: Dict[str, torch.Tensor], kind: str, read: str, write: str, D: int):
+    """The arch entry and weights of one sub-block in the given forms (names relative to the block)."""
+    sub, w = copy.deepcopy(sub_arch), dict(weights)
+    norm, first, last = LAYERS[kind]
+    sub.pop('read', None)
+    if sub['in_idx'] is not None and read == 'dense':
+        for k in (f'{norm}.weight', f'{norm}.bias'):
+            w[k] = _expand(w[k], 0, sub['in_idx'], D)
+        w[f'{first}.weight'] = _expand(w[f'{first}.weight'], 1, sub['in_idx'], D)
+        sub['in_idx'] = None
+    elif sub['in_idx'] is not None and read == 'fused':
+        sub['read'] = 'fused'
+    if sub['out_idx'] is not None and write == 'dense':
+        w[f'{last}.weight'] = _expand(w[f'{last}.weight'], 0, sub['out_idx'], D)
+        w[f'{last}.bias'] = _expand(w[f'{last}.bias'], 0, sub['out_idx'], D)
+        sub['out_idx'] = None
+    return sub, w
+
+
+def _time_sub_block(blk: Block, kind: str, x: torch.Tensor, iters: int) -> float:
+    run = blk.forward_attn if kind == 'attn' else blk.forward_mlp
+    times = []
+    with torch.no_grad():
+        for i in range(iters + 1):
+            y = x.clone()
+            if x.device.type == 'cuda':
+                torch.cuda.synchronize(x.device)
+            t = time.perf_counter()
+            run(y)
+            if x.device.type == 'cuda':
+                torch.cuda.synchronize(x.device)
+            if i:
+                times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _candidate(model: VisionTransformer, layer: int, kind: str, read: str, write: str):
+    """A one-sub-block `Block` in the given forms, with the model's weights."""
+    blk, arch = model.blocks[layer], model.blocks[layer].arch
+    prefix = 'attn' if kind == 'attn' else 'mlp'
+    norm = LAYERS[kind][0]
+    weights = {k: v for k, v in blk.state_dict().items() if k.startswith((prefix + '.', norm + '.'))}
+    sub, w = with_forms(arch[kind], weights, kind, read, write, model.embed_dim)
+    block_arch = {'attn': None, 'mlp': None, kind: sub}
+    cand = Block(model.embed_dim, block_arch, model.attn_scale, model.qkv_bias)
+    cand.load_state_dict(w)
+    cand.to(**_placement(model)).eval()
+    for write_part in cand.writes():
+        write_part.inplace = True
+    return cand
+
+
+def _placement(model):
+    p = next(model.parameters())
+    return {'device': p.device, 'dtype': p.dtype}
+
+
+def plan_forms(model: VisionTransformer, x: torch.Tensor, iters: int = 5,
+               amp: bool = False) -> Dict[int, Dict[str, Dict[str, str]]]:
+    """{layer: {'attn' / 'mlp': {'read': …, 'write': …}}}: per sub-block, the fastest read form
+    (with the default write), then the fastest write form (with that read), each timed on the
+    sub-block's own input x_i of the model's residual stream for input x."""
+    model.eval()
+    inplace = model.inplace_writes
+    try:
+        model.set_inplace_writes(False)  # the stream must keep every x_i
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=amp):
+            _, stream = model.forward_stream(x)
+    finally:
+        model.set_inplace_writes(inplace)
+    plan = {}
+    for layer, blk in enumerate(model.blocks):
+        for j, kind in enumerate(('attn', 'mlp')):
+            sub = blk.arch[kind]
+            if sub is None:
+                continue
+            xi = stream[2 * layer + j].detach()
+            reads = READS if sub['in_idx'] is not None else ('gather',)
+            writes = WRITES if sub['out_idx'] is not None else ('scatter',)
+            with torch.autocast(x.device.type, enabled=amp):
+                read = min(reads, key=lambda r: _time_sub_block(
+                    _candidate(model, layer, kind, r, 'scatter'), kind, xi, iters))
+                write = min(writes, key=lambda w: _time_sub_block(
+                    _candidate(model, layer, kind, read, w), kind, xi, iters))
+            plan.setdefault(layer, {})[kind] = {'read': read, 'write': write}
+    return plan
+
+
+def apply_forms(model: VisionTransformer, plan: Dict[int, Dict[str, Dict[str, str]]]) -> VisionTransformer:
+    """A copy of `model` with the sub-blocks in the planned forms (same function, same names)."""
+    arch = copy.deepcopy(model.arch())
+    state = dict(model.state_dict())
+    for layer, kinds in plan.items():
+        for kind, forms in kinds.items():
+            p = f'blocks.{layer}.'
+            norm = LAYERS[kind][0]
+            names = [k for k in state if k.startswith((p + kind + '.', p + norm + '.'))]
+            weights = {k[len(p):]: state[k] for k in names}
+            sub, w = with_forms(arch['blocks'][layer][kind], weights, kind, forms['read'],
+                                forms['write'], model.embed_dim)
+            arch['blocks'][layer][kind] = sub
+            state.update({p + k: v for k, v in w.items()})
+    out = build_from_arch(arch, drop_rate=model.pos_drop.p)
+    out.load_state_dict(state)
+    return out.to(**_placement(model)).eval()
+
+
+def deploy(model: VisionTransformer, x: torch.Tensor, iters: int = 5, amp: bool = False,
+           plan: Optional[Dict] = None):
+    """(deployed copy, plan): the fastest exact form of every cut sub-block for input x (or
+    the given plan), with in-place residual writes switched on."""
+    plan = plan_forms(model, x, iters, amp) if plan is None else plan
+    return apply_forms(model, plan).set_inplace_writes(True), plan

@@ -1,0 +1,169 @@
+"""Does `--bpi-mode fast` make the same κ decisions as the authors' ΔΨ heads? One pruning run,
+both estimators side by side.
+
+The faithful heads (METHOD.md §3) drive the masks, as in a normal DAP run. One or more sets of
+fast heads (`--fast W:G:F ...`: width D/W, patch map pooled to at most G×G, the first F of each
+batch) read the same detached residual stream, train on the same loss and keep their own ΔΨ
+windows. At every mask update the script records, for each estimator, the window's mean ΔΨ^c
+and ΔΨ^p per sub-block and the κ that §4 would give from it (same kept parameters, each
+estimator with its own momentum), and writes OUTPUT_DIR/bpi_agreement.json:
+
+- `spearman_c`, `spearman_p`: median over mask updates of the rank correlation across
+  sub-blocks between the fast and the faithful mean ΔΨ^c (ΔΨ^p);
+- `kappa_mean_abs_diff`: mean over updates and sub-blocks of |κ_fast − κ_faithful|;
+- the same for every fast configuration under `configs`, and the per-update values.
+
+It takes main.py's data, model, schedule and pruning flags (--prune-method block_pr), e.g. the
+12-layer transfer run of the README:
+
+    python scripts/compare_bpi.py --model deit_micro12_patch4_32 --input-size 16 \
+        --data-set DIGITS_TARGET --model-path output/compare/source/checkpoint.pth \
+        --epochs 10 --prune-start-epoch 2 --prune-sparse-epoch 6 --batch-size 16 \
+        --unscale-lr --lr 1e-3 --no-train-mode --aa none --mixup 0 --cutmix 0 --reprob 0 \
+        --drop-path 0 --num_workers 0 --output_dir output/compare_bpi --fast 4:7:1 8:7:1
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import main as cli  # noqa: E402
+import utils  # noqa: E402
+from pruning.block_performance import BlockPerformance, BlockPerformanceHeads, HeadShape  # noqa: E402
+from pruning.gates import kept_params  # noqa: E402
+from pruning.keep_ratio import KeepRatioFromDeltaPsi  # noqa: E402
+
+
+def spearman(a, b) -> float:
+    """Rank correlation of two vectors (average ranks for ties)."""
+    def ranks(v):
+        v = torch.as_tensor(v, dtype=torch.float64)
+        order = torch.argsort(v, stable=True)
+        r = torch.empty_like(v)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in torch.unique(v):  # ties share their mean rank
+            same = v == value
+            r[same] = r[same].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.norm() * rb.norm()).item()
+    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+
+
+class FastEstimator:
+    """One set of fast heads with its ΔΨ window and §4 state."""
+
+    def __init__(self, spec, pruner, model, num_classes, device):
+        w, g, f = spec.split(':')
+        self.name = spec
+        self.shape = HeadShape('fast', int(w), int(g), float(f))
+        self.heads = BlockPerformanceHeads(len(pruner.sbs), model.embed_dim, num_classes,
+                                           tuple(model.patch_embed.grid_size), self.shape).to(device)
+        self.window = BlockPerformance(len(pruner.sbs), device)
+        self.keep_ratio = KeepRatioFromDeltaPsi(pruner.dense, pruner.budget, pruner.cfg.block_imp_scale,
+                                                pruner.cfg.gamma, pruner.cfg.alpha)
+
+
+def agreement(updates, name):
+    rows = [u for u in updates if u['window'] > 0]
+    sc = [spearman(u['faithful']['delta_psi_cls'], u[name]['delta_psi_cls']) for u in rows]
+    sp = [spearman(u['faithful']['delta_psi_patch'], u[name]['delta_psi_patch']) for u in rows]
+    diffs = [abs(a - b) for u in rows for a, b in zip(u['faithful']['kappa'], u[name]['kappa'])]
+    return {'spearman_c': statistics.median(sc), 'spearman_p': statistics.median(sp),
+            'kappa_mean_abs_diff': sum(diffs) / len(diffs), 'kappa_max_abs_diff': max(diffs),
+            'updates': len(rows)}
+
+
+def train(args, model, pruner, fast, loader, device):
+    """The pruning run; returns one record per mask update with every estimator's view."""
+    criterion, mixup_fn = cli.build_criterion(args)
+    lr = cli.scaled_lr(args)
+    groups = pruner.param_groups(lr, args.weight_decay) + [
+        {'params': list(e.heads.parameters()), 'lr': args.lr_soft_head, 'weight_decay': args.weight_decay}
+        for e in fast]
+    optimizer = cli.build_optimizer(args, model, lr, groups)
+    updates = []
+    for epoch in range(args.prune_finalize_epoch):
+        utils.seed_everything(args.seed + 1000 * epoch)
+        loader.sampler.set_epoch(epoch)
+        model.train(args.train_mode)
+        for e in [pruner.heads] + [e.heads for e in fast]:
+            e.train(args.train_mode)
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            if mixup_fn is not None:
+                x, y = mixup_fn(x, y)
+            logits, stream = model.forward_stream(x)
+            loss = criterion(logits, y) + pruner.aux_loss(pruner.heads(stream), y, criterion)
+            for e in fast:
+                lc, lp = e.window.head_losses(e.heads(stream), y, criterion)
+                if pruner.schedule.is_active(pruner.step_count):
+                    e.window.add(lc, lp)
+                loss = loss + lc.sum() + lp.sum()
+            loss.backward()
+            optimizer.step()
+            step = pruner.step_count
+            if pruner.schedule.is_update(step):
+                kept = torch.tensor(kept_params(model, pruner.sbs), dtype=torch.float64)
+                views = {}
+                for e in fast:
+                    c, p = (m.cpu() for m in e.window.mean())
+                    views[e.name] = {'delta_psi_cls': c.tolist(), 'delta_psi_patch': p.tolist(),
+                                     'kappa': e.keep_ratio(c, p, kept).tolist()}
+                    e.window.next_window()
+                record = pruner.step()
+                views['faithful'] = {'delta_psi_cls': record['delta_psi_cls'],
+                                     'delta_psi_patch': record['delta_psi_patch'],
+                                     'kappa': record['goal_keep_ratio']}
+                updates.append({'step': step, 'epoch': record['epoch'], 'window': record['window'], **views})
+                print(f'update at step {step}: ' + ', '.join(
+                    f'{e.name} ρ_c {spearman(views["faithful"]["delta_psi_cls"], views[e.name]["delta_psi_cls"]):.2f}'
+                    f' ρ_p {spearman(views["faithful"]["delta_psi_patch"], views[e.name]["delta_psi_patch"]):.2f}'
+                    for e in fast), flush=True)
+            else:
+                pruner.step()
+            optimizer.zero_grad(set_to_none=True)
+    return updates
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[cli.get_args_parser()])
+    parser.add_argument('--fast', nargs='+', default=['4:7:1'], metavar='W:G:F',
+                        help='fast configurations: width divisor, pooled grid side, batch fraction')
+    parser.set_defaults(prune_method='block_pr')
+    args = cli.validate(parser.parse_args(argv))
+    if not args.output_dir:
+        sys.exit('error: --output_dir is required')
+    if args.grad_accum_steps != 1 or args.prune_method != 'block_pr':
+        sys.exit('error: compare_bpi.py runs --prune-method block_pr with --grad-accum-steps 1')
+    utils.init_distributed_mode(args)
+    device, _ = cli.setup_device(args)
+    dataset_train, dataset_val, nb_classes = cli.build_datasets(args)
+    args.nb_classes = nb_classes
+    model = cli.build_model(args, nb_classes).to(device)
+    loader, _ = cli.build_loaders(args, dataset_train, dataset_val)
+    args.bpi_mode = 'faithful'  # the heads that drive the masks
+    pruner = cli.build_pruner(args, model, nb_classes, len(loader) // args.grad_accum_steps)
+    fast = [FastEstimator(spec, pruner, model, nb_classes, device) for spec in args.fast]
+    updates = train(args, model, pruner, fast, loader, device)
+    configs = {e.name: {**agreement(updates, e.name), **vars(e.shape)} for e in fast}
+    result = {**configs[fast[0].name], 'configs': configs, 'per_update': updates,
+              'command': ' '.join(sys.argv)}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'bpi_agreement.json').write_text(json.dumps(result, indent=1))
+    for name, c in configs.items():
+        print(f'{name}: spearman_c {c["spearman_c"]:.3f}, spearman_p {c["spearman_p"]:.3f}, '
+              f'mean |Δκ| {c["kappa_mean_abs_diff"]:.3f} (max {c["kappa_max_abs_diff"]:.3f}) '
+              f'over {c["updates"]} updates')
+    print(f'wrote {out / "bpi_agreement.json"}')
+
+
+if __name__ == '__main__':
+    main()
