@@ -14,6 +14,7 @@ FLOPs are counted by torch.utils.flop_counter (matmuls and convolutions; a multi
 FLOPs). The dense model is the uncut model of the same family, input size and class count.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -161,6 +162,32 @@ def time_variants(variants, x, amp, args):
     return {name: min(t) for name, t in times.items()}
 
 
+def time_onnx(variants, x, args):
+    """Seconds per batch of dense and cut exported to ONNX (scripts/export.py) in onnxruntime on
+    the CPU, interleaved as the PyTorch timings are."""
+    import tempfile
+    import numpy as np
+    import onnxruntime as ort
+    from export import export
+    sessions, feed = {}, {'images': x.cpu().numpy().astype(np.float32)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ('dense', 'cut'):
+            path = f'{tmp}/{name}.onnx'
+            export(copy.deepcopy(variants[name]).cpu().float().set_inplace_writes(False), path)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            sessions[name] = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+    times = {name: [] for name in sessions}
+    for _ in range(3):
+        for name, sess in sessions.items():
+            for i in range(args.warmup + args.iters):
+                t = time.perf_counter()
+                sess.run(None, feed)
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def report(res, variants, args):
     print(f'{res["source"]}\n{res["family"]} @ {res["input_size"]}px, batch {args.batch_size}, '
           f'{res["device"]}{", AMP" if res["amp"] else ""}{", torch.compile" if args.compile else ""}')
@@ -208,7 +235,16 @@ def main(argv=None):
         r['speedup'] = times['dense'] / times[args.reference]
         r['flops_ideal_speedup'] = res['dense']['flops_per_image'] / r['flops_per_image']
         r['speedup_vs_ideal'] = r['speedup'] / r['flops_ideal_speedup']
+    if args.onnx:
+        onnx = time_onnx(variants, torch.randn(args.batch_size, 3, size, size), args)
+        res['onnx'] = {'dense_ms_per_batch': 1e3 * onnx['dense'], 'cut_ms_per_batch': 1e3 * onnx['cut'],
+                       'speedup': onnx['dense'] / onnx['cut']}
+        res['onnx']['speedup_vs_ideal'] = res['onnx']['speedup'] / res['flops_ideal_speedup']
     report(res, variants, args)
+    if args.onnx:
+        o = res['onnx']
+        print(f'onnxruntime (CPU): dense {o["dense_ms_per_batch"]:.1f} ms, cut {o["cut_ms_per_batch"]:.1f} ms '
+              f'per batch: speedup {o["speedup"]:.2f}x ({o["speedup_vs_ideal"]:.2f} of ideal)')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(res, f, indent=2)

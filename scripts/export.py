@@ -3,7 +3,9 @@
     python scripts/export.py OUT/first_sparse_checkpoint.pth --out model.onnx
 
 The checkpoint needs `arch` (a first_sparse_checkpoint.pth or a fine-tuned cut model); a dense
-checkpoint needs `--model`. The batch dimension is dynamic.
+checkpoint needs `--model`. The batch dimension is dynamic. By default every cut sub-block is
+exported in its fastest exact form on this CPU (`models.deploy`, timed at `--deploy-batch`);
+`--deploy none` exports the cut model as it is.
 """
 import argparse
 import os
@@ -57,11 +59,20 @@ def main(argv=None):
     p.add_argument('checkpoint')
     p.add_argument('--out', default='model.onnx')
     p.add_argument('--model', default=None, help='family of a dense checkpoint')
+    p.add_argument('--deploy', default='measure', choices=['measure', 'none'])
+    p.add_argument('--deploy-batch', type=int, default=32)
     args = p.parse_args(argv)
-    model = load_model(args.checkpoint, args.model)
+    model = load_model(args.checkpoint, args.model).eval()
+    n_params = model.num_parameters()  # the deployment's dense forms only add exact zeros
+    if args.deploy == 'measure' and model.is_cut:
+        x = torch.randn(args.deploy_batch, model.in_chans, model.img_size, model.img_size)
+        model, plan = models.deploy(model, x)
+        model.set_inplace_writes(False)  # the exporter traces a functional graph either way
+        forms = [f'{f["read"]}/{f["write"]}' for p in plan.values() for f in p.values()]
+        print('deployment forms (read/write): ' + ', '.join(f'{forms.count(f)}× {f}' for f in sorted(set(forms))))
     x = export(model, args.out)
     diff = max_difference(model, args.out, torch.randn(3, *x.shape[1:]))
-    print(f'wrote {args.out} ({sum(q.numel() for q in model.parameters()):,} parameters); '
+    print(f'wrote {args.out} ({n_params:,} parameters); '
           f'onnxruntime vs PyTorch max |Δlogit| = {diff:.2e} at batch 3')
 
 
