@@ -114,6 +114,8 @@ def get_args(argv=None):
                    help='round kept widths to this multiple in the random cut (default: main.py\'s)')
     p.add_argument('--onnx', action='store_true',
                    help='also time dense and cut exported to ONNX in onnxruntime (CPU)')
+    p.add_argument('--profile', action='store_true',
+                   help='also print where the time goes: torch.profiler, by operator, dense and cut')
     p.add_argument('--json', default=None, help='also write the figures here')
     return p.parse_args(argv)
 
@@ -188,6 +190,23 @@ def time_onnx(variants, x, args):
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+@torch.no_grad()
+def profile(variants, x, amp, top=12):
+    """Self time per operator of one forward of each model (after a warm-up), as a table."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == 'cuda' else [])
+    for name in ('dense', 'cut'):
+        model = variants[name]
+        with torch.autocast(x.device.type, enabled=amp):
+            model(x)
+            with torch_profile(activities=activities) as prof:
+                model(x)
+                synchronize(x.device)
+        key = 'self_cuda_time_total' if x.device.type == 'cuda' else 'self_cpu_time_total'
+        print(f'-- {name}: where one forward of batch {x.shape[0]} spends its time')
+        print(prof.key_averages().table(sort_by=key, row_limit=top))
+
+
 def report(res, variants, args):
     print(f'{res["source"]}\n{res["family"]} @ {res["input_size"]}px, batch {args.batch_size}, '
           f'{res["device"]}{", AMP" if res["amp"] else ""}{", torch.compile" if args.compile else ""}')
@@ -241,6 +260,8 @@ def main(argv=None):
                        'speedup': onnx['dense'] / onnx['cut']}
         res['onnx']['speedup_vs_ideal'] = res['onnx']['speedup'] / res['flops_ideal_speedup']
     report(res, variants, args)
+    if args.profile:
+        profile(variants, torch.randn(args.batch_size, 3, size, size, device=device), amp)
     if args.onnx:
         o = res['onnx']
         print(f'onnxruntime (CPU): dense {o["dense_ms_per_batch"]:.1f} ms, cut {o["cut_ms_per_batch"]:.1f} ms '

@@ -2,9 +2,12 @@
 both estimators side by side.
 
 The faithful heads (METHOD.md §3) drive the masks, as in a normal DAP run. One or more sets of
-fast heads (`--fast W:G:F ...`: width D/W, patch map pooled to at most G×G, the first F of each
-batch) read the same detached residual stream, train on the same loss and keep their own ΔΨ
-windows. At every mask update the script records, for each estimator, the window's mean ΔΨ^c
+fast patch heads (`--fast W:G:F ...`: width D/W, patch map pooled to at most G×G, the first F of
+each batch) read the same detached residual stream, train on the same loss and keep their own
+ΔΨ^p windows; `--fast copy` adds a second set of faithful patch heads with another
+initialisation, which measures how far two faithful estimators agree (the noise floor). The
+class heads are the same in both modes, so a fast run's ΔΨ^c is the faithful one: they are
+shared. At every mask update the script records, for each estimator, the window's mean ΔΨ^c
 and ΔΨ^p per sub-block and the κ that §4 would give from it (same kept parameters, each
 estimator with its own momentum), and writes OUTPUT_DIR/bpi_agreement.json:
 
@@ -57,14 +60,20 @@ def spearman(a, b) -> float:
 
 
 class FastEstimator:
-    """One set of fast heads with its ΔΨ window and §4 state."""
+    """One more set of patch heads (fast, or a faithful copy) with its ΔΨ window and §4 state;
+    its class heads are the faithful ones."""
 
     def __init__(self, spec, pruner, model, num_classes, device):
-        w, g, f = spec.split(':')
         self.name = spec
-        self.shape = HeadShape('fast', int(w), int(g), float(f))
-        self.heads = BlockPerformanceHeads(len(pruner.sbs), model.embed_dim, num_classes,
-                                           tuple(model.patch_embed.grid_size), self.shape).to(device)
+        if spec == 'copy':
+            self.shape = HeadShape('faithful')
+        else:
+            w, g, f = spec.split(':')
+            self.shape = HeadShape('fast', int(w), int(g), float(f))
+        heads = BlockPerformanceHeads(len(pruner.sbs), model.embed_dim, num_classes,
+                                      tuple(model.patch_embed.grid_size), self.shape).to(device)
+        heads.cls = pruner.heads.cls  # shared: the same class heads in both modes
+        self.heads = heads
         self.window = BlockPerformance(len(pruner.sbs), device)
         self.keep_ratio = KeepRatioFromDeltaPsi(pruner.dense, pruner.budget, pruner.cfg.block_imp_scale,
                                                 pruner.cfg.gamma, pruner.cfg.alpha)
@@ -85,7 +94,7 @@ def train(args, model, pruner, fast, loader, device):
     criterion, mixup_fn = cli.build_criterion(args)
     lr = cli.scaled_lr(args)
     groups = pruner.param_groups(lr, args.weight_decay) + [
-        {'params': list(e.heads.parameters()), 'lr': args.lr_soft_head, 'weight_decay': args.weight_decay}
+        {'params': list(e.heads.patch.parameters()), 'lr': args.lr_soft_head, 'weight_decay': args.weight_decay}
         for e in fast]
     optimizer = cli.build_optimizer(args, model, lr, groups)
     updates = []
@@ -105,7 +114,7 @@ def train(args, model, pruner, fast, loader, device):
                 lc, lp = e.window.head_losses(e.heads(stream), y, criterion)
                 if pruner.schedule.is_active(pruner.step_count):
                     e.window.add(lc, lp)
-                loss = loss + lc.sum() + lp.sum()
+                loss = loss + lp.sum()  # the class heads are trained once, by the faithful loss
             loss.backward()
             optimizer.step()
             step = pruner.step_count
@@ -135,7 +144,7 @@ def train(args, model, pruner, fast, loader, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[cli.get_args_parser()])
     parser.add_argument('--fast', nargs='+', default=['4:7:1'], metavar='W:G:F',
-                        help='fast configurations: width divisor, pooled grid side, batch fraction')
+                        help='fast configurations (width divisor:pooled grid side:batch fraction), or copy')
     parser.set_defaults(prune_method='block_pr')
     args = cli.validate(parser.parse_args(argv))
     if not args.output_dir:
