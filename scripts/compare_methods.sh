@@ -79,4 +79,5 @@ for SEED in $SEEDS; do
   done
 done
 echo "== all runs done in $(( ($(date +%s) - start) / 60 )) min"
-python scripts/compare_summary.py "$OUT" --figure fig/compare_keep_ratio.png
+python scripts/compare_summary.py "$OUT" --figure fig/compare_keep_ratio.png \
+  --figure-dap fig/compare_dap_over_time.png

@@ -105,11 +105,42 @@ def plot(runs, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_over_time(out: Path, path, run='block_pr_pr0.5'):
+    """DAP's signals over the pruning run (first seed): the class-token ΔΨ^c of every sub-block
+    at each mask update, and the goal κ §4 gave it."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    log = next(iter(sorted(out.glob(f'seed*/{run}/prune/pruning_log.jsonl'))), None)
+    if log is None:
+        return None
+    updates = [r for r in map(json.loads, log.read_text().splitlines()) if 'step' in r]
+    epochs = [r['epoch'] for r in updates]
+    n = len(updates[0]['goal_keep_ratio'])
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6), sharex=True)
+    for col, kind in enumerate(('attention', 'MLP')):
+        for i in range(col, n, 2):
+            color = plt.cm.viridis(i / max(n - 1, 1))
+            axes[0, col].plot(epochs, [r['delta_psi_cls'][i] for r in updates], color=color, lw=1)
+            axes[1, col].plot(epochs, [r['goal_keep_ratio'][i] for r in updates], color=color, lw=1,
+                              label=f'layer {i // 2}' if i // 2 in (0, n // 4, n // 2 - 1) else None)
+        axes[0, col].set_title(f'{kind} sub-blocks: ΔΨ^c of the window (dark: shallow, light: deep)', fontsize=9)
+        axes[0, col].axhline(0, color='k', lw=0.5)
+        axes[1, col].set_ylabel('goal κ')
+        axes[1, col].set_xlabel('epoch')
+        axes[1, col].legend(fontsize=7)
+    fig.suptitle(f'DAP, {log.parent.parent.name} ({log.parts[-4]}): the signals at every mask update', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('out', nargs='?', default='output/compare')
     parser.add_argument('--markdown', action='store_true')
     parser.add_argument('--figure', default=None, help='write the κ figure here')
+    parser.add_argument('--figure-dap', default=None, help='write DAP\'s ΔΨ and κ over time here')
     args = parser.parse_args(argv)
     runs, dense = collect(Path(args.out))
     header, rows = table(runs, dense)
@@ -123,6 +154,8 @@ def main(argv=None):
     if args.figure and runs:
         plot(runs, args.figure)
         print(f'figure: {args.figure}')
+    if args.figure_dap and plot_over_time(Path(args.out), args.figure_dap):
+        print(f'figure: {args.figure_dap}')
 
 
 if __name__ == '__main__':
