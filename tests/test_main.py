@@ -127,7 +127,44 @@ def test_model_path_url_bare_state_dict(digits_run, cli, tmp_path):
     proc = check_ok(cli(['--eval', '--model-path', url]))
     assert loaded_line(proc.stdout) == [f'Loaded weights from {url}']
     assert eval_lines(proc.stdout) == [logged_eval_line(read_log(out)[-1])]
-    assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'bare.pth').is_file()
+    # cached under a key of the whole URL (a folder), with its own name
+    assert [p.name for p in (tmp_path / 'torch_home' / 'hub' / 'checkpoints').glob('*/*')] == ['bare.pth']
+
+
+def test_model_path_urls_with_one_name_are_two_files(digits_run, cli, tmp_path):
+    """torch.hub caches by file name alone: the second URL would have loaded the first's
+    weights, and a checkpoint of another architecture would not have been refused."""
+    out, _ = digits_run
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    shutil.copy(out / 'checkpoint.pth', tmp_path / 'a' / 'model.pth')
+    torch.save(timm.create_model('deit_tiny_patch16_224').state_dict(), tmp_path / 'b' / 'model.pth')
+    first = check_ok(cli(['--eval', '--model-path', (tmp_path / 'a' / 'model.pth').as_uri()]))
+    assert eval_lines(first.stdout) == [logged_eval_line(read_log(out)[-1])]
+    second = cli(['--eval', '--model-path', (tmp_path / 'b' / 'model.pth').as_uri()])
+    assert second.returncode != 0
+    assert re.fullmatch(r'error: --model-path file://\S+/b/model.pth: checkpoint does not fit the model: .*',
+                        second.stderr.strip()), second.stderr
+    assert len(list((tmp_path / 'torch_home' / 'hub' / 'checkpoints').glob('*/model.pth'))) == 2
+
+
+def test_model_path_url_hash_suffix_is_checked(digits_run, cli, tmp_path):
+    """DeiT's names end in the first hex digits of the file's sha256; a file that does not
+    match is refused and not kept in the cache."""
+    import hashlib
+    data = (digits_run[0] / 'checkpoint.pth').read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    right, wrong = tmp_path / f'deit-{digest[:8]}.pth', tmp_path / 'deit-0123abcd.pth'
+    right.write_bytes(data)
+    wrong.write_bytes(data)
+    check_ok(cli(['--eval', '--model-path', right.as_uri()]))
+    proc = cli(['--eval', '--model-path', wrong.as_uri()])
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == (f'error: --model-path {wrong.as_uri()}: the download\'s sha256 begins '
+                                   f'{digest[:8]}, not with the hash its name ends in: a damaged or '
+                                   'another file (not kept)')
+    cached = sorted(p.name for p in (tmp_path / 'torch_home' / 'hub' / 'checkpoints').rglob('*') if p.is_file())
+    assert cached == [right.name]
 
 
 def test_model_path_with_1000_classes_resets_head(digits_run, cli, tmp_path):
@@ -303,3 +340,13 @@ def test_non_finite_loss_stops_the_run(cli, tmp_path):
     assert re.fullmatch(r'error: loss is (nan|inf|-inf) at epoch 0, iteration \d+: stopping training',
                         lines[0]), lines[0]
     assert not (out / 'checkpoint.pth').exists() and not (out / 'log.txt').exists()
+
+
+def test_stale_temporary_checkpoints_are_removed_by_the_next_write(tmp_path):
+    """A write killed half-way leaves PATH.tmp.PID; the next successful write removes it."""
+    path = tmp_path / 'checkpoint.pth'
+    (tmp_path / 'checkpoint.pth.tmp.12345').write_bytes(b'half')
+    (tmp_path / 'best_checkpoint.pth.tmp.12345').write_bytes(b'half')  # another file's: kept
+    utils.save_on_master({'epoch': 3}, path)
+    assert load(path) == {'epoch': 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['best_checkpoint.pth.tmp.12345', 'checkpoint.pth']
