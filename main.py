@@ -370,13 +370,22 @@ def validate(args):
         hint = f'; did you mean {" or ".join(close)}?' if close else ''
         raise UsageError(f'unknown --model {args.model!r}{hint} (available: {", ".join(models.CONFIGS)})')
     config = models.CONFIGS[args.model]
-    for flag, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
-                        ('--grad-accum-steps', args.grad_accum_steps),
-                        ('--print-freq', args.print_freq)):
-        if value < 1:
-            raise UsageError(f'{flag} must be at least 1, got {value}')
     if args.input_size is None:
         args.input_size = config.img_size
+    for flag, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
+                        ('--grad-accum-steps', args.grad_accum_steps),
+                        ('--print-freq', args.print_freq), ('--input-size', args.input_size)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    for flag, value in (('--num_workers', args.num_workers), ('--lr', args.lr),
+                        ('--warmup-lr', args.warmup_lr), ('--min-lr', args.min_lr),
+                        ('--weight-decay', args.weight_decay)):
+        if value < 0:
+            raise UsageError(f'{flag} must not be negative, got {value}')
+    for flag, value in (('--drop', args.drop), ('--drop-path', args.drop_path)):
+        if not 0 <= value < 1:
+            raise UsageError(f'{flag} is a rate in [0, 1), got {value}')
+    check_device(args.device)
     if args.input_size % config.patch_size:
         raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
                          f'{config.patch_size} of {args.model}')
@@ -400,6 +409,24 @@ def validate(args):
         except ConfigError as e:
             raise usage_error(e)
     return args
+
+
+def check_device(text):
+    """--device names a device this machine has (without creating a CUDA context: every
+    process of a run checks before it picks its own GPU)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f'--device {text!r} is not a device: cpu, cuda, cuda:N, …') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UsageError(f'--device {text}: no CUDA GPU is available here (use --device cpu)')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f'--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)')
+    elif device.type != 'cpu':
+        backend = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...
+        if not getattr(backend, 'is_available', lambda: False)():
+            raise UsageError(f'--device {text}: no {device.type} device is available here')
 
 
 def build_pruner(args, model, nb_classes, steps_per_epoch):

@@ -305,6 +305,13 @@ BAD_INPUTS = {  # name: (flags, with {d} the folder of bad_files, regex the erro
     'other architecture': (['--model-path', '{d}/deit_tiny.pth'],
                            r'--model-path {d}/deit_tiny.pth: checkpoint does not fit the model: .*mis-shaped'),
     'zero batch size': (['--batch-size', 0], r'--batch-size must be at least 1, got 0'),
+    'zero input size': (['--input-size', 0], r'--input-size must be at least 1, got 0$'),
+    'negative input size': (['--input-size', -32], r'--input-size must be at least 1, got -32$'),
+    'negative lr': (['--lr=-1'], r'--lr must not be negative, got -1.0$'),
+    'drop path of 1': (['--drop-path', 1], r'--drop-path is a rate in \[0, 1\), got 1.0$'),
+    'unknown device': (['--device', 'foo'], r"--device 'foo' is not a device: cpu, cuda, cuda:N, …$"),
+    'cuda without a GPU': (['--device', 'cuda'], r'--device cuda: no CUDA GPU is available here \(use --device cpu\)$'),
+    'negative workers': (['--num_workers=-1'], r'--num_workers must not be negative, got -1$'),
     'input size off the patch grid': (['--input-size', 30],
                                       r'--input-size 30 is not a multiple of the patch size 4'),
     'truncated resume': (['--resume', '{d}/truncated.pth'],
@@ -322,7 +329,8 @@ def test_bad_input(case, bad_files, tmp_path):
     out.mkdir()
     (out / 'sentinel.txt').write_text('keep me\n')
     before, before_bad = snapshot(out), snapshot(bad_files)
-    proc = run_cli(['--epochs', 1, '--output_dir', out, *flags], tmp_path)
+    # no GPU, even where the tests run on a machine that has one ('cuda without a GPU')
+    proc = run_cli(['--epochs', 1, '--output_dir', out, *flags], tmp_path, env={'CUDA_VISIBLE_DEVICES': ''})
     assert proc.returncode != 0
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
