@@ -28,7 +28,7 @@ from timm.utils import ModelEmaV3, NativeScaler
 
 import models
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
+from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_dataset
 from engine import accumulate_scores, evaluate, train_one_epoch
 from pruning import (DEFAULT_GATE_SCALE, TAYLOR_WINDOWS, ConfigError, DepthAwarePruner, PruneConfig,
                      PruneSchedule, SaViTConfig, SaViTPruner, WDPruneConfig, WDPrunePruner,
@@ -272,6 +272,9 @@ def get_args_parser():
                         help='dataset')
     parser.add_argument('--inat-category', default='name', type=str, choices=INAT_CATEGORIES,
                         help='semantic granularity of the iNaturalist labels')
+    parser.add_argument('--skip-bad-images', action='store_true',
+                        help='skip images that cannot be read (each named on stderr, counted as '
+                             'train_ / test_unreadable_images in log.txt) instead of stopping')
     parser.add_argument('--output_dir', default='', help='path where to save, empty for no saving')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='device to use for training / testing')
@@ -657,7 +660,8 @@ def main(args):
     if args.eval:
         print('number of params:', model.num_parameters())
         net = wrap(args, device, pruner.module if pruner is not None else model)
-        test_stats = evaluate(loader_val, net, device, amp=amp, pruner=pruner, print_freq=args.print_freq)
+        test_stats = evaluate(loader_val, net, device, amp=amp, pruner=pruner, print_freq=args.print_freq,
+                              count_unreadable=args.skip_bad_images)
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
         return test_stats
     trainer = Trainer(args, model, pruner, device, amp, run)
@@ -746,14 +750,15 @@ class Trainer:
                 self.loss_scaler, max_norm=args.clip_grad, model_ema=self.model_ema,
                 mixup_fn=self.mixup_fn, accum_steps=args.grad_accum_steps, amp=self.amp,
                 print_freq=args.print_freq, writer=self.run.writer, pruner=self.pruner,
-                global_step=global_step, set_training_mode=args.train_mode)
+                global_step=global_step, set_training_mode=args.train_mode,
+                count_unreadable=args.skip_bad_images)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step(epoch + 1)
             if self.pruner is not None and epoch + 1 == args.prune_finalize_epoch:
                 test_stats = self.cut(loader_val, epoch)
             else:
                 test_stats = evaluate(loader_val, self.net, self.device, amp=self.amp, pruner=self.pruner,
-                                      print_freq=args.print_freq)
+                                      print_freq=args.print_freq, count_unreadable=args.skip_bad_images)
             print(f'Accuracy of the network on the {len(loader_val.dataset)} test images: {test_stats["acc1"]:.1f}%')
             self.end_epoch(epoch, train_stats, test_stats)
         print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
@@ -836,7 +841,8 @@ def finalize_pruning(pruner, model, args, loader_val, device, amp, epoch, run):
                'depth': cut.depth, 'embed_dim': cut.embed_dim}
     run.log_pruning(summary)
     print('Accuracy of the cut model:')
-    test_stats = evaluate(loader_val, cut, device, amp=amp, print_freq=args.print_freq)
+    test_stats = evaluate(loader_val, cut, device, amp=amp, print_freq=args.print_freq,
+                          count_unreadable=args.skip_bad_images)
     run.save('first_sparse_checkpoint.pth', {
         'model': cut.state_dict(), 'arch': cut.arch(), 'args': vars(args), 'epoch': epoch,
         'acc1': test_stats['acc1'], 'summary': summary})
@@ -859,7 +865,7 @@ def cli(argv=None):
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)
-    except utils.NonFiniteLossError as e:
+    except (utils.NonFiniteLossError, UnreadableImageError) as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(1)
 
