@@ -282,16 +282,40 @@ def snapshot(folder):
     return entries, folder.stat().st_mtime_ns
 
 
+class Evil:
+    """A pickle that would run a shell command when loaded without weights_only."""
+
+    def __reduce__(self):
+        return os.system, ('echo pwned',)
+
+
 @pytest.fixture(scope='module')
 def bad_files(tmp_path_factory, digits_run):
     d = tmp_path_factory.mktemp('bad')
     (d / 'tree' / 'train' / 'a').mkdir(parents=True)       # a FOLDER tree without val/
+    for split in ('train', 'val'):                          # a FOLDER tree with an empty class
+        (d / 'empty' / split / 'b').mkdir(parents=True)
+        write_image(d / 'empty' / split / 'a' / '0.png')
     (d / 'notes.txt').write_text('not a checkpoint\n')
     (d / 'regular_file').write_text('x')
     torch.save(timm.create_model('deit_tiny_patch16_224').state_dict(), d / 'deit_tiny.pth')
-    data = (digits_run[0] / 'checkpoint.pth').read_bytes()
+    dense = digits_run[0] / 'checkpoint.pth'
+    data = dense.read_bytes()
     (d / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    shutil.copy(dense, d / 'dense.pth')
+    ckpt = load(dense)
+    del ckpt['args']  # so that only the weights tell the class count
+    ckpt['model']['head.weight'], ckpt['model']['head.bias'] = torch.zeros(1000, 64), torch.zeros(1000)
+    torch.save(ckpt, d / 'imagenet_head.pth')
+    torch.save({'model': {}, 'note': Evil()}, d / 'evil.pth')
     return d
+
+
+def write_image(path, seed=0):
+    from PIL import Image
+    import numpy as np
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
 
 
 BAD_INPUTS = {  # name: (flags, with {d} the folder of bad_files, regex the error line must match)
@@ -301,7 +325,14 @@ BAD_INPUTS = {  # name: (flags, with {d} the folder of bad_files, regex the erro
                       r"unknown --model 'deit_smal_patch16_224'; did you mean deit_small_patch16_224"),
     'missing model path': (['--model-path', '{d}/nope.pth'], r'--model-path {d}/nope.pth does not exist'),
     'text model path': (['--model-path', '{d}/notes.txt'],
-                        r'--model-path {d}/notes.txt is not a readable PyTorch checkpoint'),
+                        r'--model-path {d}/notes.txt is not a readable PyTorch checkpoint: it is not a '
+                        r'file written by torch.save$'),
+    'folder as model path': (['--model-path', '{d}'], r'--model-path {d} is a folder, not a checkpoint file$'),
+    'pickle that runs code': (['--resume', '{d}/evil.pth'],
+                              r'--resume {d}/evil.pth is not a readable PyTorch checkpoint: it would call '
+                              r'(posix|os|nt)\.system while loading, .*a pickle can run code\)$'),
+    'empty class folder': (['--data-set', 'FOLDER', '--data-path', '{d}/empty'],
+                           r'class folder {d}/empty/train/b holds no image \(.jpg'),
     'other architecture': (['--model-path', '{d}/deit_tiny.pth'],
                            r'--model-path {d}/deit_tiny.pth: checkpoint does not fit the model: .*mis-shaped'),
     'zero batch size': (['--batch-size', 0], r'--batch-size must be at least 1, got 0'),
@@ -315,7 +346,16 @@ BAD_INPUTS = {  # name: (flags, with {d} the folder of bad_files, regex the erro
     'input size off the patch grid': (['--input-size', 30],
                                       r'--input-size 30 is not a multiple of the patch size 4'),
     'truncated resume': (['--resume', '{d}/truncated.pth'],
-                         r'--resume {d}/truncated.pth is not a readable PyTorch checkpoint'),
+                         r'--resume {d}/truncated.pth is not a readable PyTorch checkpoint: a damaged or truncated'),
+    'resume of another model': (['--resume', '{d}/dense.pth', '--model', 'deit_micro12_patch4_32'],
+                                r'--resume {d}/dense.pth does not fit --model deit_micro12_patch4_32: it was '
+                                r'written for --model deit_micro_patch4_32$'),
+    'resume of another class count': (['--resume', '{d}/imagenet_head.pth'],
+                                      r'--resume {d}/imagenet_head.pth does not fit --model deit_micro_patch4_32: '
+                                      r'its classifier has 1000 classes, --data-set DIGITS has 10$'),
+    'resume of a dense run while pruning': (['--resume', '{d}/dense.pth', '--prune-method', 'block_pr'],
+                                            r'--resume {d}/dense.pth is not from a pruning run \(it holds no '
+                                            r'pruner state\): to prune its weights, pass it as --model-path$'),
     'unwritable output_dir': (['--output_dir', '{d}/regular_file/out'],
                               r'--output_dir {d}/regular_file/out is not writable'),
 }
@@ -335,6 +375,8 @@ def test_bad_input(case, bad_files, tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
     assert re.search(pattern.format(d=re.escape(str(bad_files))), lines[0]), lines[0]
+    if case.startswith(('resume', 'pickle')):  # these once printed 2,616 characters, or were cut short
+        assert len(lines[0]) < 300, len(lines[0])
     assert snapshot(out) == before
     assert snapshot(bad_files) == before_bad
 
@@ -348,6 +390,68 @@ def test_non_finite_loss_stops_the_run(cli, tmp_path):
     assert re.fullmatch(r'error: loss is (nan|inf|-inf) at epoch 0, iteration \d+: stopping training',
                         lines[0]), lines[0]
     assert not (out / 'checkpoint.pth').exists() and not (out / 'log.txt').exists()
+
+
+# ---------------------------------------------------------------- an output dir that holds a run
+
+def test_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(digits_run, cli, tmp_path):
+    """A new run into a finished run's folder once replaced its checkpoints (a worse
+    best_checkpoint.pth over a better one) and appended to its logs."""
+    out = tmp_path / 'run'
+    shutil.copytree(digits_run[0], out)
+    before = snapshot(out)
+    proc = cli(['--epochs', 1, '--output_dir', out])
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f'error: --output_dir {out} holds a run (checkpoint.pth, best_checkpoint.pth, log.txt, …): '
+        f'--resume {out}/checkpoint.pth continues it, --overwrite replaces it']
+    proc = cli(['--epochs', 1, '--output_dir', out, '--overwrite', '--resume', out / 'checkpoint.pth'])
+    assert proc.stderr.splitlines() == [
+        f'error: --overwrite would delete --resume {out / "checkpoint.pth"}: leave out one of them']
+    # --eval never writes, wherever --output_dir points
+    check_ok(cli(['--eval', '--model-path', out / 'checkpoint.pth', '--output_dir', out]))
+    assert snapshot(out) == before
+    # --overwrite: the old run's files go first, then a run of its own
+    (out / 'checkpoint.pth.tmp.999999').write_bytes(b'half a checkpoint')
+    (out / 'notes.txt').write_text('mine\n')
+    proc = check_ok(cli([*SCHEDULE_ARGS, '--epochs', 1, '--output_dir', out, '--overwrite']))
+    assert '--overwrite: removed checkpoint.pth, best_checkpoint.pth, log.txt, args.json, tensorboard, ' \
+           'checkpoint.pth.tmp.999999 from' in proc.stdout
+    assert [s['epoch'] for s in read_log(out)] == [0]
+    assert load(out / 'checkpoint.pth')['epoch'] == 0
+    assert len(list((out / 'tensorboard').glob('events.out.tfevents.*'))) == 1
+    assert (out / 'notes.txt').read_text() == 'mine\n'  # not a file of a run
+
+
+def test_unreadable_image_is_named_or_skipped_and_counted(cli, tmp_path):
+    tree = tmp_path / 'tree'
+    for split, n in (('train', 4), ('val', 2)):
+        for c in 'ab':
+            for i in range(n):
+                write_image(tree / split / c / f'{i}.png', seed=i)
+    bad_train, bad_val = tree / 'train' / 'b' / '1.png', tree / 'val' / 'a' / '0.png'
+    bad_train.write_bytes(b'not an image')
+    bad_val.write_bytes(bad_train.read_bytes()[:4])
+    torch.manual_seed(0)
+    torch.save(timm.create_model(MICRO, num_classes=2).state_dict(), tmp_path / 'two.pth')
+    # 8 training images in batches of 4: every image is read once an epoch
+    args = ['--data-set', 'FOLDER', '--data-path', tree, '--model-path', tmp_path / 'two.pth',
+            '--batch-size', 4, '--epochs', 1, '--warmup-epochs', 0]
+    # in a DataLoader worker, whose exception comes back with the worker's traceback
+    proc = cli([*args, '--num_workers', 1, '--output_dir', tmp_path / 'stopped'])
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f'error: unreadable image {bad_train}: cannot identify image file {str(bad_train)!r} '
+        '(--skip-bad-images skips such images)'], proc.stderr[-3000:]
+    assert not (tmp_path / 'stopped' / 'checkpoint.pth').exists()
+    out = tmp_path / 'skipped'
+    proc = check_ok(cli([*args, '--output_dir', out, '--skip-bad-images']))
+    warnings = sorted(line for line in proc.stderr.splitlines() if line.startswith('warning:'))
+    # each named where it was read: once in training, once in the evaluation of the epoch
+    assert [w.split(':')[1].strip() for w in warnings] == ['skipped unreadable image'] * 2
+    assert any(str(bad_train) in w for w in warnings) and any(str(bad_val) in w for w in warnings)
+    (log,) = read_log(out)
+    assert log['train_unreadable_images'] == 1 and log['test_unreadable_images'] == 1
 
 
 def test_stale_temporary_checkpoints_are_removed_by_the_next_write(tmp_path):
