@@ -5,7 +5,7 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
@@ -54,7 +54,9 @@ class ReadChecked:
         try:
             img = self.loader(path)
         except READ_ERRORS as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            # PIL's own message repeats the path (as a file object's repr)
+            reason = 'not an image PIL can identify' if isinstance(e, UnidentifiedImageError) \
+                else (str(e).strip().splitlines() or [type(e).__name__])[0]
             if not self.skip_bad:
                 raise UnreadableImageError(f'unreadable image {path}: {reason} '
                                            '(--skip-bad-images skips such images)') from None

@@ -251,8 +251,17 @@ def cached_download(url: str) -> str:
 
 def _unreadable_reason(path: str, error: Exception) -> str:
     """One line on why torch.load(weights_only=True) refused or failed on `path`."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if not head.startswith(b'PK') and not head.startswith(b'\x80'):
+        # neither torch.save's zip archive nor a pickle (protocol 2 and later start with 0x80)
+        return 'it is not a file written by torch.save'
     text = str(error)
-    unsafe = re.search(r'GLOBAL (\S+) was not an allowed global', text)
+    lines = text.strip().splitlines()
+    first = lines[0][:160] if lines else type(error).__name__
+    if head.startswith(b'PK') and not zipfile.is_zipfile(path):
+        return f'a damaged or truncated torch.save archive ({first})'
+    unsafe = re.search(r'GLOBAL (\S+) (was not an allowed global|whose module \S+ is blocked)', text)
     if unsafe:
         return (f'it would call {unsafe.group(1)} while loading, and only tensors and plain '
                 'containers are loaded (weights_only=True: a pickle can run code)')
@@ -262,15 +271,6 @@ def _unreadable_reason(path: str, error: Exception) -> str:
                   and not line.strip().startswith(('Check the documentation', '(1)', '(2)'))]
         return ('it holds objects other than tensors and plain containers, which are not loaded '
                 f'(weights_only=True: a pickle can run code){": " + detail[0] if detail else ""}')
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    lines = text.strip().splitlines()
-    first = lines[0][:160] if lines else type(error).__name__
-    if head.startswith(b'PK') and not zipfile.is_zipfile(path):
-        return f'a damaged or truncated torch.save archive ({first})'
-    if not head.startswith(b'PK') and not head.startswith(b'\x80'):
-        # neither torch.save's zip archive nor a pickle (protocol 2 and later start with 0x80)
-        return 'it is not a file written by torch.save'
     return first
 
 
