@@ -737,6 +737,12 @@ def setup_device(args):
 
 
 def main(args):
+    stats = run_main(args)
+    utils.leave_distributed()
+    return stats
+
+
+def run_main(args):
     args = validate(args)
     check_run_dir(args)
     utils.init_distributed_mode(args)

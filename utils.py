@@ -86,6 +86,15 @@ def init_distributed_mode(args):
     setup_for_distributed(args.rank == 0)
 
 
+def leave_distributed():
+    """Every process waits for the others, then the process group is taken down, before any
+    exits: a process that left first took the rendezvous store with it, and one still tearing
+    down aborted ("terminate called without an active exception", seen after --eval --dist-eval)."""
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def seed_everything(seed):
     """Seed torch, numpy and random. Called at every epoch start, so an epoch's randomness
     depends only on (seed, epoch, rank): a resumed run repeats the uninterrupted one."""
