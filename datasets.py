@@ -2,12 +2,13 @@
 import csv
 import json
 import os
+import sys
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import default_loader, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -27,24 +28,79 @@ DIGITS_SOURCE_FRACTION = 0.4
 DIGITS_DOMAINS = {'DIGITS': None, 'DIGITS_SOURCE': 'source', 'DIGITS_TARGET': 'target'}
 
 
-class ListDataset(Dataset):
+# the target of an image that could not be read, under --skip-bad-images (engine.py drops the row)
+UNREADABLE = -1
+# what PIL raises on a file that is not an image, is truncated or damaged, or cannot be opened
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(Exception):
+    """An image file that could not be read: main.py prints it as one line.
+
+    DataLoader re-raises an exception of a worker process as type(message with the worker's
+    traceback); the last line of that traceback is the message: it is kept, the rest dropped."""
+
+    def __init__(self, message):
+        super().__init__(message.strip().splitlines()[-1].split('UnreadableImageError: ', 1)[-1])
+
+
+class ReadChecked:
+    """__getitem__ of image files that names an unreadable file (UnreadableImageError), or with
+    `skip_bad` reports it on stderr and returns a placeholder image with target UNREADABLE."""
+    skip_bad = False
+
+    def read(self, index):
+        path, target = self.samples[index]
+        try:
+            img = self.loader(path)
+        except READ_ERRORS as e:
+            # PIL's own message repeats the path (as a file object's repr)
+            reason = 'not an image PIL can identify' if isinstance(e, UnidentifiedImageError) \
+                else (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if not self.skip_bad:
+                raise UnreadableImageError(f'unreadable image {path}: {reason} '
+                                           '(--skip-bad-images skips such images)') from None
+            print(f'warning: skipped unreadable image {path}: {reason}', file=sys.stderr, flush=True)
+            img, target = Image.new('RGB', (8, 8)), UNREADABLE
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+class ListDataset(ReadChecked, Dataset):
     """(path, target) pairs read with the ImageFolder loader; for layouts ImageFolder cannot index."""
 
-    def __init__(self, samples, transform=None, loader=default_loader):
+    def __init__(self, samples, transform=None, loader=default_loader, skip_bad=False):
         self.samples = samples
         self.targets = [t for _, t in samples]
         self.transform = transform
         self.loader = loader
+        self.skip_bad = skip_bad
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        path, target = self.samples[index]
-        img = self.loader(path)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
+        return self.read(index)
+
+
+class ImageFolder(ReadChecked, datasets.ImageFolder):
+    """torchvision's ImageFolder, reading like ListDataset; an empty class folder is named."""
+
+    def __init__(self, root, transform=None, skip_bad=False):
+        try:
+            super().__init__(root, transform=transform)
+        except FileNotFoundError:
+            classes, _ = find_classes(root)
+            empty = [os.path.join(root, c) for c in classes
+                     if not any(f.lower().endswith(IMG_EXTENSIONS)
+                                for _, _, files in os.walk(os.path.join(root, c)) for f in files)]
+            raise ValueError(f'class folder {", ".join(empty[:3])}{" …" if len(empty) > 3 else ""} '
+                             f'holds no image ({", ".join(IMG_EXTENSIONS)})') from None
+        self.skip_bad = skip_bad
+
+    def __getitem__(self, index):
+        return self.read(index)
 
 
 class DigitsDataset(Dataset):
@@ -118,7 +174,7 @@ def _cifar(name, root, is_train, transform):
         raise ValueError(f'{name} files in {base} are corrupted ({e}); re-extract the archive there') from e
 
 
-def _image_folder(root, is_train, transform):
+def _image_folder(root, is_train, transform, skip_bad=False):
     """train/ and val/ class-folder trees; val must have exactly train's classes so indices agree."""
     train_dir, val_dir = os.path.join(root, 'train'), os.path.join(root, 'val')
     _require_dir(train_dir, f'dataset tree {root} has no train split')
@@ -128,11 +184,11 @@ def _image_folder(root, is_train, transform):
     if val_classes != train_classes:
         diff = sorted(set(train_classes) ^ set(val_classes))
         raise ValueError(f'class folders of {train_dir} and {val_dir} differ: {diff[:10]}')
-    dataset = datasets.ImageFolder(train_dir if is_train else val_dir, transform=transform)
+    dataset = ImageFolder(train_dir if is_train else val_dir, transform=transform, skip_bad=skip_bad)
     return dataset, len(train_classes)
 
 
-def _inat(root, year, category, is_train, transform):
+def _inat(root, year, category, is_train, transform, skip_bad=False):
     if category not in INAT_CATEGORIES:
         raise ValueError(f'unknown --inat-category {category!r}; choose from {", ".join(INAT_CATEGORIES)}')
     paths = {name: os.path.join(root, f'{name}.json') for name in (f'train{year}', f'val{year}', 'categories')}
@@ -172,7 +228,7 @@ def _inat(root, year, category, is_train, transform):
         if key not in targeter:
             raise ValueError(f'{category} {key!r} in {paths[split]} never occurs in {paths[f"train{year}"]}')
         samples.append((os.path.join(root, img['file_name']), targeter[key]))
-    return ListDataset(samples, transform), len(targeter)
+    return ListDataset(samples, transform, skip_bad=skip_bad), len(targeter)
 
 
 def _read_labels_csv(path, image_dir):
@@ -194,9 +250,9 @@ def _read_labels_csv(path, image_dir):
     return samples
 
 
-def _ifood(root, is_train, transform):
+def _ifood(root, is_train, transform, skip_bad=False):
     if not os.path.exists(os.path.join(root, 'train_labels.csv')) and os.path.isdir(os.path.join(root, 'train')):
-        return _image_folder(root, is_train, transform)
+        return _image_folder(root, is_train, transform, skip_bad)
     parts = {}
     for split in ('train', 'val'):
         img_dir, csv_path = os.path.join(root, f'{split}_set'), os.path.join(root, f'{split}_labels.csv')
@@ -215,7 +271,7 @@ def _ifood(root, is_train, transform):
             raise ValueError(f'label {max(labels)} out of range for the {nb_classes} classes of {class_list}')
     else:
         nb_classes = max(labels, default=-1) + 1
-    return ListDataset(parts['train' if is_train else 'val'], transform), nb_classes
+    return ListDataset(parts['train' if is_train else 'val'], transform, skip_bad=skip_bad), nb_classes
 
 
 def build_dataset(is_train, args):
@@ -232,12 +288,13 @@ def build_dataset(is_train, args):
     if args.data_set in CIFAR_FILES:
         dataset = _cifar(args.data_set, root, is_train, transform)
         return dataset, len(dataset.classes)
+    skip_bad = args.skip_bad_images
     if args.data_set in ('IMNET', 'FOLDER'):
-        return _image_folder(root, is_train, transform)
+        return _image_folder(root, is_train, transform, skip_bad)
     if args.data_set in ('INAT18', 'INAT19'):
         year = 2018 if args.data_set == 'INAT18' else 2019
-        return _inat(root, year, args.inat_category, is_train, transform)
-    return _ifood(root, is_train, transform)
+        return _inat(root, year, args.inat_category, is_train, transform, skip_bad)
+    return _ifood(root, is_train, transform, skip_bad)
 
 
 def build_transform(is_train, args):

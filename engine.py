@@ -7,6 +7,7 @@ import torch
 from timm.utils import accuracy
 
 import utils
+from datasets import UNREADABLE, UnreadableImageError
 from utils import MetricLogger, NonFiniteLossError, SmoothedValue
 
 
@@ -25,6 +26,25 @@ def _backward_and_step(loss, optimizer, loss_scaler, clip_grad, update):
         optimizer.step()
 
 
+def _readable(samples, targets, fill):
+    """(samples, targets, n) without the n rows whose image could not be read (target UNREADABLE,
+    under --skip-bad-images): dropped, or with `fill` replaced by copies of the batch's readable
+    rows, so that every training step sees as many samples (and mixup an even batch)."""
+    bad = targets == UNREADABLE
+    n = int(bad.sum())
+    if n == 0:
+        return samples, targets, 0
+    good = (~bad).nonzero().flatten()
+    if not fill:
+        return samples[good], targets[good], n
+    if len(good) == 0:
+        raise UnreadableImageError(f'all {n} images of a training batch are unreadable')
+    src = good[torch.arange(n) % len(good)]
+    samples, targets = samples.clone(), targets.clone()
+    samples[bad], targets[bad] = samples[src], targets[src]
+    return samples, targets, n
+
+
 def _to_device(samples, targets, device, mixup_fn=None):
     samples = samples.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
@@ -35,14 +55,17 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     loss_scaler=None, max_norm: Optional[float] = None, model_ema=None,
                     mixup_fn=None, accum_steps: int = 1, amp: bool = False, print_freq: int = 10,
-                    writer=None, pruner=None, global_step: int = 0, set_training_mode: bool = True):
+                    writer=None, pruner=None, global_step: int = 0, set_training_mode: bool = True,
+                    count_unreadable: bool = False):
     """One epoch. With a pruner, `model` returns (logits, aux) and the pruner adds the ΔΨ head
     losses and is stepped after every optimizer step (METHOD.md §3, §5, §6).
     `set_training_mode=False` trains in eval mode (DeiT's --no-train-mode; METHOD.md §8 v2):
     no drop-path or dropout, BatchNorm of the ΔΨ heads on its running statistics, not updated.
 
     A trailing group of fewer than `accum_steps` batches is skipped, so every optimizer step
-    sees the same number of samples. Returns the epoch averages and the new global step.
+    sees the same number of samples. Returns the epoch averages and the new global step; with
+    `count_unreadable` (--skip-bad-images) also `unreadable_images`, the images of the epoch
+    that could not be read, over all processes (their rows are filled with readable ones).
     """
     model.train(set_training_mode)
     metric_logger = MetricLogger(delimiter='  ')
@@ -53,6 +76,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
     for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         if i >= n_used:
             break
+        samples, targets, unreadable = _readable(samples, targets, fill=True)
         samples, targets = _to_device(samples, targets, device, mixup_fn)
         update = (i + 1) % accum_steps == 0
         # gradients are all-reduced by DDP only on the micro-batch that completes a step
@@ -83,26 +107,39 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
         utils.synchronize(device)
         metric_logger.update(loss=loss_value)
         metric_logger.update(lr=optimizer.param_groups[0]['lr'])
+        if count_unreadable:
+            metric_logger.update(unreadable_images=unreadable)
         if writer is not None and i % print_freq == 0:
             writer.add_scalar('train/loss_iter', loss_value, global_step)
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, global_step
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    if count_unreadable:  # a count, not an average (the meter's total is summed over processes)
+        stats['unreadable_images'] = int(metric_logger.meters['unreadable_images'].total)
+    return stats, global_step
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_freq: int = 10):
+def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_freq: int = 10,
+             count_unreadable: bool = False):
     """Top-1 / top-5 and loss on a validation loader, summed exactly over processes.
 
     With a pruner, also the accuracy of its auxiliary heads (the last ΔΨ heads of METHOD.md §3,
-    WD-Prune's shallow classifiers).
+    WD-Prune's shallow classifiers). With `count_unreadable` (--skip-bad-images), metrics are
+    over the readable images and `unreadable_images` counts the others.
     """
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = MetricLogger(delimiter='  ')
     # a pruner's module runs only the auxiliary heads evaluation reports (no DDP needed here)
     net = pruner.module if pruner is not None else model
     net.eval()
+    unreadable = SmoothedValue()  # the share of unreadable images, whatever the processes read
     for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+        n_read = images.shape[0]
+        images, target, n_bad = _readable(images, target, fill=False)
+        unreadable.update(n_bad / n_read, n=n_read)
+        if images.shape[0] == 0:
+            continue
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=amp):
@@ -118,7 +155,12 @@ def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_f
     m = metric_logger.meters
     print(f'* Acc@1 {m["acc1"].global_avg:.3f} Acc@5 {m["acc5"].global_avg:.3f} '
           f'loss {m["loss"].global_avg:.3f}')
-    return {k: meter.global_avg for k, meter in m.items()}
+    stats = {k: meter.global_avg for k, meter in m.items()}
+    if count_unreadable:
+        # every process may read the whole set (no --dist-eval) or a shard: the share is exact either way
+        unreadable.synchronize_between_processes()
+        stats['unreadable_images'] = round(unreadable.global_avg * len(data_loader.dataset))
+    return stats
 
 
 def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int, amp: bool = False,
@@ -132,6 +174,7 @@ def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int,
     for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, 'Scores:')):
         if i >= steps:
             break
+        samples, targets, _ = _readable(samples, targets, fill=True)
         samples, targets = _to_device(samples, targets, device, mixup_fn)
         with torch.autocast(device.type, enabled=amp):
             logits, aux = model(samples)

@@ -11,6 +11,8 @@ import copy
 import datetime
 import difflib
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ from timm.utils import ModelEmaV3, NativeScaler
 
 import models
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
+from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_dataset
 from engine import accumulate_scores, evaluate, train_one_epoch
 from pruning import (BPI_MODES, DEFAULT_GATE_SCALE, TAYLOR_WINDOWS, ConfigError, DepthAwarePruner, PruneConfig,
                      PruneSchedule, SaViTConfig, SaViTPruner, WDPruneConfig, WDPrunePruner,
@@ -57,7 +59,7 @@ def wdprune_config(args) -> WDPruneConfig:
         raise UsageError(f'--classifiers {bad} outside 1 … {depth - 1} (blocks of {args.model})')
     extra = {} if args.wdprune_lambda_lr is None else {'lambda_lr': args.wdprune_lambda_lr}
     return WDPruneConfig(prune_ratio=args.prune_ratio, lr=args.wdprune_lr,
-                         threshold_init=args.wdprune_threshold_init, round_to=args.wdprune_round,
+                         threshold_init=args.wdprune_threshold_init, mask_round=args.wdprune_round,
                          classifiers=tuple(args.classifiers),
                          keep_depth=None if args.keep_depth == depth else args.keep_depth,
                          block_params_only=args.prune_rate_by_block_param_only, **extra)
@@ -125,7 +127,7 @@ CONFIG_FLAGS = {
     'sparse_epoch': '--prune-sparse-epoch', 'finalize_epoch': '--prune-finalize-epoch',
     'steps_update_mask': '--prune-steps-update-mask', 'tau_min': '--pr-tau-min',
     'tau_max': '--pr-tau-max', 'lr': '--wdprune-lr', 'lambda_lr': '--wdprune-lambda-lr',
-    'threshold_init': '--wdprune-threshold-init', 'round_to': '--wdprune-round',
+    'threshold_init': '--wdprune-threshold-init', 'mask_round': '--wdprune-round',
     'classifiers': '--classifiers', 'keep_depth': '--keep-depth', 'budget': '--savit-budget',
     'population': '--savit-population', 'children': '--savit-children',
     'generations': '--savit-generations', 'min_keep': '--savit-min-keep',
@@ -280,7 +282,14 @@ def get_args_parser():
                         help='dataset')
     parser.add_argument('--inat-category', default='name', type=str, choices=INAT_CATEGORIES,
                         help='semantic granularity of the iNaturalist labels')
+    parser.add_argument('--skip-bad-images', action='store_true',
+                        help='skip images that cannot be read (each named on stderr, counted as '
+                             'train_ / test_unreadable_images in log.txt) instead of stopping')
     parser.add_argument('--output_dir', default='', help='path where to save, empty for no saving')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace the run in --output_dir: its checkpoints, logs and TensorBoard '
+                             'files are deleted first (without it, a folder holding a run is refused '
+                             'unless --resume continues it)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='device to use for training / testing')
     parser.add_argument('--no-amp', action='store_false', dest='amp',
@@ -389,13 +398,22 @@ def validate(args):
         hint = f'; did you mean {" or ".join(close)}?' if close else ''
         raise UsageError(f'unknown --model {args.model!r}{hint} (available: {", ".join(models.CONFIGS)})')
     config = models.CONFIGS[args.model]
-    for flag, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
-                        ('--grad-accum-steps', args.grad_accum_steps),
-                        ('--print-freq', args.print_freq)):
-        if value < 1:
-            raise UsageError(f'{flag} must be at least 1, got {value}')
     if args.input_size is None:
         args.input_size = config.img_size
+    for flag, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
+                        ('--grad-accum-steps', args.grad_accum_steps),
+                        ('--print-freq', args.print_freq), ('--input-size', args.input_size)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    for flag, value in (('--num_workers', args.num_workers), ('--lr', args.lr),
+                        ('--warmup-lr', args.warmup_lr), ('--min-lr', args.min_lr),
+                        ('--weight-decay', args.weight_decay)):
+        if value < 0:
+            raise UsageError(f'{flag} must not be negative, got {value}')
+    for flag, value in (('--drop', args.drop), ('--drop-path', args.drop_path)):
+        if not 0 <= value < 1:
+            raise UsageError(f'{flag} is a rate in [0, 1), got {value}')
+    check_device(args.device)
     if args.input_size % config.patch_size:
         raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
                          f'{config.patch_size} of {args.model}')
@@ -421,12 +439,59 @@ def validate(args):
     return args
 
 
+def check_device(text):
+    """--device names a device this machine has (without creating a CUDA context: every
+    process of a run checks before it picks its own GPU)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f'--device {text!r} is not a device: cpu, cuda, cuda:N, …') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UsageError(f'--device {text}: no CUDA GPU is available here (use --device cpu)')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f'--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)')
+    elif device.type != 'cpu':
+        backend = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...
+        if not getattr(backend, 'is_available', lambda: False)():
+            raise UsageError(f'--device {text}: no {device.type} device is available here')
+
+
 def build_pruner(args, model, nb_classes, steps_per_epoch):
     method = PRUNERS[args.prune_method]
     try:
         return method.pruner(model, nb_classes, method.config(args), method.schedule(args, steps_per_epoch))
     except ConfigError as e:
         raise usage_error(e)
+
+
+# what a run writes into --output_dir: a folder holding any of them holds a run
+RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'first_sparse_checkpoint.pth', 'log.txt',
+             'pruning_log.jsonl', 'args.json', 'tensorboard')
+LOGS = ('log.txt', 'pruning_log.jsonl')
+
+
+def continues_run(args) -> bool:
+    """--resume names a checkpoint inside --output_dir: the run there goes on."""
+    return bool(args.resume and args.output_dir) and not utils.is_url(args.resume) and \
+        Path(args.resume).resolve().parent == Path(args.output_dir).resolve()
+
+
+def check_run_dir(args):
+    """A run is never mixed into another one's folder: its checkpoints would be replaced (a worse
+    best_checkpoint.pth over a better one) and its logs appended to. Reads only; called by every
+    process before they meet in init_distributed_mode, so none writes before all have checked."""
+    if args.eval or not args.output_dir:
+        return
+    if args.overwrite and continues_run(args):
+        raise UsageError(f'--overwrite would delete --resume {args.resume}: leave out one of them')
+    out = Path(args.output_dir)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found or args.overwrite or continues_run(args):
+        return
+    how = f'--resume {out / "checkpoint.pth"} continues it, ' if 'checkpoint.pth' in found else ''
+    raise UsageError(f'--output_dir {out} holds a run ({", ".join(found[:3])}{", …" if len(found) > 3 else ""}): '
+                     f'{how}--overwrite replaces it')
 
 
 def check_output_dir(output_dir):
@@ -493,6 +558,34 @@ def load_resume_checkpoint(args):
     if 'model' not in checkpoint:
         raise UsageError(f'--resume {args.resume} has no "model" entry: not a checkpoint of this script')
     return checkpoint
+
+
+def check_resume_kind(args, checkpoint, pruning):
+    """A --resume checkpoint of another kind of run than this command line's."""
+    saved = checkpoint.get('args') or {}
+    if checkpoint.get('pruner') is not None and not pruning:
+        raise UsageError(f'--resume {args.resume} was written while pruning: repeat the pruning flags')
+    if pruning and checkpoint.get('pruner') is None:
+        raise UsageError(f'--resume {args.resume} is not from a pruning run (it holds no pruner state): '
+                         'to prune its weights, pass it as --model-path')
+    if pruning and saved.get('prune_method') not in (None, args.prune_method):
+        raise UsageError(f'--resume {args.resume} was written by --prune-method {saved["prune_method"]}, '
+                         f'not {args.prune_method}')
+
+
+def check_resume_steps(args, checkpoint, steps_per_epoch):
+    """The pruning schedule counts optimizer steps (§6), and steps per epoch follow from the
+    processes, --batch-size and --grad-accum-steps: resumed with others, the schedule would be
+    off by the difference. Refused rather than re-derived (the masks could not match an
+    uninterrupted run anyway: the batches differ)."""
+    saved = checkpoint.get('args') or {}
+    then = (saved.get('world_size', 1), saved.get('batch_size'), saved.get('grad_accum_steps'),
+            checkpoint.get('steps_per_epoch', steps_per_epoch))
+    now = (utils.get_world_size(), args.batch_size, args.grad_accum_steps, steps_per_epoch)
+    if then != now:
+        raise UsageError(f'--resume {args.resume} is a pruning run of {then[0]} process(es) × --batch-size '
+                         f'{then[1]} × --grad-accum-steps {then[2]} ({then[3]} steps per epoch), this run '
+                         f'{now[0]} × {now[1]} × {now[2]} ({now[3]}): resume with the same ones')
 
 
 def build_loaders(args, dataset_train, dataset_val):
@@ -569,14 +662,51 @@ def build_criterion(args):
 
 
 class Run:
-    """Where a run writes: checkpoints, log.txt and TensorBoard, on the master process only."""
+    """Where a run writes: checkpoints, log.txt and TensorBoard, on the master process only.
 
-    def __init__(self, output_dir):
+    `overwrite` deletes the files of an earlier run first. `continued` is the --resume
+    checkpoint when it continues the run in this folder: the logs are cut back to the lines
+    they held when it was saved (`log_lines`), so the records of an epoch that was killed and
+    is now repeated appear once, and TensorBoard hides its events from the repeated steps on
+    (`purge_step`)."""
+
+    def __init__(self, output_dir, overwrite=False, continued=None, purge_step=None):
         self.dir = Path(output_dir) if output_dir else None
         self.writer = None
-        if self.dir is not None and utils.is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(self.dir / 'tensorboard'))
+        self.lines = dict.fromkeys(LOGS, 0)  # lines in each log, saved with every checkpoint
+        if self.dir is None or not utils.is_main_process():
+            return
+        if overwrite:
+            self.remove_run()
+        if continued is not None:
+            self.cut_logs(continued.get('log_lines'))
+        for name in LOGS:
+            if (self.dir / name).exists():
+                self.lines[name] = len((self.dir / name).read_text().splitlines())
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(self.dir / 'tensorboard'), purge_step=purge_step)
+
+    def remove_run(self):
+        removed = [p for p in [self.dir / name for name in RUN_FILES] + list(self.dir.glob('*.pth.tmp.*'))
+                   if p.exists()]
+        for p in removed:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if removed:
+            print(f'--overwrite: removed {", ".join(p.name for p in removed)} from {self.dir}')
+
+    def cut_logs(self, log_lines):
+        if log_lines is None:  # saved before checkpoints recorded them
+            print('note: the --resume checkpoint does not record its log lines: log.txt and '
+                  'pruning_log.jsonl are appended to as they are')
+            return
+        for name, n in log_lines.items():
+            path = self.dir / name
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            if len(lines) > n:
+                tmp = path.with_name(f'{name}.tmp.{os.getpid()}')
+                tmp.write_text(''.join(lines[:n]))
+                os.replace(tmp, path)
+                print(f'{name}: removed {len(lines) - n} line(s) written after the --resume checkpoint')
 
     def save(self, name, obj):
         if self.dir is not None:
@@ -587,6 +717,7 @@ class Run:
             return
         with (self.dir / 'log.txt').open('a') as f:
             f.write(json.dumps(stats) + '\n')
+        self.lines['log.txt'] += 1
         for k, v in stats.items():
             if k not in ('epoch', 'n_parameters') and isinstance(v, (int, float)):
                 self.writer.add_scalar(k.replace('_', '/', 1), v, epoch)
@@ -598,6 +729,7 @@ class Run:
             return
         with (self.dir / 'pruning_log.jsonl').open('a') as f:
             f.write(json.dumps(record) + '\n')
+        self.lines['pruning_log.jsonl'] += 1
         for tag, value in getattr(record, 'scalars', {}).items():
             self.writer.add_scalar(tag, value, record.get('step', 0))
 
@@ -624,7 +756,14 @@ def setup_device(args):
 
 
 def main(args):
+    stats = run_main(args)
+    utils.leave_distributed()
+    return stats
+
+
+def run_main(args):
     args = validate(args)
+    check_run_dir(args)
     utils.init_distributed_mode(args)
     print(args)
     device, amp = setup_device(args)
@@ -633,23 +772,30 @@ def main(args):
     checkpoint = load_resume_checkpoint(args) if args.resume else None
     model = build_model(args, args.nb_classes, checkpoint)
     pruning = args.prune_method is not None and not (checkpoint and checkpoint.get('arch'))
-    if checkpoint is not None and checkpoint.get('pruner') is not None and not pruning:
-        raise UsageError(f'--resume {args.resume} was written while pruning: repeat the pruning flags')
+    if checkpoint is not None:
+        check_resume_kind(args, checkpoint, pruning)
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+    steps_per_epoch = len(loader_train) // args.grad_accum_steps
+    if checkpoint is not None and pruning and not args.eval:
+        check_resume_steps(args, checkpoint, steps_per_epoch)
     model.to(device)
-    pruner = build_pruner(args, model, args.nb_classes, len(loader_train) // args.grad_accum_steps) \
-        if pruning else None
-    if not args.eval:
-        check_output_dir(args.output_dir)
-    run = Run(args.output_dir if not args.eval else '')
-    if pruner is not None:
-        pruner.on_update = run.log_pruning
+    pruner = build_pruner(args, model, args.nb_classes, steps_per_epoch) if pruning else None
     if checkpoint is not None:
         restore_weights(args, checkpoint, model, pruner)
+    if not args.eval:
+        check_output_dir(args.output_dir)
+    continued = checkpoint if continues_run(args) else None
+    resumed_step = (checkpoint['epoch'] + 1) * steps_per_epoch \
+        if continued is not None and 'optimizer' in checkpoint else None
+    run = Run(args.output_dir if not args.eval else '', overwrite=args.overwrite, continued=continued,
+              purge_step=resumed_step)
+    if pruner is not None:
+        pruner.on_update = run.log_pruning
     if args.eval:
         print('number of params:', model.num_parameters())
         net = wrap(args, device, pruner.module if pruner is not None else model)
-        test_stats = evaluate(loader_val, net, device, amp=amp, pruner=pruner, print_freq=args.print_freq)
+        test_stats = evaluate(loader_val, net, device, amp=amp, pruner=pruner, print_freq=args.print_freq,
+                              count_unreadable=args.skip_bad_images)
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
         return test_stats
     trainer = Trainer(args, model, pruner, device, amp, run)
@@ -666,14 +812,24 @@ def wrap(args, device, net):
 
 
 def restore_weights(args, checkpoint, model, pruner):
-    try:
-        model.load_state_dict(checkpoint['model'])
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise UsageError(f'--resume {args.resume} does not fit --model {args.model}: '
-                         f'{lines[1].strip() if len(lines) > 1 else e}')
+    state = checkpoint['model']
+    problem = utils.state_dict_mismatch(model, state)
+    if problem:
+        saved_model = (checkpoint.get('args') or {}).get('model')
+        head = state.get('head.weight')
+        if saved_model not in (None, args.model):
+            problem = f'it was written for --model {saved_model}'
+        elif head is not None and head.shape[0] != args.nb_classes:
+            problem = f'its classifier has {head.shape[0]} classes, --data-set {args.data_set} has {args.nb_classes}'
+        raise UsageError(f'--resume {args.resume} does not fit --model {args.model}: {problem}')
+    model.load_state_dict(state)
     if pruner is not None and checkpoint.get('pruner') is not None:
-        pruner.load_state_dict(checkpoint['pruner'])
+        try:
+            pruner.load_state_dict(checkpoint['pruner'])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise UsageError(f'--resume {args.resume}: its pruner state does not fit --prune-method '
+                             f'{args.prune_method}: {reason}')
 
 
 class Trainer:
@@ -725,7 +881,7 @@ class Trainer:
         args = self.args
         start_epoch = self.resume(checkpoint)
         self.run.write_args(args)
-        steps_per_epoch = len(loader_train) // args.grad_accum_steps
+        self.steps_per_epoch = steps_per_epoch = len(loader_train) // args.grad_accum_steps
         global_step = start_epoch * steps_per_epoch
         print(f'Start training for {args.epochs} epochs')
         start_time = time.time()
@@ -738,14 +894,15 @@ class Trainer:
                 self.loss_scaler, max_norm=args.clip_grad, model_ema=self.model_ema,
                 mixup_fn=self.mixup_fn, accum_steps=args.grad_accum_steps, amp=self.amp,
                 print_freq=args.print_freq, writer=self.run.writer, pruner=self.pruner,
-                global_step=global_step, set_training_mode=args.train_mode)
+                global_step=global_step, set_training_mode=args.train_mode,
+                count_unreadable=args.skip_bad_images)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step(epoch + 1)
             if self.pruner is not None and epoch + 1 == args.prune_finalize_epoch:
                 test_stats = self.cut(loader_val, epoch)
             else:
                 test_stats = evaluate(loader_val, self.net, self.device, amp=self.amp, pruner=self.pruner,
-                                      print_freq=args.print_freq)
+                                      print_freq=args.print_freq, count_unreadable=args.skip_bad_images)
             print(f'Accuracy of the network on the {len(loader_val.dataset)} test images: {test_stats["acc1"]:.1f}%')
             self.end_epoch(epoch, train_stats, test_stats)
         print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
@@ -768,8 +925,12 @@ class Trainer:
         return test_stats
 
     def end_epoch(self, epoch, train_stats, test_stats):
-        """DeiT's checkpoint.pth (with the pruner's state while pruning), best_checkpoint.pth
-        and log.txt line."""
+        """DeiT's log.txt line, checkpoint.pth (with the pruner's state while pruning) and
+        best_checkpoint.pth. The log line comes first: a checkpoint records how many lines each
+        log had when it was saved, and a run that continues from it cuts them back to that."""
+        self.run.log({**{f'train_{k}': v for k, v in train_stats.items()},
+                      **{f'test_{k}': v for k, v in test_stats.items()},
+                      'epoch': epoch, 'n_parameters': self.n_parameters}, epoch)
         ckpt = {
             'model': self.model.state_dict(),
             'optimizer': self.optimizer.state_dict(),
@@ -778,6 +939,8 @@ class Trainer:
             'scaler': self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
             'args': vars(self.args),
             'max_accuracy': max(self.max_accuracy, test_stats['acc1']),
+            'steps_per_epoch': self.steps_per_epoch,
+            'log_lines': dict(self.run.lines),
         }
         if self.model_ema is not None:
             ckpt['model_ema'] = self.model_ema.module.state_dict()
@@ -790,9 +953,6 @@ class Trainer:
             self.max_accuracy = test_stats['acc1']
             self.run.save('best_checkpoint.pth', ckpt)
         print(f'Max accuracy: {self.max_accuracy:.2f}%')
-        self.run.log({**{f'train_{k}': v for k, v in train_stats.items()},
-                      **{f'test_{k}': v for k, v in test_stats.items()},
-                      'epoch': epoch, 'n_parameters': self.n_parameters}, epoch)
 
     def prune_one_shot(self, loader_train, loader_val):
         """A one-shot pruner (SaViT, docs/BASELINES.md): scores over a share of an epoch without
@@ -828,7 +988,8 @@ def finalize_pruning(pruner, model, args, loader_val, device, amp, epoch, run):
                'depth': cut.depth, 'embed_dim': cut.embed_dim}
     run.log_pruning(summary)
     print('Accuracy of the cut model:')
-    test_stats = evaluate(loader_val, cut, device, amp=amp, print_freq=args.print_freq)
+    test_stats = evaluate(loader_val, cut, device, amp=amp, print_freq=args.print_freq,
+                          count_unreadable=args.skip_bad_images)
     run.save('first_sparse_checkpoint.pth', {
         'model': cut.state_dict(), 'arch': cut.arch(), 'args': vars(args), 'epoch': epoch,
         'acc1': test_stats['acc1'], 'summary': summary})
@@ -851,7 +1012,7 @@ def cli(argv=None):
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)
-    except utils.NonFiniteLossError as e:
+    except (utils.NonFiniteLossError, UnreadableImageError) as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(1)
 

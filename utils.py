@@ -1,10 +1,14 @@
 """Distributed set-up, metric logging and checkpoint input / output (DeiT's utils.py, device-agnostic)."""
 import datetime
+import glob
 import hashlib
 import os
 import random
+import re
 import time
+import zipfile
 from collections import defaultdict, deque
+from typing import Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -80,6 +84,15 @@ def init_distributed_mode(args):
                             timeout=datetime.timedelta(minutes=30))
     dist.barrier()
     setup_for_distributed(args.rank == 0)
+
+
+def leave_distributed():
+    """Every process waits for the others, then the process group is taken down, before any
+    exits: a process that left first took the rendezvous store with it, and one still tearing
+    down aborted ("terminate called without an active exception", seen after --eval --dist-eval)."""
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def seed_everything(seed):
@@ -196,7 +209,10 @@ class MetricLogger:
 
 # ---- checkpoints --------------------------------------------------------------------------
 def save_on_master(obj, path):
-    """torch.save on the master process only, atomically (temporary file, then rename)."""
+    """torch.save on the master process only, atomically (temporary file, then rename).
+
+    A write killed half-way leaves its `PATH.tmp.PID`; the next successful write of the same
+    path removes such leftovers (only one process writes a run's checkpoints)."""
     if not is_main_process():
         return
     tmp = f'{path}.tmp.{os.getpid()}'
@@ -206,31 +222,112 @@ def save_on_master(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    for stale in glob.glob(f'{glob.escape(str(path))}.tmp.*'):
+        try:
+            os.remove(stale)
+        except FileNotFoundError:
+            pass
 
 
 def is_url(path: str) -> bool:
     return urlparse(str(path)).scheme in ('http', 'https', 'file', 'ftp')
 
 
+# DeiT's published checkpoints end in the first 8 hex digits of their sha256
+# (deit_small_patch16_224-cd65a155.pth); torch.hub's own pattern also matches names like
+# 'run-2.pth', so ours asks for at least 8 hex digits right before the extension
+HASH_SUFFIX = re.compile(r'-([0-9a-f]{8,64})\.[A-Za-z0-9]+$')
+
+
+def cached_download(url: str) -> str:
+    """The local copy of `url` under TORCH_HOME/hub/checkpoints/<sha256 of the whole URL>/<name>.
+
+    torch.hub keys its cache by file name only, so two URLs ending in the same name would share
+    one file. A name with DeiT's hash suffix is checked against the download's sha256."""
+    name = os.path.basename(urlparse(url).path) or 'checkpoint.pth'
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints', key)
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        match = HASH_SUFFIX.search(name)
+        print(f'Downloading {url} to {path}', flush=True)
+        # a temporary file, moved into place only when complete (and its hash checked)
+        torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None,
+                                       progress=False)
+    return path
+
+
+def _unreadable_reason(path: str, error: Exception) -> str:
+    """One line on why torch.load(weights_only=True) refused or failed on `path`."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if not head.startswith(b'PK') and not head.startswith(b'\x80'):
+        # neither torch.save's zip archive nor a pickle (protocol 2 and later start with 0x80)
+        return 'it is not a file written by torch.save'
+    text = str(error)
+    lines = text.strip().splitlines()
+    first = lines[0][:160] if lines else type(error).__name__
+    if head.startswith(b'PK') and not zipfile.is_zipfile(path):
+        return f'a damaged or truncated torch.save archive ({first})'
+    unsafe = re.search(r'GLOBAL (\S+) (was not an allowed global|whose module \S+ is blocked)', text)
+    if unsafe:
+        return (f'it would call {unsafe.group(1)} while loading, and only tensors and plain '
+                'containers are loaded (weights_only=True: a pickle can run code)')
+    if 'Weights only load failed' in text:
+        detail = [line.strip() for line in text.split('WeightsUnpickler error:')[-1].splitlines()
+                  if line.strip() and 'Weights only load failed' not in line
+                  and not line.strip().startswith(('Check the documentation', '(1)', '(2)'))]
+        return ('it holds objects other than tensors and plain containers, which are not loaded '
+                f'(weights_only=True: a pickle can run code){": " + detail[0] if detail else ""}')
+    return first
+
+
 def load_checkpoint_file(path_or_url: str, what: str = 'checkpoint') -> dict:
     """Load a checkpoint with weights_only=True from a file or a URL; UsageError if it is not one."""
+    path = path_or_url
     try:
         if is_url(path_or_url):
-            ckpt = torch.hub.load_state_dict_from_url(path_or_url, map_location='cpu',
-                                                      check_hash=False, weights_only=True)
-        else:
-            if not os.path.isfile(path_or_url):
-                raise UsageError(f'{what} {path_or_url} does not exist')
-            ckpt = torch.load(path_or_url, map_location='cpu', weights_only=True)
+            path = cached_download(path_or_url)
+        elif os.path.isdir(path_or_url):
+            hint = os.path.join(path_or_url, 'checkpoint.pth')
+            raise UsageError(f'{what} {path_or_url} is a folder, not a checkpoint file'
+                             + (f' (did you mean {hint}?)' if os.path.isfile(hint) else ''))
+        elif not os.path.isfile(path_or_url):
+            raise UsageError(f'{what} {path_or_url} does not exist')
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except UsageError:
         raise
-    except Exception as e:  # truncated zip, pickle of arbitrary objects, HTTP error, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f'{what} {path_or_url} is not a readable PyTorch checkpoint: {reason[:200]}')
+    except Exception as e:  # a failed download or hash, a damaged file, a refused pickle, ...
+        digest = re.match(r'invalid hash value \(expected "\w+", got "(\w{8})', str(e))
+        if digest:
+            raise UsageError(f'{what} {path_or_url}: the download\'s sha256 begins {digest.group(1)}, '
+                             'not with the hash its name ends in: a damaged or another file (not kept)')
+        reason = _unreadable_reason(path, e) if os.path.isfile(path) else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f'{what} {path_or_url} is not a readable PyTorch checkpoint: {reason}')
     if not isinstance(ckpt, dict):
         raise UsageError(f'{what} {path_or_url} holds a {type(ckpt).__name__}, not a dict')
     return ckpt
 
+
+def state_dict_mismatch(model: torch.nn.Module, state_dict: dict) -> Optional[str]:
+    """None if `state_dict` loads strictly into `model`; else a short description (counts and
+    the first key of each kind), where load_state_dict's own message lists every key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shaped = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    parts = []
+    if shaped:
+        k = shaped[0]
+        parts.append(f'{len(shaped)} of another shape (first {k}: {list(state_dict[k].shape)}, '
+                     f'model {list(own[k].shape)})')
+    if missing:
+        parts.append(f'{len(missing)} missing (first {missing[0]})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected (first {unexpected[0]})')
+    return '; '.join(parts) or None
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -41,7 +41,7 @@ class WDPruneConfig:
     # only stiffens the wall: Adam bounds t's move per step by `lr` whatever λ is.
     lambda_lr: float = 1e-2
     threshold_init: float = 10.0    # σ(10) ≈ 1: start from the dense model
-    round_to: int = 16              # MLP and output masks keep a multiple of this (heads: 1)
+    mask_round: int = 16            # MLP and output masks keep a multiple of this (heads: 1)
     classifiers: Tuple[int, ...] = ()
     keep_depth: Optional[int] = None
     block_params_only: bool = False
@@ -51,7 +51,7 @@ class WDPruneConfig:
         self.classifiers = tuple(sorted(set(int(k) for k in self.classifiers)))
         if not 0 < self.prune_ratio < 1:
             raise ConfigError('prune_ratio', f'must be in (0, 1), got {self.prune_ratio}')
-        for name in ('round_to', 'record_every'):
+        for name in ('mask_round', 'record_every'):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f'must be at least 1, got {getattr(self, name)}')
         for name in ('lr', 'lambda_lr'):
@@ -152,14 +152,14 @@ class WDPrunePruner(Pruner):
         smallest = self._kept_block_params(self._counts(torch.zeros(L, 4, dtype=torch.float64)))
         if self.budget < smallest:
             raise ConfigError('prune_ratio', f'{cfg.prune_ratio} leaves {self.budget:.0f} block params, fewer '
-                                             f'than the smallest masks (1 head, {cfg.round_to} units) keep: {smallest}')
+                                             f'than the smallest masks (1 head, {cfg.mask_round} units) keep: {smallest}')
         self.apply_masks()
 
     # ---- masks -----------------------------------------------------------------------------
     def _counts(self, ratios: torch.Tensor) -> torch.Tensor:
         """Kept counts (L, 4) for keep ratios (L, 4) (CPU float64): heads round to 1."""
         return torch.tensor([[kept_count(float(ratios[l, j]), self.sizes[n],
-                                         1 if n == 'attn_head' else self.cfg.round_to)
+                                         1 if n == 'attn_head' else self.cfg.mask_round)
                               for j, n in enumerate(MASKED)] for l in range(self.L)])
 
     @torch.no_grad()
@@ -276,12 +276,12 @@ class WDPrunePruner(Pruner):
         return lo
 
     def _fill(self, counts: torch.Tensor) -> torch.Tensor:
-        """After the common factor, grow single masks by one step (a head, or `round_to`
+        """After the common factor, grow single masks by one step (a head, or `mask_round`
         units) while the budget holds, lowest keep ratio first: with all masks scaled alike
         they jump together, and a small model landed 10% under the budget."""
         counts = counts.clone()
         sizes = torch.tensor([self.sizes[n] for n in MASKED])
-        steps = torch.tensor([1 if n == 'attn_head' else self.cfg.round_to for n in MASKED])
+        steps = torch.tensor([1 if n == 'attn_head' else self.cfg.mask_round for n in MASKED])
         while True:
             order = torch.argsort((counts.double() / sizes).flatten(), stable=True).tolist()
             for flat in order:

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 import timm  # noqa: E402
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
-from utils import count_flops, load_checkpoint_file, synchronize  # noqa: E402
+from utils import UsageError, count_flops, load_checkpoint_file, state_dict_mismatch, synchronize  # noqa: E402
 
 
 def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr', round_to=None):
@@ -59,11 +59,19 @@ def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_p
 
 
 def from_checkpoint(path):
+    """(dense, cut) models of a cut checkpoint; UsageError (one line) if it holds no cut model."""
     ckpt = load_checkpoint_file(path, '--checkpoint')
-    if ckpt.get('arch') is None:
-        sys.exit(f'error: {path} has no "arch": it is not a cut model (first_sparse_checkpoint.pth)')
+    if ckpt.get('arch') is None or not isinstance(ckpt.get('model'), dict):
+        raise UsageError(f'--checkpoint {path} has no "arch" and "model": it is not a cut model '
+                         '(first_sparse_checkpoint.pth)')
     arch = ckpt['arch']
-    cut = models.build_from_arch(arch)
+    try:
+        cut = models.build_from_arch(arch)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f'--checkpoint {path}: its "arch" does not describe a model ({type(e).__name__}: {e})')
+    problem = state_dict_mismatch(cut, ckpt['model'])
+    if problem:
+        raise UsageError(f'--checkpoint {path}: its weights do not fit its "arch": {problem}')
     cut.load_state_dict(ckpt['model'])
     dense = timm.create_model(arch['family'], num_classes=arch['num_classes'], img_size=arch['img_size'])
     return dense, cut
@@ -230,7 +238,10 @@ def main(argv=None):
     if device.type == 'cpu':  # as main.py: float32 denormals multiply ~10x slower on CPUs
         torch.set_flush_denormal(True)
     amp = device.type == 'cuda'
-    source, variants, counted = build_variants(args)
+    try:
+        source, variants, counted = build_variants(args)
+    except UsageError as e:
+        sys.exit(f'error: {e}')
     cut = counted['cut']
     size = cut.img_size
     times = time_variants(variants, torch.randn(args.batch_size, 3, size, size, device=device), amp, args)

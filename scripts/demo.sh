@@ -13,7 +13,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # two processes share the two core
 # digits are 8x8: 16x16 inputs and 4x4 patches; DeiT's heavy augmentation is off for them;
 # eval mode while training, as the authors' runs (METHOD.md §8 v2)
 COMMON=(--model deit_micro_patch4_32 --input-size 16 --data-set DIGITS --num_workers 0
-        --aa none --mixup 0 --cutmix 0 --reprob 0 --drop-path 0.0 --no-model-ema --no-train-mode)
+        --aa none --mixup 0 --cutmix 0 --reprob 0 --drop-path 0.0 --no-model-ema --no-train-mode
+        --overwrite)  # a demo run replaces the one before it
 LAUNCH=(python -m torch.distributed.launch --nproc_per_node=2 --master_port "$PORT" --use_env)
 mkdir -p "$OUT"
 

@@ -17,19 +17,31 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 import timm  # noqa: E402
-from utils import load_checkpoint_file  # noqa: E402
+from utils import UsageError, load_checkpoint_file, state_dict_mismatch  # noqa: E402
 
 
 def load_model(path, model_name=None):
+    """The model of a checkpoint; UsageError (one line) if it holds none this code can rebuild."""
     ckpt = load_checkpoint_file(path, 'checkpoint')
+    state = ckpt.get('model')
+    if not isinstance(state, dict):
+        raise UsageError(f'checkpoint {path} has no "model" entry: not a checkpoint of main.py')
     if ckpt.get('arch') is not None:
-        model = models.build_from_arch(ckpt['arch'])
-        model.load_state_dict(ckpt['model'])
-        return model
-    if model_name is None:
-        sys.exit(f'error: {path} has no "arch": name the dense model with --model')
-    model = timm.create_model(model_name, num_classes=ckpt['model']['head.weight'].shape[0])
-    model.load_state_dict(ckpt['model'])
+        try:
+            model = models.build_from_arch(ckpt['arch'])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f'checkpoint {path}: its "arch" does not describe a model ({type(e).__name__}: {e})')
+    elif model_name is None:
+        raise UsageError(f'checkpoint {path} has no "arch": name the dense model with --model')
+    elif model_name not in models.CONFIGS:
+        raise UsageError(f'unknown --model {model_name!r} (available: {", ".join(models.CONFIGS)})')
+    else:
+        head = state.get('head.weight')
+        model = timm.create_model(model_name, num_classes=head.shape[0] if head is not None else 1000)
+    problem = state_dict_mismatch(model, state)
+    if problem:
+        raise UsageError(f'checkpoint {path}: its weights do not fit the model: {problem}')
+    model.load_state_dict(state)
     return model
 
 
@@ -62,7 +74,10 @@ def main(argv=None):
     p.add_argument('--deploy', default='measure', choices=['measure', 'none'])
     p.add_argument('--deploy-batch', type=int, default=32)
     args = p.parse_args(argv)
-    model = load_model(args.checkpoint, args.model).eval()
+    try:
+        model = load_model(args.checkpoint, args.model).eval()
+    except UsageError as e:
+        sys.exit(f'error: {e}')
     n_params = model.num_parameters()  # the deployment's dense forms only add exact zeros
     if args.deploy == 'measure' and model.is_cut:
         x = torch.randn(args.deploy_batch, model.in_chans, model.img_size, model.img_size)

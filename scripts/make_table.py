@@ -8,10 +8,12 @@ Layout read: ROOT/DATASET/MODEL/deit/log.txt (unpruned) and
 ROOT/DATASET/MODEL/METHOD_prPR/{prune/first_sparse_checkpoint.pth, finetune/log.txt}.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import UsageError, load_checkpoint_file  # noqa: E402
 
 DATASETS = ('IFOOD', 'INAT19')
 RATIOS = (0.5, 0.75)
@@ -43,9 +45,14 @@ def best_top1(log_txt: Path):
 
 
 def cut_summary(ckpt: Path):
+    """The finalize summary of a first_sparse_checkpoint.pth, or None if there is none yet;
+    UsageError if the file is there but is not such a checkpoint."""
     if not ckpt.is_file():
         return None
-    return torch.load(ckpt, map_location='cpu', weights_only=True).get('summary')
+    summary = load_checkpoint_file(str(ckpt), 'checkpoint').get('summary')
+    if not isinstance(summary, dict) or not {'params_cut', 'flops_cut'} <= set(summary):
+        raise UsageError(f'checkpoint {ckpt} has no finalize "summary": not a first_sparse_checkpoint.pth')
+    return summary
 
 
 def cell(root: Path, dataset, model, method, ratio):
@@ -86,4 +93,7 @@ def make_table(root) -> str:
 
 
 if __name__ == '__main__':
-    print(make_table(sys.argv[1] if len(sys.argv) > 1 else 'output/table'))
+    try:
+        print(make_table(sys.argv[1] if len(sys.argv) > 1 else 'output/table'))
+    except UsageError as e:
+        sys.exit(f'error: {e}')

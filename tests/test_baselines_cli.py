@@ -3,7 +3,6 @@ checkpoint format, and the same resize command for every method."""
 import sys
 
 import pytest
-import torch
 
 from conftest import check_ok, free_port, run_cli
 from test_prune_cli import dense_counts, load

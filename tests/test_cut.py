@@ -2,7 +2,6 @@
 truncated depth with a promoted classifier. Each cut model must compute what the gated model
 with binary gates computes, and be a plain model of the kept size.
 """
-import math
 
 import pytest
 import timm

@@ -17,7 +17,7 @@ SIZE = 32
 def make_args(data_set, data_path=None, **kw):
     args = argparse.Namespace(data_set=data_set, data_path=data_path, input_size=SIZE, inat_category='name',
                               color_jitter=0.3, aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic',
-                              reprob=0.25, remode='pixel', recount=1)
+                              reprob=0.25, remode='pixel', recount=1, skip_bad_images=False)
     for k, v in kw.items():
         setattr(args, k, v)
     return args
@@ -91,6 +91,35 @@ def test_folder_class_mismatch(tmp_path):
     root = make_class_tree(tmp_path)
     write_img(os.path.join(root, 'val', 'fox', 'a.png'))
     raises_one_line(ValueError, r'class folders .* differ.*fox', build_dataset, True, make_args('FOLDER', root))
+
+
+def test_folder_empty_class_is_named(tmp_path):
+    root = make_class_tree(tmp_path)
+    for split in ('train', 'val'):
+        os.makedirs(os.path.join(root, split, 'fox', 'sub'))  # a class folder with no image
+    msg = raises_one_line(ValueError, 'holds no image', build_dataset, True, make_args('FOLDER', root))
+    assert msg.startswith(f'class folder {os.path.join(root, "train", "fox")} holds no image (.jpg, ')
+
+
+@pytest.mark.parametrize('data_set', ['FOLDER', 'IFOOD'])
+def test_unreadable_image_is_named_or_marked(tmp_path, data_set):
+    """ImageFolder (FOLDER) and ListDataset (iFood's csv layout) read alike."""
+    root = make_ifood(str(tmp_path)) if data_set == 'IFOOD' else make_class_tree(tmp_path)
+    train, _ = build_dataset(True, make_args(data_set, root))
+    path, target = train.samples[1]
+    with open(path, 'wb') as f:
+        f.write(b'\xff\xd8\xff\xe0 truncated jpeg')
+    msg = raises_one_line(datasets.UnreadableImageError, 'unreadable image', train.__getitem__, 1)
+    assert msg.startswith(f'unreadable image {path}: ') and msg.endswith('(--skip-bad-images skips such images)')
+    skipping, _ = build_dataset(True, make_args(data_set, root, skip_bad_images=True))
+    img, marked = skipping[1]
+    assert marked == datasets.UNREADABLE and img.shape == (3, SIZE, SIZE)
+    check_sample(skipping)  # the others read as before
+    # what a DataLoader worker's exception becomes in the main process: the message survives
+    worker = datasets.UnreadableImageError(
+        f'Caught UnreadableImageError in DataLoader worker process 0.\nOriginal Traceback (most recent '
+        f'call last):\n  File "x.py", line 1, in f\ndatasets.UnreadableImageError: {msg}\n')
+    assert str(worker) == msg
 
 
 @pytest.mark.parametrize('data_path', [None, ''])

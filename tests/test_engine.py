@@ -1,7 +1,6 @@
 """engine.py's training loop: DeiT's --train-mode / --no-train-mode (METHOD.md §8 v2)."""
 import copy
 
-import pytest
 import timm
 import torch
 

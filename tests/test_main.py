@@ -127,7 +127,44 @@ def test_model_path_url_bare_state_dict(digits_run, cli, tmp_path):
     proc = check_ok(cli(['--eval', '--model-path', url]))
     assert loaded_line(proc.stdout) == [f'Loaded weights from {url}']
     assert eval_lines(proc.stdout) == [logged_eval_line(read_log(out)[-1])]
-    assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'bare.pth').is_file()
+    # cached under a key of the whole URL (a folder), with its own name
+    assert [p.name for p in (tmp_path / 'torch_home' / 'hub' / 'checkpoints').glob('*/*')] == ['bare.pth']
+
+
+def test_model_path_urls_with_one_name_are_two_files(digits_run, cli, tmp_path):
+    """torch.hub caches by file name alone: the second URL would have loaded the first's
+    weights, and a checkpoint of another architecture would not have been refused."""
+    out, _ = digits_run
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    shutil.copy(out / 'checkpoint.pth', tmp_path / 'a' / 'model.pth')
+    torch.save(timm.create_model('deit_tiny_patch16_224').state_dict(), tmp_path / 'b' / 'model.pth')
+    first = check_ok(cli(['--eval', '--model-path', (tmp_path / 'a' / 'model.pth').as_uri()]))
+    assert eval_lines(first.stdout) == [logged_eval_line(read_log(out)[-1])]
+    second = cli(['--eval', '--model-path', (tmp_path / 'b' / 'model.pth').as_uri()])
+    assert second.returncode != 0
+    assert re.fullmatch(r'error: --model-path file://\S+/b/model.pth: checkpoint does not fit the model: .*',
+                        second.stderr.strip()), second.stderr
+    assert len(list((tmp_path / 'torch_home' / 'hub' / 'checkpoints').glob('*/model.pth'))) == 2
+
+
+def test_model_path_url_hash_suffix_is_checked(digits_run, cli, tmp_path):
+    """DeiT's names end in the first hex digits of the file's sha256; a file that does not
+    match is refused and not kept in the cache."""
+    import hashlib
+    data = (digits_run[0] / 'checkpoint.pth').read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    right, wrong = tmp_path / f'deit-{digest[:8]}.pth', tmp_path / 'deit-0123abcd.pth'
+    right.write_bytes(data)
+    wrong.write_bytes(data)
+    check_ok(cli(['--eval', '--model-path', right.as_uri()]))
+    proc = cli(['--eval', '--model-path', wrong.as_uri()])
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == (f'error: --model-path {wrong.as_uri()}: the download\'s sha256 begins '
+                                   f'{digest[:8]}, not with the hash its name ends in: a damaged or '
+                                   'another file (not kept)')
+    cached = sorted(p.name for p in (tmp_path / 'torch_home' / 'hub' / 'checkpoints').rglob('*') if p.is_file())
+    assert cached == [right.name]
 
 
 def test_model_path_with_1000_classes_resets_head(digits_run, cli, tmp_path):
@@ -245,16 +282,40 @@ def snapshot(folder):
     return entries, folder.stat().st_mtime_ns
 
 
+class Evil:
+    """A pickle that would run a shell command when loaded without weights_only."""
+
+    def __reduce__(self):
+        return os.system, ('echo pwned',)
+
+
 @pytest.fixture(scope='module')
 def bad_files(tmp_path_factory, digits_run):
     d = tmp_path_factory.mktemp('bad')
     (d / 'tree' / 'train' / 'a').mkdir(parents=True)       # a FOLDER tree without val/
+    for split in ('train', 'val'):                          # a FOLDER tree with an empty class
+        (d / 'empty' / split / 'b').mkdir(parents=True)
+        write_image(d / 'empty' / split / 'a' / '0.png')
     (d / 'notes.txt').write_text('not a checkpoint\n')
     (d / 'regular_file').write_text('x')
     torch.save(timm.create_model('deit_tiny_patch16_224').state_dict(), d / 'deit_tiny.pth')
-    data = (digits_run[0] / 'checkpoint.pth').read_bytes()
+    dense = digits_run[0] / 'checkpoint.pth'
+    data = dense.read_bytes()
     (d / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    shutil.copy(dense, d / 'dense.pth')
+    ckpt = load(dense)
+    del ckpt['args']  # so that only the weights tell the class count
+    ckpt['model']['head.weight'], ckpt['model']['head.bias'] = torch.zeros(1000, 64), torch.zeros(1000)
+    torch.save(ckpt, d / 'imagenet_head.pth')
+    torch.save({'model': {}, 'note': Evil()}, d / 'evil.pth')
     return d
+
+
+def write_image(path, seed=0):
+    from PIL import Image
+    import numpy as np
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
 
 
 BAD_INPUTS = {  # name: (flags, with {d} the folder of bad_files, regex the error line must match)
@@ -264,14 +325,38 @@ BAD_INPUTS = {  # name: (flags, with {d} the folder of bad_files, regex the erro
                       r"unknown --model 'deit_smal_patch16_224'; did you mean deit_small_patch16_224"),
     'missing model path': (['--model-path', '{d}/nope.pth'], r'--model-path {d}/nope.pth does not exist'),
     'text model path': (['--model-path', '{d}/notes.txt'],
-                        r'--model-path {d}/notes.txt is not a readable PyTorch checkpoint'),
+                        r'--model-path {d}/notes.txt is not a readable PyTorch checkpoint: it is not a '
+                        r'file written by torch.save$'),
+    'folder as model path': (['--model-path', '{d}'], r'--model-path {d} is a folder, not a checkpoint file$'),
+    'pickle that runs code': (['--resume', '{d}/evil.pth'],
+                              r'--resume {d}/evil.pth is not a readable PyTorch checkpoint: it would call '
+                              r'(posix|os|nt)\.system while loading, .*a pickle can run code\)$'),
+    'empty class folder': (['--data-set', 'FOLDER', '--data-path', '{d}/empty'],
+                           r'class folder {d}/empty/train/b holds no image \(.jpg'),
     'other architecture': (['--model-path', '{d}/deit_tiny.pth'],
                            r'--model-path {d}/deit_tiny.pth: checkpoint does not fit the model: .*mis-shaped'),
     'zero batch size': (['--batch-size', 0], r'--batch-size must be at least 1, got 0'),
+    'zero input size': (['--input-size', 0], r'--input-size must be at least 1, got 0$'),
+    'negative input size': (['--input-size', -32], r'--input-size must be at least 1, got -32$'),
+    'negative lr': (['--lr=-1'], r'--lr must not be negative, got -1.0$'),
+    'drop path of 1': (['--drop-path', 1], r'--drop-path is a rate in \[0, 1\), got 1.0$'),
+    'unknown device': (['--device', 'foo'], r"--device 'foo' is not a device: cpu, cuda, cuda:N, …$"),
+    'cuda without a GPU': (['--device', 'cuda'], r'--device cuda: no CUDA GPU is available here \(use --device cpu\)$'),
+    'negative workers': (['--num_workers=-1'], r'--num_workers must not be negative, got -1$'),
     'input size off the patch grid': (['--input-size', 30],
                                       r'--input-size 30 is not a multiple of the patch size 4'),
     'truncated resume': (['--resume', '{d}/truncated.pth'],
-                         r'--resume {d}/truncated.pth is not a readable PyTorch checkpoint'),
+                         r'--resume {d}/truncated.pth is not a readable PyTorch checkpoint: a damaged or truncated'),
+    'resume of another model': (['--resume', '{d}/dense.pth', '--model', 'deit_micro12_patch4_32'],
+                                r'--resume {d}/dense.pth does not fit --model deit_micro12_patch4_32: it was '
+                                r'written for --model deit_micro_patch4_32$'),
+    'resume of another class count': (['--resume', '{d}/imagenet_head.pth'],
+                                      r'--resume {d}/imagenet_head.pth does not fit --model deit_micro_patch4_32: '
+                                      r'its classifier has 1000 classes, --data-set DIGITS has 10$'),
+    'resume of a dense run while pruning': (['--resume', '{d}/dense.pth', '--prune-method', 'block_pr',
+                                             '--prune-start-epoch', 0, '--prune-sparse-epoch', 1],
+                                            r'--resume {d}/dense.pth is not from a pruning run \(it holds no '
+                                            r'pruner state\): to prune its weights, pass it as --model-path$'),
     'unwritable output_dir': (['--output_dir', '{d}/regular_file/out'],
                               r'--output_dir {d}/regular_file/out is not writable'),
 }
@@ -285,11 +370,14 @@ def test_bad_input(case, bad_files, tmp_path):
     out.mkdir()
     (out / 'sentinel.txt').write_text('keep me\n')
     before, before_bad = snapshot(out), snapshot(bad_files)
-    proc = run_cli(['--epochs', 1, '--output_dir', out, *flags], tmp_path)
+    # no GPU, even where the tests run on a machine that has one ('cuda without a GPU')
+    proc = run_cli(['--epochs', 1, '--output_dir', out, *flags], tmp_path, env={'CUDA_VISIBLE_DEVICES': ''})
     assert proc.returncode != 0
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
     assert re.search(pattern.format(d=re.escape(str(bad_files))), lines[0]), lines[0]
+    if case.startswith(('resume', 'pickle')):  # these once printed 2,616 characters, or were cut short
+        assert len(lines[0]) < 300, len(lines[0])
     assert snapshot(out) == before
     assert snapshot(bad_files) == before_bad
 
@@ -303,3 +391,75 @@ def test_non_finite_loss_stops_the_run(cli, tmp_path):
     assert re.fullmatch(r'error: loss is (nan|inf|-inf) at epoch 0, iteration \d+: stopping training',
                         lines[0]), lines[0]
     assert not (out / 'checkpoint.pth').exists() and not (out / 'log.txt').exists()
+
+
+# ---------------------------------------------------------------- an output dir that holds a run
+
+def test_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(digits_run, cli, tmp_path):
+    """A new run into a finished run's folder once replaced its checkpoints (a worse
+    best_checkpoint.pth over a better one) and appended to its logs."""
+    out = tmp_path / 'run'
+    shutil.copytree(digits_run[0], out)
+    before = snapshot(out)
+    proc = cli(['--epochs', 1, '--output_dir', out])
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f'error: --output_dir {out} holds a run (checkpoint.pth, best_checkpoint.pth, log.txt, …): '
+        f'--resume {out}/checkpoint.pth continues it, --overwrite replaces it']
+    proc = cli(['--epochs', 1, '--output_dir', out, '--overwrite', '--resume', out / 'checkpoint.pth'])
+    assert proc.stderr.splitlines() == [
+        f'error: --overwrite would delete --resume {out / "checkpoint.pth"}: leave out one of them']
+    # --eval never writes, wherever --output_dir points
+    check_ok(cli(['--eval', '--model-path', out / 'checkpoint.pth', '--output_dir', out]))
+    assert snapshot(out) == before
+    # --overwrite: the old run's files go first, then a run of its own
+    (out / 'checkpoint.pth.tmp.999999').write_bytes(b'half a checkpoint')
+    (out / 'notes.txt').write_text('mine\n')
+    proc = check_ok(cli([*SCHEDULE_ARGS, '--epochs', 1, '--output_dir', out, '--overwrite']))
+    assert '--overwrite: removed checkpoint.pth, best_checkpoint.pth, log.txt, args.json, tensorboard, ' \
+           'checkpoint.pth.tmp.999999 from' in proc.stdout
+    assert [s['epoch'] for s in read_log(out)] == [0]
+    assert load(out / 'checkpoint.pth')['epoch'] == 0
+    assert len(list((out / 'tensorboard').glob('events.out.tfevents.*'))) == 1
+    assert (out / 'notes.txt').read_text() == 'mine\n'  # not a file of a run
+
+
+def test_unreadable_image_is_named_or_skipped_and_counted(cli, tmp_path):
+    tree = tmp_path / 'tree'
+    for split, n in (('train', 4), ('val', 2)):
+        for c in 'ab':
+            for i in range(n):
+                write_image(tree / split / c / f'{i}.png', seed=i)
+    bad_train, bad_val = tree / 'train' / 'b' / '1.png', tree / 'val' / 'a' / '0.png'
+    bad_train.write_bytes(b'not an image')
+    bad_val.write_bytes(bad_train.read_bytes()[:4])
+    torch.manual_seed(0)
+    torch.save(timm.create_model(MICRO, num_classes=2).state_dict(), tmp_path / 'two.pth')
+    # 8 training images in batches of 4: every image is read once an epoch
+    args = ['--data-set', 'FOLDER', '--data-path', tree, '--model-path', tmp_path / 'two.pth',
+            '--batch-size', 4, '--epochs', 1, '--warmup-epochs', 0]
+    # in a DataLoader worker, whose exception comes back with the worker's traceback
+    proc = cli([*args, '--num_workers', 1, '--output_dir', tmp_path / 'stopped'])
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f'error: unreadable image {bad_train}: not an image PIL can identify '
+        '(--skip-bad-images skips such images)'], proc.stderr[-3000:]
+    assert not (tmp_path / 'stopped' / 'checkpoint.pth').exists()
+    out = tmp_path / 'skipped'
+    proc = check_ok(cli([*args, '--output_dir', out, '--skip-bad-images']))
+    skipped = [re.fullmatch(r'warning: skipped unreadable image (\S+): not an image PIL can identify', line)
+               for line in proc.stderr.splitlines() if line.startswith('warning:')]
+    # each named where it was read: once in training, once in the evaluation of the epoch
+    assert sorted(m.group(1) for m in skipped) == sorted([str(bad_train), str(bad_val)]), proc.stderr
+    (log,) = read_log(out)
+    assert log['train_unreadable_images'] == 1 and log['test_unreadable_images'] == 1
+
+
+def test_stale_temporary_checkpoints_are_removed_by_the_next_write(tmp_path):
+    """A write killed half-way leaves PATH.tmp.PID; the next successful write removes it."""
+    path = tmp_path / 'checkpoint.pth'
+    (tmp_path / 'checkpoint.pth.tmp.12345').write_bytes(b'half')
+    (tmp_path / 'best_checkpoint.pth.tmp.12345').write_bytes(b'half')  # another file's: kept
+    utils.save_on_master({'epoch': 3}, path)
+    assert load(path) == {'epoch': 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['best_checkpoint.pth.tmp.12345', 'checkpoint.pth']

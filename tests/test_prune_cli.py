@@ -1,6 +1,5 @@
 """The paper's pruning command, end to end on DIGITS: budget, outputs, resume, distribution."""
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -106,33 +105,58 @@ def test_pruning_log(pruned):
     assert len(acc.Scalars('pruning/tau')) == len(updates)
 
 
-def test_resume_in_the_middle_of_pruning_gives_the_same_masks(pruned):
-    """Kill the same run during its second epoch, resume from checkpoint.pth: same cut model."""
+def test_resume_in_the_middle_of_pruning_gives_the_same_masks_and_logs(pruned):
+    """Kill the same run during its last epoch, after it logged a mask update there; resume
+    from checkpoint.pth of the epoch before: the same cut model, and each record once in
+    pruning_log.jsonl (the killed epoch's records are cut, then written again)."""
     tmp, out_full, _ = pruned
     out = tmp / 'interrupted'
     args = [*PRUNE, '--epochs', '3', '--prune-start-epoch', '1', '--prune-sparse-epoch', '2',
             '--prune-ratio', '0.5', '--output_dir', out]
     proc = subprocess.Popen(cli_command(args), cwd=REPO, env=cli_env(tmp),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / 'log.txt'
-    deadline = time.time() + 300
+    ckpt_path, pruning_log = out / 'checkpoint.pth', out / 'pruning_log.jsonl'
+    deadline, mtime, saved_lines = time.time() + 300, None, None
     while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 2:
-            proc.kill()  # during epoch 2, after checkpoint.pth of epoch 1 was written
+        if ckpt_path.exists() and ckpt_path.stat().st_mtime_ns != mtime:
+            mtime = ckpt_path.stat().st_mtime_ns
+            ckpt = load(ckpt_path)
+            saved_lines = ckpt['log_lines']['pruning_log.jsonl'] if ckpt['epoch'] == 1 else None
+        if saved_lines is not None and len(pruning_log.read_text().splitlines()) > saved_lines:
+            proc.kill()  # during epoch 2, after it logged a mask update
             break
         time.sleep(0.02)
     proc.wait()
-    ckpt = load(out / 'checkpoint.pth')
+    ckpt = load(ckpt_path)
     assert ckpt['epoch'] == 1 and 'pruner' in ckpt and not (out / 'first_sparse_checkpoint.pth').exists()
     assert ckpt['pruner']['step'] > 0 and any(is_gate(k) for k in ckpt['model'])
-    check_ok(run_cli([*args, '--resume', out / 'checkpoint.pth'], tmp))
+    assert len(pruning_log.read_text().splitlines()) > ckpt['log_lines']['pruning_log.jsonl']
+    # the schedule counts steps: another batch size or process count would put it off
+    refused = f'error: --resume {ckpt_path} is a pruning run of 1 process(es) × --batch-size 32 × ' \
+              '--grad-accum-steps 2 (22 steps per epoch), this run {} ({}): resume with the same ones'
+    proc = run_cli([*args, '--resume', ckpt_path, '--batch-size', '16'], tmp)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [refused.format('1 × 16 × 2', 44)], proc.stderr
+    proc = run_cli([*args, '--resume', ckpt_path], tmp,
+                   launcher=[sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                             f'--master_port={free_port()}'])
+    # (10 steps: 2 processes sample with DeiT's repeated augmentation, 1280 of the 1437 images)
+    assert proc.returncode != 0 and refused.format('2 × 32 × 2', 10) in proc.stderr.splitlines(), proc.stderr
+    resumed_proc = check_ok(run_cli([*args, '--resume', ckpt_path], tmp))
+    assert 'pruning_log.jsonl: removed ' in resumed_proc.stdout
     a = load(out_full / 'first_sparse_checkpoint.pth')
     b = load(out / 'first_sparse_checkpoint.pth')
     assert a['arch'] == b['arch']
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     full = [json.loads(x) for x in (out_full / 'pruning_log.jsonl').read_text().splitlines()]
-    resumed = [json.loads(x) for x in (out / 'pruning_log.jsonl').read_text().splitlines()]
-    assert [r.get('kept_params') for r in full] == [r.get('kept_params') for r in resumed]
+    resumed = [json.loads(x) for x in pruning_log.read_text().splitlines()]
+    assert resumed == full
+    assert (out / 'log.txt').read_text() == (out_full / 'log.txt').read_text()
+    # TensorBoard hides the killed epoch's events (purge_step): each update once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / 'tensorboard'))
+    acc.Reload()
+    taus = acc.Scalars('pruning/tau')
+    assert [e.step for e in taus] == [r['step'] for r in full if 'step' in r]
 
 
 @pytest.mark.parametrize('launcher', ['launch', 'torchrun'])

@@ -11,7 +11,6 @@ import math
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)

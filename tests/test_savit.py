@@ -10,7 +10,6 @@ import math
 import time
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 

@@ -102,3 +102,25 @@ def test_auto_mask_updates_are_about_three_per_epoch(steps_per_epoch, expected):
         ['--prune-method', 'block_pr', '--prune-steps-update-mask', 'auto'])
     n = main.dap_schedule(main.validate(args), steps_per_epoch).steps_update_mask
     assert n == expected and 2 <= steps_per_epoch // n <= 3 or steps_per_epoch < 3
+
+
+@pytest.mark.parametrize('script', ['export', 'benchmark', 'make_table'])
+@pytest.mark.parametrize('bad', ['text', 'dense'])
+def test_scripts_answer_a_bad_checkpoint_in_one_line(tmp_path, script, bad):
+    """A text file, or a checkpoint without the cut model's "arch" and "summary"."""
+    ckpt = tmp_path / 'IFOOD' / 'deit_small_patch16_224' / 'block_pr_pr0.5' / 'prune' / 'first_sparse_checkpoint.pth'
+    ckpt.parent.mkdir(parents=True)
+    if bad == 'text':
+        ckpt.write_text('not a checkpoint\n')
+    else:
+        torch.save({'model': {'head.weight': torch.zeros(10, 64)}}, ckpt)
+    argv = {'export': [ckpt, '--out', tmp_path / 'm.onnx'], 'benchmark': ['--checkpoint', ckpt],
+            'make_table': [tmp_path]}[script]
+    proc = subprocess.run([sys.executable, f'scripts/{script}.py', *map(str, argv)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and str(ckpt) in lines[0], proc.stderr
+    if bad == 'text':
+        assert lines[0].endswith('is not a readable PyTorch checkpoint: it is not a file written by torch.save')
+    assert not (tmp_path / 'm.onnx').exists()

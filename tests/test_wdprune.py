@@ -4,7 +4,6 @@ import io
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -231,7 +230,7 @@ def test_finalize_alone_meets_budget(pr):
     counts = pruner.counts
     for l in range(pruner.L):
         for j, n in enumerate(MASKED):
-            step = 1 if n == 'attn_head' else pruner.cfg.round_to
+            step = 1 if n == 'attn_head' else pruner.cfg.mask_round
             if counts[l, j] + step <= pruner.sizes[n]:
                 grown = counts.clone()
                 grown[l, j] += step
