@@ -344,7 +344,7 @@ def get_args_parser():
                         help='learning rate of the ΔΨ heads, used as given (not scaled like --lr)')
     parser.add_argument('--bpi-mode', default='faithful', choices=BPI_MODES,
                         help='ΔΨ heads: the authors\' (faithful) or cheaper patch heads (fast)')
-    parser.add_argument('--bpi-fast-width', default=4, type=int,
+    parser.add_argument('--bpi-fast-width', default=2, type=int,
                         help='fast: patch heads of width D / this')
     parser.add_argument('--bpi-fast-grid', default=7, type=int,
                         help='fast: patch maps average-pooled to at most this many tokens a side')

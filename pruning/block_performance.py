@@ -47,7 +47,7 @@ class HeadShape:
     the patch heads to width D // `width_div`, pools their map to at most `grid` × `grid`, and
     runs them on the first `fraction` of each batch (the batch is shuffled: a random subset)."""
     mode: str = 'faithful'
-    width_div: int = 4
+    width_div: int = 2
     grid: int = 7
     fraction: float = 1.0
 

@@ -57,7 +57,7 @@ class PruneConfig:
     taylor_window: str = 'update'
     head_lr: float = 5e-4          # learning rate of the ΔΨ heads (§3), used as given
     bpi_mode: str = 'faithful'     # how ΔΨ is estimated: the authors' heads, or fast ones
-    bpi_width_div: int = 4         # fast: patch heads of width D // bpi_width_div ...
+    bpi_width_div: int = 2         # fast: patch heads of width D // bpi_width_div ...
     bpi_grid: int = 7              # ... on the patch map pooled to at most bpi_grid²
     bpi_fraction: float = 1.0      # ... for the first bpi_fraction of each batch
     round_to: int = 1              # kept widths of every gate a multiple of this (or whole)

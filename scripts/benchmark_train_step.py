@@ -134,7 +134,7 @@ def get_args(argv=None):
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--rounds', type=int, default=2, help='alternating fresh-process measurements')
     p.add_argument('--bpi-mode', default='faithful', choices=['faithful', 'fast'])
-    p.add_argument('--bpi-fast-width', type=int, default=4)
+    p.add_argument('--bpi-fast-width', type=int, default=2)
     p.add_argument('--bpi-fast-grid', type=int, default=7)
     p.add_argument('--bpi-fast-fraction', type=float, default=1.0)
     p.add_argument('--steps-per-epoch', type=int, default=231,

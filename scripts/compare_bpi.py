@@ -23,7 +23,8 @@ It takes main.py's data, model, schedule and pruning flags (--prune-method block
         --data-set DIGITS_TARGET --model-path output/compare/source/checkpoint.pth \
         --epochs 10 --prune-start-epoch 2 --prune-sparse-epoch 6 --batch-size 16 \
         --unscale-lr --lr 1e-3 --no-train-mode --aa none --mixup 0 --cutmix 0 --reprob 0 \
-        --drop-path 0 --num_workers 0 --output_dir output/compare_bpi --fast 4:7:1 8:7:1
+        --drop-path 0 --num_workers 0 --prune-round-to 1 --output_dir output/compare_bpi \
+        --fast copy 2:7:1 4:7:1 8:7:1 4:7:0.5
 """
 import argparse
 import json
@@ -143,7 +144,7 @@ def train(args, model, pruner, fast, loader, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[cli.get_args_parser()])
-    parser.add_argument('--fast', nargs='+', default=['4:7:1'], metavar='W:G:F',
+    parser.add_argument('--fast', nargs='+', default=['2:7:1'], metavar='W:G:F',
                         help='fast configurations (width divisor:pooled grid side:batch fraction), or copy')
     parser.set_defaults(prune_method='block_pr')
     args = cli.validate(parser.parse_args(argv))

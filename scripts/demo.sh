@@ -24,10 +24,12 @@ python main.py "${COMMON[@]}" --output_dir "$OUT/dense" --epochs 30 --batch-size
 tail -n 4 "$OUT/dense.log" | grep -E 'Max accuracy'
 
 echo "== 2/4 prune (paper's first command, 2 processes) -> $OUT/prune"
+# any kept width (the paper's method): the default multiples of 8 suit GPUs, but would leave
+# this micro model's 16-wide head_dim only 8 or 16
 "${LAUNCH[@]}" main.py "${COMMON[@]}" --output_dir "$OUT/prune" --epochs 12 --batch-size 32 \
   --grad-accum-steps 2 --model-path "$OUT/dense/checkpoint.pth" --prune-method block_pr \
   --prune-ratio 0.5 --prune-steps-update-mask auto --prune-start-epoch 2 \
-  --prune-sparse-epoch 8 --dist-eval > "$OUT/prune.log" 2>&1
+  --prune-sparse-epoch 8 --prune-round-to 1 --dist-eval > "$OUT/prune.log" 2>&1
 grep -A12 '^sub-block' "$OUT/prune.log" | grep -E '^(sub-block|attn|mlp|params)'
 echo "cut model, right after the cut: $(grep -A10 'Accuracy of the cut model' "$OUT/prune.log" | grep -m1 '^\*')"
 
