@@ -15,11 +15,61 @@ sys.path.insert(0, f'{REPO}/scripts')
 import make_table  # noqa: E402
 
 
-def dry_run(env=None):
+def dry_run(env=None, root=None):
+    env = dict(os.environ if env is None else env, ROOT=str(root or '/nonexistent/table'))
     proc = subprocess.run(['bash', 'scripts/reproduce_table.sh', '--dry-run'], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()
+
+
+def fake_checkpoint(path, epoch, epochs):
+    """What scripts/run_state.py reads of a main.py checkpoint.pth."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'epoch': epoch, 'args': {'epochs': epochs}}, path)
+
+
+def run_state(out):
+    return subprocess.run([sys.executable, 'scripts/run_state.py', str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_run_state_says_what_to_do_with_a_run_folder(tmp_path):
+    assert run_state(tmp_path / 'nothing').stdout == 'new\n'
+    (tmp_path / 'killed').mkdir()
+    (tmp_path / 'killed' / 'log.txt').write_text('')  # killed in its first epoch
+    assert run_state(tmp_path / 'killed').stdout == 'new\n'
+    fake_checkpoint(tmp_path / 'stopped' / 'checkpoint.pth', 20, 50)
+    assert run_state(tmp_path / 'stopped').stdout == f'resume {tmp_path}/stopped/checkpoint.pth\n'
+    fake_checkpoint(tmp_path / 'finished' / 'checkpoint.pth', 49, 50)
+    assert run_state(tmp_path / 'finished').stdout == 'done\n'
+    (tmp_path / 'one_shot').mkdir()  # SaViT's pruning run writes only the cut
+    torch.save({'epoch': 0}, tmp_path / 'one_shot' / 'first_sparse_checkpoint.pth')
+    assert run_state(tmp_path / 'one_shot').stdout == 'done\n'
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'checkpoint.pth').write_text('not a checkpoint')
+    proc = run_state(tmp_path / 'bad')
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert 'not a readable PyTorch checkpoint' in proc.stderr and proc.stdout == ''
+
+
+def test_reproduce_table_started_again_skips_finished_runs_and_resumes_the_stopped_one(tmp_path):
+    base = tmp_path / 'IFOOD' / 'deit_small_patch16_224'
+    fake_checkpoint(base / 'deit' / 'checkpoint.pth', 49, 50)
+    fake_checkpoint(base / 'block_pr_pr0.5' / 'prune' / 'checkpoint.pth', 49, 50)
+    (base / 'block_pr_pr0.5' / 'prune' / 'first_sparse_checkpoint.pth').write_bytes(b'')
+    fake_checkpoint(base / 'block_pr_pr0.5' / 'finetune' / 'checkpoint.pth', 7, 300)
+    lines = dry_run(root=tmp_path)
+    assert f'# {base}/deit: finished' in lines and f'# {base}/block_pr_pr0.5/prune: finished' in lines
+    commands = [shlex.split(line) for line in lines if not line.startswith('#')]
+    dirs = [argv[argv.index('--output_dir') + 1] for argv in commands]
+    assert f'{base}/deit' not in dirs and f'{base}/block_pr_pr0.5/prune' not in dirs
+    (finetune,) = [argv for argv in commands if argv[argv.index('--output_dir') + 1] ==
+                   f'{base}/block_pr_pr0.5/finetune']
+    assert finetune[finetune.index('--resume') + 1] == f'{base}/block_pr_pr0.5/finetune/checkpoint.pth'
+    assert '--overwrite' not in finetune
+    others = [argv for argv, d in zip(commands, dirs) if not d.startswith(f'{base}/block_pr_pr0.5')]
+    assert others and all('--overwrite' in argv and '--resume' not in argv for argv in others)
 
 
 @pytest.mark.parametrize('ablations', [False, True])

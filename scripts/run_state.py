@@ -1,0 +1,42 @@
+"""What a long script should do with one main.py run folder, so that it can be started again
+after a crash or a preemption: prints `done` (the run finished: skip it), `resume PATH` (its
+last checkpoint, to pass as --resume) or `new` (nothing to continue: start it, with
+--overwrite for whatever a run killed in its first epoch left).
+
+    python scripts/run_state.py output/table/IFOOD/deit_small_patch16_224/block_pr_pr0.5/prune
+
+A run is finished when its checkpoint.pth is of its last epoch (args.epochs), or, for a
+one-shot pruning run (SaViT), which writes no checkpoint.pth, when first_sparse_checkpoint.pth
+exists. Used by scripts/reproduce_table.sh.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_state(output_dir: str) -> str:
+    checkpoint = os.path.join(output_dir, 'checkpoint.pth')
+    if not os.path.isfile(checkpoint):
+        return 'done' if os.path.isfile(os.path.join(output_dir, 'first_sparse_checkpoint.pth')) else 'new'
+    from utils import load_checkpoint_file  # torch only where there is a checkpoint to read
+    ckpt = load_checkpoint_file(checkpoint, '--resume')
+    if ckpt['epoch'] + 1 >= ckpt['args']['epochs']:
+        return 'done'
+    return f'resume {checkpoint}'
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('output_dir')
+    args = p.parse_args(argv)
+    try:
+        print(run_state(args.output_dir))
+    except Exception as e:  # utils.UsageError (not a checkpoint), or one without epoch / args
+        reason = f'it holds no {e}' if isinstance(e, KeyError) else str(e)
+        sys.exit(f'error: {args.output_dir}: {reason}; continue or remove that run by hand')
+
+
+if __name__ == '__main__':
+    main()
