@@ -106,6 +106,9 @@ class DepthAwarePruner(Pruner):
         device = next(model.parameters()).device
         model.add_gates()
         self.model = model
+        # the gates stay the same Parameters until finalize: looked up once, not at every step
+        self._gate_params = {f'{sb.index}.{n}': g for sb in self.sbs
+                             for n, g in zip(sb.gate_names, gates_of(model, sb))}
         # handcrafted κ needs no ΔΨ: no heads are built or trained (as in the authors' code)
         shape = HeadShape(config.bpi_mode, config.bpi_width_div, config.bpi_grid, config.bpi_fraction)
         self.heads = None if handcraft is not None else BlockPerformanceHeads(
@@ -130,8 +133,7 @@ class DepthAwarePruner(Pruner):
         self.goal = torch.ones(n_sb, dtype=torch.float64)
 
     def _gates(self) -> Dict[str, torch.nn.Parameter]:
-        return {f'{sb.index}.{n}': g for sb in self.sbs
-                for n, g in zip(sb.gate_names, gates_of(self.model, sb))}
+        return self._gate_params
 
     # ---- hooks for the training loop ----------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
