@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main as cli  # noqa: E402
@@ -44,20 +45,10 @@ from pruning.keep_ratio import KeepRatioFromDeltaPsi  # noqa: E402
 
 
 def spearman(a, b) -> float:
-    """Rank correlation of two vectors (average ranks for ties)."""
-    def ranks(v):
-        v = torch.as_tensor(v, dtype=torch.float64)
-        order = torch.argsort(v, stable=True)
-        r = torch.empty_like(v)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for value in torch.unique(v):  # ties share their mean rank
-            same = v == value
-            r[same] = r[same].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = (ra.norm() * rb.norm()).item()
-    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+    """Rank correlation of two vectors (average ranks for ties); 0 where one is constant."""
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
 
 
 class FastEstimator:
