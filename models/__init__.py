@@ -8,7 +8,7 @@ from .vision_transformer import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, GATE_SL
                                  MLP_GATES, Gate, VisionTransformer, align_widths, binarize,
                                  build_from_arch, dense_block_arch, is_gate, masked_layer_norm,
                                  pretrained_state_dict)
-from .deploy import apply_forms, deploy, plan_forms
+from .deploy import apply_forms, deploy, median_seconds, plan_forms
 
 # The official DeiT ImageNet checkpoints (facebookresearch/deit), for --model-path.
 DEIT_URLS = {

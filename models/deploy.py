@@ -58,21 +58,26 @@ def with_forms(sub_arch: Dict, weights: Dict[str, torch.Tensor], kind: str, read
     return sub, w
 
 
+def median_seconds(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of `iters` timed calls of fn() after `warmup` untimed ones, the device
+    synchronized around each call (CUDA runs asynchronously)."""
+    times = []
+    for i in range(warmup + iters):
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
 def _time_sub_block(blk: Block, kind: str, x: torch.Tensor, iters: int) -> float:
     run = blk.forward_attn if kind == 'attn' else blk.forward_mlp
-    times = []
-    with torch.no_grad():
-        for i in range(iters + 1):
-            y = x.clone()
-            if x.device.type == 'cuda':
-                torch.cuda.synchronize(x.device)
-            t = time.perf_counter()
-            run(y)
-            if x.device.type == 'cuda':
-                torch.cuda.synchronize(x.device)
-            if i:
-                times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    with torch.no_grad():  # a fresh copy each call: a write may add into its input in place
+        return median_seconds(lambda: run(x.clone()), x.device, 1, iters)
 
 
 def _candidate(model: VisionTransformer, layer: int, kind: str, read: str, write: str):

@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -81,16 +80,8 @@ def from_checkpoint(path):
 def measure(model, x, amp, warmup, iters):
     """Seconds per batch (median of `iters` timed forwards)."""
     model.eval()
-    times = []
-    for i in range(warmup + iters):
-        synchronize(x.device)
-        t = time.perf_counter()
-        with torch.autocast(x.device.type, enabled=amp):
-            model(x)
-        synchronize(x.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    with torch.autocast(x.device.type, enabled=amp):
+        return models.median_seconds(lambda: model(x), x.device, warmup, iters)
 
 
 def get_args(argv=None):
@@ -174,7 +165,7 @@ def time_variants(variants, x, amp, args):
 
 def time_onnx(variants, x, args):
     """Seconds per batch of dense and cut exported to ONNX (scripts/export.py) in onnxruntime on
-    the CPU, interleaved as the PyTorch timings are."""
+    the CPU, interleaved and aggregated as the PyTorch timings are (best of 3 rounds of medians)."""
     import tempfile
     import numpy as np
     import onnxruntime as ort
@@ -190,12 +181,9 @@ def time_onnx(variants, x, args):
     times = {name: [] for name in sessions}
     for _ in range(3):
         for name, sess in sessions.items():
-            for i in range(args.warmup + args.iters):
-                t = time.perf_counter()
-                sess.run(None, feed)
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            times[name].append(models.median_seconds(lambda: sess.run(None, feed), torch.device('cpu'),
+                                                     args.warmup, args.iters))
+    return {name: min(t) for name, t in times.items()}
 
 
 @torch.no_grad()
