@@ -29,6 +29,24 @@ SCHEDULE_ARGS = ['--lr', '5e-3', '--sched', 'step', '--decay-epochs', '2', '--wa
                  '--warmup-lr', '1e-4']
 
 
+def round_trip(obj):
+    """`obj` after torch.save and torch.load(weights_only=True), as a checkpoint travels."""
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def reloaded(model):
+    """A new model built from `model`'s arch and weights after a checkpoint's round trip."""
+    import models
+    ckpt = round_trip({'arch': model.arch(), 'model': model.state_dict()})
+    out = models.build_from_arch(ckpt['arch'])
+    out.load_state_dict(ckpt['model'])
+    return out
+
+
 def micro(seed=0, num_classes=10, name='deit_micro_patch4_32', **kw):
     """The tiny ViT of the tests (width 64, depth 4, 4 heads, MLP 256, 32 px, patch 4), seeded."""
     import models  # noqa: F401  (registers the micro models with timm)

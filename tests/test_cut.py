@@ -8,7 +8,7 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)
-from conftest import micro, o1_weights
+from conftest import micro, o1_weights, reloaded
 from models import HEAD_GATE
 from pruning import cut_model
 
@@ -191,15 +191,8 @@ def test_every_deployment_form_computes_the_cut_models_function(read, write):
     if write == 'dense':
         assert all(b[k]['out_idx'] is None for b in blocks for k in ('attn', 'mlp'))
     # the deployed model travels as arch + weights and rebuilds under weights_only
-    import io
-    buf = io.BytesIO()
-    torch.save({'arch': deployed.arch(), 'model': deployed.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    rebuilt = models.build_from_arch(ckpt['arch'])
-    rebuilt.load_state_dict(ckpt['model'])
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt.eval()(x), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(reloaded(deployed).eval()(x), ref, atol=1e-4, rtol=0)
 
 
 def test_deploy_measures_a_plan_for_every_cut_sub_block():

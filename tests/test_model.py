@@ -1,5 +1,4 @@
 """The cuttable ViT of models/: fidelity to timm, rebuild from arch, cuts, gates, checkpoint fitting."""
-import io
 
 import pytest
 import timm
@@ -9,7 +8,7 @@ from timm.layers import set_fused_attn
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import models
-from conftest import micro
+from conftest import micro, reloaded, round_trip
 from models import build_from_arch, is_gate, pretrained_state_dict
 
 MICRO = 'deit_micro_patch4_32'  # patch 4, width 64, depth 4, 4 heads, 32 px
@@ -54,10 +53,7 @@ def test_same_logits_as_timm(unfused_attn, name, embed_dim, num_heads):
 def test_rebuild_from_arch():
     model = micro()
     arch = model.arch()
-    buf = io.BytesIO()
-    torch.save(arch, buf)  # the arch travels in checkpoints read with weights_only=True
-    buf.seek(0)
-    assert torch.load(buf, weights_only=True) == arch
+    assert round_trip(arch) == arch  # the arch travels in checkpoints read with weights_only=True
     torch.manual_seed(123)  # a different init: only load_state_dict can make the logits agree
     rebuilt = build_from_arch(arch).eval()
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
@@ -291,11 +287,5 @@ def test_registered_model_contract(name):
     assert out.shape == (2, 7) and torch.isfinite(out).all()
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
-    buf = io.BytesIO()
-    torch.save({'model': model.state_dict(), 'arch': model.arch()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    rebuilt = models.build_from_arch(ckpt['arch'])
-    rebuilt.load_state_dict(ckpt['model'])
     with torch.no_grad():
-        assert torch.equal(rebuilt.eval()(x), model.eval()(x))
+        assert torch.equal(reloaded(model).eval()(x), model.eval()(x))

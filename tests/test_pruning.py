@@ -5,7 +5,6 @@ checkpoint round trip, config checks.
 Expected values are computed in the tests from the spec (own loops, `numel` of real modules),
 not copied from the implementation. The repository root is on sys.path via conftest.py.
 """
-import io
 import math
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)
-from conftest import micro, o1_weights
+from conftest import micro, o1_weights, round_trip
 from models import GATE_NAMES, is_gate
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule, cut_model
 from pruning.gates import gates_of, kept_params, non_block_params, sub_blocks
@@ -584,11 +583,8 @@ def test_state_dict_round_trip_gives_identical_masks():
     for step in range(5):  # one update done (momentum state exists), a window half full
         train_step(pruner_a, opt_a, *data[step])
     assert pruner_a.imp_c is not None and pruner_a.performance.count.item() == 1
-    buf = io.BytesIO()
-    torch.save({'model': model_a.state_dict(), 'pruner': pruner_a.state_dict(),
-                'optimizer': opt_a.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = round_trip({'model': model_a.state_dict(), 'pruner': pruner_a.state_dict(),
+                       'optimizer': opt_a.state_dict()})
 
     model_b, pruner_b, opt_b = gated_with_optimizer(seed=123)  # different initial weights
     assert not torch.equal(model_b.head.weight, model_a.head.weight)

@@ -1,6 +1,5 @@
 """WD-Prune (pruning/wdprune.py, BASELINES.md): masks, straight-through gradients, the
 Lagrangian, the budget at the cut, exactness of the cut and of a resume. CPU, micro model."""
-import io
 import math
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)
-from conftest import micro
+from conftest import micro, round_trip
 from models import is_gate
 from pruning import PruneSchedule
 from pruning.wdprune import (MASKED, WDPruneConfig, WDPrunePruner, block_keep_fraction,
@@ -267,10 +266,7 @@ def setup_run(seed=0):
 def test_state_dict_round_trip_resumes_identically():
     a_model, a, a_opt = setup_run()
     train_steps(a_model, a, a_opt, 3, 0)
-    buf = io.BytesIO()
-    torch.save({'model': a_model.state_dict(), 'pruner': a.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = round_trip({'model': a_model.state_dict(), 'pruner': a.state_dict()})
 
     b_model, b, b_opt = setup_run(seed=5)  # different initial weights: all must come from ckpt
     b_model.load_state_dict(ckpt['model'])
