@@ -8,6 +8,7 @@ from timm.utils import accuracy
 
 import utils
 from datasets import UNREADABLE, UnreadableImageError
+from pruning import PrunerModule
 from utils import MetricLogger, NonFiniteLossError, SmoothedValue
 
 
@@ -51,6 +52,25 @@ def _to_device(samples, targets, device, mixup_fn=None):
     return mixup_fn(samples, targets) if mixup_fn is not None else (samples, targets)
 
 
+def _training_batches(data_loader, device, mixup_fn, n, print_freq, header, metric_logger):
+    """(i, samples, targets, unreadable) of the first `n` batches, readable and on the device."""
+    for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        if i >= n:
+            break
+        samples, targets, unreadable = _readable(samples, targets, fill=True)
+        samples, targets = _to_device(samples, targets, device, mixup_fn)
+        yield i, samples, targets, unreadable
+
+
+def _loss(model, criterion, samples, targets, pruner):
+    """The training loss; with a pruner, `model` returns (logits, aux) and the pruner adds its own
+    (METHOD.md §3: the ΔΨ heads' losses)."""
+    if pruner is None:
+        return criterion(model(samples), targets)
+    outputs, aux = model(samples)
+    return criterion(outputs, targets) + pruner.aux_loss(aux, targets, criterion)
+
+
 def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     loss_scaler=None, max_norm: Optional[float] = None, model_ema=None,
@@ -70,30 +90,21 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
     model.train(set_training_mode)
     metric_logger = MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
-    header = f'Epoch: [{epoch}]'
     n_used = len(data_loader) // accum_steps * accum_steps
     optimizer.zero_grad(set_to_none=True)
-    for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        if i >= n_used:
-            break
-        samples, targets, unreadable = _readable(samples, targets, fill=True)
-        samples, targets = _to_device(samples, targets, device, mixup_fn)
+    for i, samples, targets, unreadable in _training_batches(
+            data_loader, device, mixup_fn, n_used, print_freq, f'Epoch: [{epoch}]', metric_logger):
         update = (i + 1) % accum_steps == 0
         # gradients are all-reduced by DDP only on the micro-batch that completes a step
         sync = model.no_sync() if not update and hasattr(model, 'no_sync') else nullcontext()
         with sync:
             with torch.autocast(device.type, enabled=amp):
-                if pruner is not None:
-                    outputs, aux = model(samples)
-                    loss = criterion(outputs, targets)
-                    loss = loss + pruner.aux_loss(aux, targets, criterion)
-                else:
-                    outputs = model(samples)
-                    loss = criterion(outputs, targets)
+                loss = _loss(model, criterion, samples, targets, pruner)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, iteration {i}: '
                                          'stopping training')
+            # the scale this step's gradients carry (the scaler updates it in the step)
             grad_scale = loss_scaler.state_dict()['scale'] if loss_scaler is not None and update \
                 and pruner is not None else 1.0
             _backward_and_step(loss / accum_steps, optimizer, loss_scaler, max_norm, update)
@@ -120,19 +131,19 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_freq: int = 10,
+def evaluate(data_loader, model, device, amp: bool = False, print_freq: int = 10,
              count_unreadable: bool = False):
     """Top-1 / top-5 and loss on a validation loader, summed exactly over processes.
 
-    With a pruner, also the accuracy of its auxiliary heads (the last ΔΨ heads of METHOD.md §3,
-    WD-Prune's shallow classifiers). With `count_unreadable` (--skip-bad-images), metrics are
-    over the readable images and `unreadable_images` counts the others.
+    `model` is a network, or a pruner's module (`PrunerModule`), whose auxiliary heads are
+    reported too (`acc1_<name>`: the last ΔΨ heads of METHOD.md §3, WD-Prune's shallow
+    classifiers). With `count_unreadable` (--skip-bad-images), metrics are over the readable
+    images and `unreadable_images` counts the others.
     """
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = MetricLogger(delimiter='  ')
-    # a pruner's module runs only the auxiliary heads evaluation reports (no DDP needed here)
-    net = pruner.module if pruner is not None else model
-    net.eval()
+    with_heads = isinstance(model, PrunerModule)
+    model.eval()
     unreadable = SmoothedValue()  # the share of unreadable images, whatever the processes read
     for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
         n_read = images.shape[0]
@@ -143,7 +154,7 @@ def evaluate(data_loader, model, device, amp: bool = False, pruner=None, print_f
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=amp):
-            output, heads = net.forward_eval(images) if pruner is not None else (net(images), {})
+            output, heads = model.forward_eval(images) if with_heads else (model(images), {})
             loss = criterion(output, target)
         k = min(5, output.shape[1])
         acc1, acc5 = accuracy(output, target, topk=(1, k))
@@ -171,14 +182,10 @@ def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int,
     metric_logger = MetricLogger(delimiter='  ')
     # without a GradScaler, a fixed loss scale keeps half-precision gradients from underflowing
     scale = 2. ** 12 if amp else 1.
-    for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, 'Scores:')):
-        if i >= steps:
-            break
-        samples, targets, _ = _readable(samples, targets, fill=True)
-        samples, targets = _to_device(samples, targets, device, mixup_fn)
+    for _, samples, targets, _ in _training_batches(data_loader, device, mixup_fn, steps, print_freq,
+                                                    'Scores:', metric_logger):
         with torch.autocast(device.type, enabled=amp):
-            logits, aux = model(samples)
-            loss = criterion(logits, targets) + pruner.aux_loss(aux, targets, criterion)
+            loss = _loss(model, criterion, samples, targets, pruner)
         (loss * scale).backward()
         pruner.step(grad_scale=scale)
         model.zero_grad(set_to_none=True)

@@ -25,14 +25,17 @@ from pathlib import Path
 import submitit
 
 import main as classification
+from train.flags import ArgumentParser
+from train.run_dir import check_run_dir
+from train.validate import validate
 from utils import UsageError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_args_parser():
-    parser = classification.ArgumentParser('Submitit for DeiT / Depth Aware Pruning',
-                                           parents=[classification.get_args_parser()])
+    parser = ArgumentParser('Submitit for DeiT / Depth Aware Pruning',
+                            parents=[classification.get_args_parser()])
     # the submitting machine often has no GPU, where main.py's default would be the CPU
     parser.set_defaults(device='cuda')
     parser.add_argument('--ngpus', default=8, type=int,
@@ -118,9 +121,9 @@ def submit(args):
     args.output_dir = str(Path(args.output_dir).absolute()) if args.output_dir else args.job_dir
     # the job checks again where it runs; here, so that a bad flag fails before the queue, the
     # same checks on the CPU (this machine may have no GPU)
-    checked = classification.validate(argparse_copy(args, device='cpu'))
+    checked = validate(argparse_copy(args, device='cpu'))
     if '%j' not in checked.output_dir:
-        classification.check_run_dir(checked)
+        check_run_dir(checked)
     executor = submitit.AutoExecutor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
     if executor.cluster == 'local' and args.nodes != 1:
         raise UsageError(f'--cluster local runs on this machine only: --nodes 1, not {args.nodes}')

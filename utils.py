@@ -8,7 +8,6 @@ import re
 import time
 import zipfile
 from collections import defaultdict, deque
-from typing import Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -309,25 +308,6 @@ def load_checkpoint_file(path_or_url: str, what: str = 'checkpoint') -> dict:
     if not isinstance(ckpt, dict):
         raise UsageError(f'{what} {path_or_url} holds a {type(ckpt).__name__}, not a dict')
     return ckpt
-
-
-def state_dict_mismatch(model: torch.nn.Module, state_dict: dict) -> Optional[str]:
-    """None if `state_dict` loads strictly into `model`; else a short description (counts and
-    the first key of each kind), where load_state_dict's own message lists every key."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shaped = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
-    parts = []
-    if shaped:
-        k = shaped[0]
-        parts.append(f'{len(shaped)} of another shape (first {k}: {list(state_dict[k].shape)}, '
-                     f'model {list(own[k].shape)})')
-    if missing:
-        parts.append(f'{len(missing)} missing (first {missing[0]})')
-    if unexpected:
-        parts.append(f'{len(unexpected)} unexpected (first {unexpected[0]})')
-    return '; '.join(parts) or None
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -5,10 +5,10 @@ from typing import NamedTuple
 from timm.models import register_model
 
 from .vision_transformer import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, GATE_SLOTS, HEAD_GATE,
-                                 MLP_GATES, Gate, VisionTransformer, align_widths, binarize,
-                                 build_from_arch, dense_block_arch, is_gate, masked_layer_norm,
-                                 pretrained_state_dict)
-from .deploy import apply_forms, deploy, median_seconds, plan_forms
+                                 MLP_GATES, Gate, VisionTransformer, binarize, build_from_arch,
+                                 dense_block_arch, is_gate, masked_layer_norm)
+from .checkpoint import pretrained_state_dict, state_dict_mismatch
+from .deploy import align_widths, apply_forms, deploy, median_seconds, plan_forms
 
 # The official DeiT ImageNet checkpoints (facebookresearch/deit), for --model-path.
 DEIT_URLS = {

@@ -16,7 +16,8 @@ the same computation:
 input x and returns a copy that uses the fastest; its `arch` records the forms (dense forms as
 full-width sub-blocks with exact zeros), so `build_from_arch` and `torch.load(weights_only=True)`
 rebuild it. For inference: the dense forms add parameters (zeros), so train and count the cut
-model, deploy a copy.
+model, deploy a copy. `align_widths` is the other deployment copy: every width padded with
+exact zeros to a multiple of 8 (GPU tensor cores).
 """
 import copy
 import time
@@ -157,3 +158,70 @@ def deploy(model: VisionTransformer, x: torch.Tensor, iters: int = 5, amp: bool 
     the given plan), with in-place residual writes switched on."""
     plan = plan_forms(model, x, iters, amp) if plan is None else plan
     return apply_forms(model, plan).set_inplace_writes(True), plan
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@torch.no_grad()
+def align_widths(model: VisionTransformer, multiple: int = 8) -> VisionTransformer:
+    """A copy of a cut model whose widths are multiples of `multiple`, computing the same function.
+
+    GPU matrix kernels (tensor cores) need aligned sizes; a cut leaves arbitrary ones (325, 990…)
+    and the fast kernels are lost. Each width is padded with elements that are exactly zero:
+    read dims with LayerNorm scale and shift 0, written dims with zero rows and bias, hidden
+    neurons and head channels with zero weights (GELU(0) = 0; zero channels add nothing to q·k).
+    For deployment only: the padding adds parameters, so train and count the unpadded model.
+    """
+    arch = copy.deepcopy(model.arch())
+    D = model.embed_dim
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith('blocks.')}
+
+    def pad_idx(idx):
+        if idx is None or len(idx) % multiple == 0:
+            return idx, 0
+        kept = set(idx)
+        extra = [i for i in range(D) if i not in kept][:_round_up(len(idx), multiple) - len(idx)]
+        return idx + extra, len(extra)
+
+    def pad(t, dim, n):  # append n zeros along dim
+        if n == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = n
+        return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+    for l, (blk, b) in enumerate(zip(model.blocks, arch['blocks'])):
+        p = f'blocks.{l}.'
+        sd = {k[len(p):]: v for k, v in model.state_dict().items() if k.startswith(p)}
+        if b['attn'] is not None:
+            a = b['attn']
+            a['in_idx'], n_in = pad_idx(a['in_idx'])
+            a['out_idx'], n_out = pad_idx(a['out_idx'])
+            H, d = a['num_heads'], a['head_dim']
+            n_d = _round_up(d, multiple) - d
+            a['head_dim'] = d + n_d
+            w = pad(sd['attn.qkv.weight'].view(3, H, d, -1), 2, n_d).reshape(3 * H * (d + n_d), -1)
+            state[p + 'attn.qkv.weight'] = pad(w, 1, n_in)
+            state[p + 'attn.qkv.bias'] = pad(sd['attn.qkv.bias'].view(3, H, d), 2, n_d).reshape(-1)
+            w = pad(sd['attn.proj.weight'].view(-1, H, d), 2, n_d).reshape(-1, H * (d + n_d))
+            state[p + 'attn.proj.weight'] = pad(w, 0, n_out)
+            state[p + 'attn.proj.bias'] = pad(sd['attn.proj.bias'], 0, n_out)
+            state[p + 'norm1.weight'] = pad(sd['norm1.weight'], 0, n_in)
+            state[p + 'norm1.bias'] = pad(sd['norm1.bias'], 0, n_in)
+        if b['mlp'] is not None:
+            m = b['mlp']
+            m['in_idx'], n_in = pad_idx(m['in_idx'])
+            m['out_idx'], n_out = pad_idx(m['out_idx'])
+            n_h = _round_up(m['hidden_features'], multiple) - m['hidden_features']
+            m['hidden_features'] += n_h
+            state[p + 'mlp.fc1.weight'] = pad(pad(sd['mlp.fc1.weight'], 0, n_h), 1, n_in)
+            state[p + 'mlp.fc1.bias'] = pad(sd['mlp.fc1.bias'], 0, n_h)
+            state[p + 'mlp.fc2.weight'] = pad(pad(sd['mlp.fc2.weight'], 1, n_h), 0, n_out)
+            state[p + 'mlp.fc2.bias'] = pad(sd['mlp.fc2.bias'], 0, n_out)
+            state[p + 'norm2.weight'] = pad(sd['norm2.weight'], 0, n_in)
+            state[p + 'norm2.bias'] = pad(sd['norm2.bias'], 0, n_in)
+    aligned = build_from_arch(arch)
+    aligned.load_state_dict(state)
+    return aligned.to(next(model.parameters()).device)

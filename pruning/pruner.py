@@ -60,7 +60,9 @@ class PruneConfig:
     bpi_width_div: int = 2         # fast: patch heads of width D // bpi_width_div ...
     bpi_grid: int = 7              # ... on the patch map pooled to at most bpi_grid²
     bpi_fraction: float = 1.0      # ... for the first bpi_fraction of each batch
-    round_to: int = 1              # kept widths of every gate a multiple of this (or whole)
+    # kept widths of every gate a multiple of this (or whole): 8 keeps GPU tensor cores busy
+    # (README, "Benchmarks"); 1 is the paper's method
+    round_to: int = 8
 
     def __post_init__(self):
         if not 0 < self.prune_ratio < 1:
@@ -81,6 +83,8 @@ class PruneConfig:
         unknown = [n for n in self.gate_scale if n not in GATE_NAMES]
         if unknown:
             raise ConfigError('gate_scale', f'names unknown gates {unknown}; gates are {", ".join(GATE_NAMES)}')
+        if self.keep_ratio_handcraft is not None and self.method != 'block_pr':
+            raise ConfigError('keep_ratio_handcraft', f'replaces block_pr\'s κ, not {self.method}\'s')
         if self.keep_ratio_handcraft is not None and not all(0 <= k <= 1 for k in self.keep_ratio_handcraft):
             raise ConfigError('keep_ratio_handcraft', f'values must lie in [0, 1], got {list(self.keep_ratio_handcraft)}')
 

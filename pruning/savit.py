@@ -11,10 +11,9 @@
     cut, rows = pruner.finalize()                # search, global thresholds, cut
 
 Three component types are pruned: attention heads (gate after attention·V), MLP hidden neurons
-(gate after fc1) and embedding channels (one gate shared by all layers, so the whole model
-becomes uniformly narrower). The ratios come from an evolutionary search over the pruned
-fractions (x_head, x_embed); the MLP fraction of each candidate is the smallest that meets the
-budget. Each type is then thresholded globally across layers by its Taylor score.
+(gate after fc1) and embedding channels (one gate shared by all layers: the whole model becomes
+uniformly narrower). An evolutionary search picks the pruned fractions (x_head, x_embed), the
+MLP's the smallest that meets the budget; each type is thresholded globally by its Taylor score.
 
 Departures from the official code (BASELINES.md):
 - a candidate that cannot meet the budget, even with the MLP at its minimum, is rejected, never
@@ -22,8 +21,8 @@ Departures from the official code (BASELINES.md):
 - the budget is parameters by default (the paper's table is in parameters); FLOPs on request;
 - kept parameters / FLOPs are computed exactly in closed form from the kept counts (they equal
   the cut model's own count), not estimated;
-- the fitness adds the first-order cost (pruned share of each type's Taylor importance) to
-  xᵀCx, so that the search without C (`use_interaction=False`) is the first-order search;
+- the fitness adds the first-order cost (pruned share of each type's Taylor importance) to xᵀCx:
+  without C (`use_interaction=False`) it is the first-order search;
 - min_keep keeps each layer's best units (at least one), which the cut needs to stay exact.
 
 FLOPs are counted as `utils.count_flops` does (torch.utils.flop_counter): matmuls and the
@@ -331,7 +330,7 @@ class SaViTPruner(Pruner):
 
     def __init__(self, model, num_classes: int, config: SaViTConfig, schedule=None,
                  on_update: Optional[Callable[[Record], None]] = None):
-        self.cfg, self.on_update = config, on_update
+        self.cfg, self.schedule, self.on_update = config, schedule, on_update
         self.num_classes = num_classes
         self.shape = ViTShape.from_model(model)
         model.add_gates(names=SAVIT_GATES, embed=True)

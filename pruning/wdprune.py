@@ -123,6 +123,7 @@ class WDPrunePruner(Pruner):
     def __init__(self, model, num_classes: int, config: WDPruneConfig, schedule: PruneSchedule,
                  on_update: Optional[Callable[[Record], None]] = None):
         cfg = self.cfg = config
+        self.schedule = schedule
         self.on_update, self.total_steps = on_update, max(schedule.step_final, 1)
         L, D, H = model.depth, model.embed_dim, model.num_heads
         bad = [k for k in cfg.classifiers if not 1 <= k < L]

@@ -25,15 +25,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 import timm  # noqa: E402
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
-from utils import UsageError, count_flops, load_checkpoint_file, state_dict_mismatch, synchronize  # noqa: E402
+from models import state_dict_mismatch  # noqa: E402
+from utils import UsageError, count_flops, load_checkpoint_file, synchronize  # noqa: E402
 
 
 def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr', round_to=None):
     """A cut architecture with the method's budget from random scores: for DAP random ΔΨ
     decide κ and random Taylor scores the elements; for SaViT random Taylor scores drive the
     search (heads, MLP neurons and embedding channels). `round_to` as --prune-round-to (None:
-    main.py's default)."""
-    import main as cli
+    its default)."""
     torch.manual_seed(seed)
     model = timm.create_model(name, num_classes=num_classes, img_size=img_size)
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +44,7 @@ def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_p
         schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0,
                                  finalize_epoch=1, steps_update_mask=1)
         config = PruneConfig(prune_ratio=prune_ratio, method=method,
-                             round_to=cli.ROUND_TO if round_to is None else round_to)
+                             **({} if round_to is None else {'round_to': round_to}))
         pruner = DepthAwarePruner(model, num_classes, config, schedule)
         n = len(pruner.sbs)
         pruner.performance.sum_c.copy_(torch.rand(n, generator=g, dtype=torch.float64))
@@ -110,7 +110,7 @@ def get_args(argv=None):
                    help='measure: every cut sub-block in its fastest exact form on this device '
                         '(models.deploy, chosen per sub-block by timing); none: the plain cut model')
     p.add_argument('--prune-round-to', type=int, default=None,
-                   help='round kept widths to this multiple in the random cut (default: main.py\'s)')
+                   help='round kept widths to this multiple in the random cut (default: --prune-round-to\'s)')
     p.add_argument('--onnx', action='store_true',
                    help='also time dense and cut exported to ONNX in onnxruntime (CPU)')
     p.add_argument('--profile', action='store_true',

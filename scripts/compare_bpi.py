@@ -37,11 +37,13 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import main as cli  # noqa: E402
 import utils  # noqa: E402
+from main import get_args_parser  # noqa: E402  (main.py's flags)
 from pruning.block_performance import BlockPerformance, BlockPerformanceHeads, HeadShape  # noqa: E402
 from pruning.gates import kept_params  # noqa: E402
 from pruning.keep_ratio import KeepRatioFromDeltaPsi  # noqa: E402
+from train import methods, recipe  # noqa: E402
+from train.validate import validate  # noqa: E402
 
 
 def spearman(a, b) -> float:
@@ -83,12 +85,12 @@ def agreement(updates, name):
 
 def train(args, model, pruner, fast, loader, device):
     """The pruning run; returns one record per mask update with every estimator's view."""
-    criterion, mixup_fn = cli.build_criterion(args)
-    lr = cli.scaled_lr(args)
+    criterion, mixup_fn = recipe.build_criterion(args, args.nb_classes)
+    lr = recipe.scaled_lr(args)
     groups = pruner.param_groups(lr, args.weight_decay) + [
         {'params': list(e.heads.patch.parameters()), 'lr': args.lr_soft_head, 'weight_decay': args.weight_decay}
         for e in fast]
-    optimizer = cli.build_optimizer(args, model, lr, groups)
+    optimizer = recipe.build_optimizer(args, model, lr, groups)
     updates = []
     for epoch in range(args.prune_finalize_epoch):
         utils.seed_everything(args.seed + 1000 * epoch)
@@ -134,23 +136,23 @@ def train(args, model, pruner, fast, loader, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[cli.get_args_parser()])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[get_args_parser()])
     parser.add_argument('--fast', nargs='+', default=['2:7:1'], metavar='W:G:F',
                         help='fast configurations (width divisor:pooled grid side:batch fraction), or copy')
     parser.set_defaults(prune_method='block_pr')
-    args = cli.validate(parser.parse_args(argv))
+    args = validate(parser.parse_args(argv))
     if not args.output_dir:
         sys.exit('error: --output_dir is required')
     if args.grad_accum_steps != 1 or args.prune_method != 'block_pr':
         sys.exit('error: compare_bpi.py runs --prune-method block_pr with --grad-accum-steps 1')
     utils.init_distributed_mode(args)
-    device, _ = cli.setup_device(args)
-    dataset_train, dataset_val, nb_classes = cli.build_datasets(args)
+    device, _ = recipe.setup_device(args)
+    dataset_train, dataset_val, nb_classes = recipe.build_datasets(args)
     args.nb_classes = nb_classes
-    model = cli.build_model(args, nb_classes).to(device)
-    loader, _ = cli.build_loaders(args, dataset_train, dataset_val)
+    model = recipe.build_model(args, nb_classes).to(device)
+    loader, _ = recipe.build_loaders(args, dataset_train, dataset_val)
     args.bpi_mode = 'faithful'  # the heads that drive the masks
-    pruner = cli.build_pruner(args, model, nb_classes, len(loader) // args.grad_accum_steps)
+    pruner = methods.build_pruner(args, model, nb_classes, recipe.steps_per_epoch(args, loader))
     fast = [FastEstimator(spec, pruner, model, nb_classes, device) for spec in args.fast]
     updates = train(args, model, pruner, fast, loader, device)
     configs = {e.name: {**agreement(updates, e.name), **vars(e.shape)} for e in fast}

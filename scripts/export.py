@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 import timm  # noqa: E402
-from utils import UsageError, load_checkpoint_file, state_dict_mismatch  # noqa: E402
+from models import state_dict_mismatch  # noqa: E402
+from utils import UsageError, load_checkpoint_file  # noqa: E402
 
 
 def load_model(path, model_name=None):

@@ -24,10 +24,15 @@ OUTPUT_DIR=${OUTPUT_DIR:-output/${DATASET}/${MODEL}/${METHOD}_pr${PRUNE_RATIO}/p
 if [ -z "${MODEL_PATH:-}" ]; then  # the official DeiT ImageNet checkpoint of MODEL
   MODEL_PATH=$(python -c "import sys, models; print(models.DEIT_URLS[sys.argv[1]])" "$MODEL")
 fi
+# DAP's schedule flags are DAP's (and its ablations'): main.py refuses them under a baseline
+case "$METHOD" in
+  block_pr|uniform|global)
+    SCHEDULE=(--prune-steps-update-mask "$STEPS_UPDATE" --prune-start-epoch "$START_EPOCH");;
+  *) SCHEDULE=();;
+esac
 cmd=(python -m torch.distributed.launch --nproc_per_node="$NGPU" --master_port "$PORT" --use_env
      main.py --output_dir "$OUTPUT_DIR" --epochs "$EPOCHS" --batch-size "$BATCH"
      --grad-accum-steps "$ACCUM" --data-set "$DATASET" --data-path "$DATA_PATH" --model "$MODEL"
      --model-path "$MODEL_PATH" --prune-method "$METHOD" --prune-ratio "$PRUNE_RATIO"
-     --prune-steps-update-mask "$STEPS_UPDATE" --prune-start-epoch "$START_EPOCH" --dist-eval
-     --no-train-mode ${EXTRA:-})
+     "${SCHEDULE[@]}" --dist-eval --no-train-mode ${EXTRA:-})
 if [ -n "${DRY_RUN:-}" ]; then echo "${cmd[*]}"; else "${cmd[@]}"; fi

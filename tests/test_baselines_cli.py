@@ -84,7 +84,10 @@ BAD = [
      '--prune-taylor-window belongs to --prune-method block_pr / uniform / global, not wdprune'),
     (['--prune-method', 'block_pr', '--prune-taylor-window', 'all'], "invalid choice: 'all'"),
     (['--prune-method', 'savit', '--prune-kr-handcraft', *['0.5'] * 8],
-     '--prune-kr-handcraft belongs to --prune-method block_pr, not savit'),
+     '--prune-kr-handcraft belongs to --prune-method block_pr / uniform / global, not savit'),
+    (['--prune-method', 'wdprune', '--prune-start-epoch', '0'],
+     '--prune-start-epoch belongs to --prune-method block_pr / uniform / global, not wdprune'),
+    (['--prune-method', 'block_pr', '--wdprune-lr', '0.1'], '--wdprune-lr belongs to --prune-method wdprune'),
 ]
 
 

@@ -2,16 +2,16 @@
 import pytest
 import torch
 
-import main
 from conftest import micro
-from pruning import Pruner, PruneSchedule, Record
+from pruning import Pruner, PruneConfig, PruneSchedule, Record, SaViTConfig, WDPruneConfig
+from train import methods
 
-CONFIGS = {  # each method's configuration, as main.py's table builds it from flags
-    'block_pr': lambda: main.PruneConfig(prune_ratio=0.5),
-    'uniform': lambda: main.PruneConfig(prune_ratio=0.5, method='uniform'),
-    'global': lambda: main.PruneConfig(prune_ratio=0.5, method='global'),
-    'wdprune': lambda: main.WDPruneConfig(prune_ratio=0.5, lr=0.5, classifiers=(2,)),
-    'savit': lambda: main.SaViTConfig(prune_ratio=0.5, population=8, children=4, generations=3),
+CONFIGS = {  # each method's configuration, as its family (train/methods/) builds it from flags
+    'block_pr': lambda: PruneConfig(prune_ratio=0.5),
+    'uniform': lambda: PruneConfig(prune_ratio=0.5, method='uniform'),
+    'global': lambda: PruneConfig(prune_ratio=0.5, method='global'),
+    'wdprune': lambda: WDPruneConfig(prune_ratio=0.5, lr=0.5, classifiers=(2,)),
+    'savit': lambda: SaViTConfig(prune_ratio=0.5, population=8, children=4, generations=3),
 }
 
 
@@ -45,8 +45,8 @@ def readme_loop(pruner, model, loader, epochs):
 
 
 def test_the_table_holds_every_method_and_nothing_else():
-    assert set(main.PRUNERS) == set(CONFIGS)
-    assert all(issubclass(m.pruner, Pruner) for m in main.PRUNERS.values())
+    assert set(methods.methods()) == set(CONFIGS)
+    assert all(issubclass(f.pruner, Pruner) for f in methods.FAMILIES)
 
 
 @pytest.mark.parametrize('method', list(CONFIGS))
@@ -56,7 +56,7 @@ def test_readme_loop_prunes_with_every_method(method):
     loader = batches(4)
     schedule = PruneSchedule(steps_per_epoch=len(loader), start_epoch=0, sparse_epoch=1,
                              finalize_epoch=2, steps_update_mask=2)
-    pruner = main.PRUNERS[method].pruner(model, 10, CONFIGS[method](), schedule)
+    pruner = methods.family_of(method).pruner(model, 10, CONFIGS[method](), schedule)
     cut, rows, records = readme_loop(pruner, model, loader, epochs=2)
     assert cut.is_cut and not cut.gate_parameters() and not model.gate_parameters()
     assert cut.num_parameters() == pytest.approx(0.5 * dense, rel=0.1)

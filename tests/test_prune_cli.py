@@ -297,3 +297,25 @@ def test_removed_sub_blocks_cost_nothing():
     gone = ('VisionTransformer.blocks.1.attn', 'VisionTransformer.blocks.2.mlp')
     assert all(k in dense_parts and k not in cut_parts for k in gone)
     assert dense_total - cut_total == sum(dense_parts[k] for k in gone)
+
+
+def test_after_a_cut_before_the_end_the_rate_stays_and_resume_is_exact(tmp_path):
+    """--prune-finalize-epoch 2 of --epochs 4: training goes on with the cut model at the pruning
+    run's constant rate (METHOD.md §6; not --warmup-lr), and a run stopped after the cut and
+    resumed from its checkpoint.pth ends bit for bit as the uninterrupted one."""
+    args = ['--input-size', '16', '--prune-method', 'block_pr', '--prune-steps-update-mask', '4',
+            '--prune-start-epoch', '0', '--prune-sparse-epoch', '1', '--prune-finalize-epoch', '2',
+            '--no-model-ema']
+    full = check_ok(run_cli([*args, '--epochs', '4', '--output_dir', tmp_path / 'full'], tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / 'full' / 'log.txt').read_text().splitlines()]
+    rates = {line['train_lr'] for line in lines}
+    assert len(lines) == 4 and lines[2]['n_parameters'] < lines[1]['n_parameters']
+    assert rates == {5e-4 * 64 / 512}  # DeiT's scaling of --lr, in every epoch
+    stopped = tmp_path / 'stopped'
+    check_ok(run_cli([*args, '--epochs', '2', '--output_dir', stopped], tmp_path))
+    assert 'arch' in load(stopped / 'checkpoint.pth') and 'pruner' not in load(stopped / 'checkpoint.pth')
+    resumed = check_ok(run_cli([*args, '--epochs', '4', '--output_dir', stopped,
+                                '--resume', stopped / 'checkpoint.pth'], tmp_path))
+    digest = [line for line in full.stdout.splitlines() if 'parameter digest' in line]
+    assert digest and digest == [line for line in resumed.stdout.splitlines() if 'parameter digest' in line]
+    assert (stopped / 'log.txt').read_text() == (tmp_path / 'full' / 'log.txt').read_text()

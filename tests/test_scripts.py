@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import main
+from train.methods import family_of
 from conftest import REPO
 
 sys.path.insert(0, f'{REPO}/scripts')
@@ -150,7 +151,7 @@ def test_make_table_on_fabricated_runs(tmp_path):
 def test_auto_mask_updates_are_about_three_per_epoch(steps_per_epoch, expected):
     args = main.ArgumentParser('t', parents=[main.get_args_parser()]).parse_args(
         ['--prune-method', 'block_pr', '--prune-steps-update-mask', 'auto'])
-    n = main.dap_schedule(main.validate(args), steps_per_epoch).steps_update_mask
+    n = family_of('block_pr').schedule(main.validate(args), steps_per_epoch).steps_update_mask
     assert n == expected and 2 <= steps_per_epoch // n <= 3 or steps_per_epoch < 3
 
 

@@ -1,0 +1,183 @@
+"""The training recipe of a run, DeiT's: datasets and loaders, the model (dense, or rebuilt
+from a cut checkpoint) with its starting weights, optimizer, scheduler, loss and device.
+Scripts that train or measure like main.py build their parts here."""
+import timm
+import torch
+import torch.backends.cudnn as cudnn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+
+import models
+import utils
+from datasets import build_dataset
+from utils import UsageError
+
+
+def setup_device(args):
+    """(device, amp): AMP only on CUDA; seeds; flush float32 denormals on the CPU."""
+    device = torch.device(args.device)
+    utils.seed_everything(args.seed + utils.get_rank())
+    if device.type == 'cuda':
+        cudnn.benchmark = True
+    else:
+        # masked paths and AdamW's decaying second moments underflow into float32 denormals,
+        # which CPUs multiply about 10x slower (a pruning epoch went from 5 s to 50 s)
+        torch.set_flush_denormal(True)
+    return device, args.amp and device.type == 'cuda'
+
+
+def build_datasets(args):
+    try:
+        dataset_train, nb_classes = build_dataset(is_train=True, args=args)
+        dataset_val, _ = build_dataset(is_train=False, args=args)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e))
+    return dataset_train, dataset_val, nb_classes
+
+
+def build_loaders(args, dataset_train, dataset_val):
+    world, rank = utils.get_world_size(), utils.get_rank()
+    if args.distributed and args.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+        sampler_train = RepeatAugSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True)
+    else:
+        # also in a single process, so that the order of an epoch depends on (seed, epoch) only
+        sampler_train = torch.utils.data.DistributedSampler(
+            dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    if args.distributed and args.dist_eval:
+        sampler_val = utils.ShardSampler(dataset_val, num_replicas=world, rank=rank)
+    else:
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    pin = args.pin_mem and str(args.device).startswith('cuda')
+    loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+        num_workers=args.num_workers, pin_memory=pin, drop_last=True,
+        # not persistent: workers seed from the torch RNG, just reseeded for this epoch, when
+        # the epoch's iterator starts; persistent ones keep the RNG of this process's first
+        # epoch, and a resumed run would augment differently from the uninterrupted one
+        persistent_workers=False)
+    loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
+        num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+    if not args.eval and len(loader_train) < args.grad_accum_steps:
+        raise UsageError(f'the training set gives {len(loader_train)} batches of {args.batch_size} '
+                         f'per process, fewer than --grad-accum-steps {args.grad_accum_steps}')
+    return loader_train, loader_val
+
+
+def steps_per_epoch(args, loader_train) -> int:
+    """Optimizer steps per epoch: the pruning schedule counts these (METHOD.md §6)."""
+    return len(loader_train) // args.grad_accum_steps
+
+
+def model_arch(args, model_path_checkpoint, resume_checkpoint):
+    """The `arch` to rebuild (§7), or None for the dense model: always a --resume checkpoint's,
+    a --model-path one's only with --resize-model-by-checkpoint."""
+    if resume_checkpoint is not None and resume_checkpoint.get('arch') is not None:
+        arch = resume_checkpoint['arch']
+    elif model_path_checkpoint is not None and model_path_checkpoint.get('arch') is not None:
+        if not args.resize_model_by_checkpoint:
+            raise UsageError(f'--model-path {args.model_path} holds a cut model (it has "arch"): '
+                             'add --resize-model-by-checkpoint to rebuild it')
+        arch = model_path_checkpoint['arch']
+    elif args.resize_model_by_checkpoint:
+        raise UsageError('--resize-model-by-checkpoint needs a --model-path with "arch" '
+                         f'(a first_sparse_checkpoint.pth); {args.model_path or "no --model-path"} has none')
+    else:
+        return None
+    dense_depth = arch.get('dense_depth', arch.get('depth'))  # a cut may keep fewer layers
+    if arch.get('family') != args.model or dense_depth != models.CONFIGS[args.model].depth:
+        raise UsageError(f'the checkpoint holds a cut {arch.get("family")} of depth '
+                         f'{dense_depth}, but --model is {args.model}')
+    return arch
+
+
+def build_model(args, nb_classes, resume_checkpoint=None):
+    """The model to train: dense, or the cut architecture stored in a checkpoint, with the
+    weights of --model-path fitted to it (classifier reset, pos_embed resampled)."""
+    kwargs = dict(num_classes=nb_classes, img_size=args.input_size, drop_rate=args.drop,
+                  drop_path_rate=args.drop_path)
+    checkpoint = utils.load_checkpoint_file(args.model_path, '--model-path') if args.model_path else None
+    arch = model_arch(args, checkpoint, resume_checkpoint)
+    model = timm.create_model(args.model, **kwargs) if arch is None else models.build_from_arch(arch, **kwargs)
+    if checkpoint is not None:
+        try:
+            state_dict, notes = models.pretrained_state_dict(model, checkpoint)
+        except ValueError as e:
+            raise UsageError(f'--model-path {args.model_path}: {e}')
+        model.load_state_dict(state_dict)
+        print(f'Loaded weights from {args.model_path}' + ''.join(f'; {n}' for n in notes))
+    return model
+
+
+def wrap(args, device, net):
+    """DDP in a distributed run (its gradients all-reduced), else the module itself."""
+    if not args.distributed:
+        return net
+    return torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[args.gpu] if device.type == 'cuda' else None)
+
+
+def scaled_lr(args) -> float:
+    """DeiT's linear scaling, lr · batch · world · accum / 512 (--lr-soft-head is used as given,
+    as the authors do)."""
+    if args.unscale_lr:
+        return args.lr
+    return args.lr * args.batch_size * utils.get_world_size() * args.grad_accum_steps / 512.0
+
+
+def _optimizer(args, param_groups, lr):
+    kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
+    if args.opt_betas is not None:
+        kwargs['betas'] = args.opt_betas
+    return create_optimizer_v2(param_groups, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                               momentum=args.momentum, **kwargs)
+
+
+def build_optimizer(args, model, lr, extra_param_groups=()):
+    # gates (METHOD.md §2) receive gradients but are set by the pruner only
+    gates = {id(p) for p in model.gate_parameters()}
+    groups = param_groups_weight_decay(model, args.weight_decay, model.no_weight_decay())
+    for g in groups:
+        g['params'] = [p for p in g['params'] if id(p) not in gates]
+    return _optimizer(args, groups + list(extra_param_groups), lr)
+
+
+def check_optimizer_and_scheduler(args):
+    """--opt, --opt-betas and --sched as timm takes them, tried on one parameter before any data
+    is read: timm's registry is the list of names (an unknown one fails late and long)."""
+    def reason(e):
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    try:
+        optimizer = _optimizer(args, [torch.nn.Parameter(torch.zeros(2))], args.lr)
+    except Exception as e:  # timm raises ValueError, AssertionError, IndexError, ImportError ...
+        betas = f' --opt-betas {" ".join(map(str, args.opt_betas))}' if args.opt_betas is not None else ''
+        raise UsageError(f'--opt {args.opt}{betas}: timm cannot build it: {reason(e)}') from None
+    try:
+        build_scheduler(args, optimizer)
+    except Exception as e:
+        raise UsageError(f'--sched {args.sched}: timm cannot build it: {reason(e)}') from None
+
+
+def build_scheduler(args, optimizer):
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs,
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
+        noise_std=args.lr_noise_std)
+    return scheduler
+
+
+def build_criterion(args, nb_classes):
+    """DeiT's loss and mixup: (criterion, mixup_fn or None)."""
+    if not (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None):
+        if args.smoothing > 0.:
+            return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
+        return torch.nn.CrossEntropyLoss(), None
+    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=nb_classes)
+    return SoftTargetCrossEntropy(), mixup_fn  # smoothing is folded into the mixup targets

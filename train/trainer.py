@@ -1,0 +1,194 @@
+"""The trainer of one run: the epoch loop (DeiT's), the cut inside it when a pruner's schedule
+says so (METHOD.md §7), and the one-shot path of a one-shot pruner (SaViT)."""
+import datetime
+import time
+
+import torch
+from timm.utils import ModelEmaV3, NativeScaler
+
+import utils
+from engine import accumulate_scores, evaluate, train_one_epoch
+from pruning import format_summary
+from train import methods
+from train.recipe import build_criterion, build_optimizer, build_scheduler, scaled_lr, wrap
+
+
+class Trainer:
+    """The network (gated and with a pruner's modules while pruning, the cut model after), its
+    optimizer, schedule, EMA and checkpoints. Nothing is built until `start` (the one-shot path
+    trains nothing, so it builds no optimizer, schedule or EMA)."""
+
+    def __init__(self, args, device, amp, model, pruner=None):
+        self.args, self.device, self.amp = args, device, amp
+        self.model, self.pruner = model, pruner
+        self.criterion, self.mixup_fn = build_criterion(args, args.nb_classes)
+        self.lr = scaled_lr(args)
+        # DAP keeps the backbone's rate constant while pruning and after a cut before --epochs,
+        # also when resumed after it (METHOD.md §6); WD-Prune follows DeiT's schedule throughout
+        self.constant_lr = methods.keeps_lr_constant(args.prune_method)
+        self.loss_scaler = NativeScaler(device='cuda') if amp else None
+        self.max_accuracy = 0.0
+        self.run = None
+
+    # ---- the network being trained ------------------------------------------------------------
+    def start(self, checkpoint=None) -> int:
+        """Optimizer, schedule and EMA for the model, restored from a --resume checkpoint;
+        returns the first epoch to train. Called before the run folder is touched, so that a bad
+        --opt or --sched fails first."""
+        self.use(self.model, self.pruner, epoch=0)
+        return self.resume(checkpoint)
+
+    def use(self, model, pruner, epoch):
+        """Train `model` from `epoch` on: DDP wrapper, a new optimizer, DeiT's schedule at that
+        epoch unless the rate is constant, and EMA (EMA of a gated model would average masks as
+        well as weights: it starts after the cut)."""
+        args = self.args
+        self.model, self.pruner = model, pruner
+        self.net = wrap(args, self.device, pruner.module if pruner is not None else model)
+        self.n_parameters = model.num_parameters()
+        print('number of params:', self.n_parameters)
+        extra = pruner.param_groups(self.lr, args.weight_decay) if pruner is not None else ()
+        self.optimizer = build_optimizer(args, model, self.lr, extra)
+        self.lr_scheduler = None
+        if not self.constant_lr:  # a timm scheduler sets the optimizer's rate when it is built
+            self.lr_scheduler = build_scheduler(args, self.optimizer)
+            if epoch > 0:
+                self.lr_scheduler.step(epoch)
+        self.model_ema = None
+        if args.model_ema and pruner is None:
+            self.model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                                        device='cpu' if args.model_ema_force_cpu else None)
+
+    def resume(self, checkpoint) -> int:
+        """The optimizer, schedule, EMA and scaler states of a --resume checkpoint; the next epoch."""
+        if checkpoint is None or 'optimizer' not in checkpoint:
+            return self.args.start_epoch
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        if self.lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:
+            self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        if self.model_ema is not None and checkpoint.get('model_ema') is not None:
+            self.model_ema.module.load_state_dict(checkpoint['model_ema'])
+        if self.loss_scaler is not None and checkpoint.get('scaler'):
+            self.loss_scaler.load_state_dict(checkpoint['scaler'])
+        self.max_accuracy = checkpoint.get('max_accuracy', 0.0)
+        print(f'Resumed from {self.args.resume} at epoch {checkpoint["epoch"] + 1}')
+        return checkpoint['epoch'] + 1
+
+    def attach(self, run):
+        """Where the run writes; a pruner's records go to its pruning_log.jsonl."""
+        self.run = run
+        if self.pruner is not None:
+            self.pruner.on_update = run.log_pruning
+
+    # ---- the epoch loop -----------------------------------------------------------------------
+    def fit(self, loader_train, loader_val, start_epoch, run):
+        args = self.args
+        self.attach(run)
+        self.steps_per_epoch = len(loader_train) // args.grad_accum_steps
+        global_step = start_epoch * self.steps_per_epoch
+        print(f'Start training for {args.epochs} epochs')
+        start_time = time.time()
+        for epoch in range(start_epoch, args.epochs):
+            # an epoch's randomness depends on (seed, epoch, rank) only: resuming repeats it exactly
+            utils.seed_everything(args.seed + 1000 * epoch + utils.get_rank())
+            loader_train.sampler.set_epoch(epoch)
+            train_stats, global_step = train_one_epoch(
+                self.net, self.criterion, loader_train, self.optimizer, self.device, epoch,
+                self.loss_scaler, max_norm=args.clip_grad, model_ema=self.model_ema,
+                mixup_fn=self.mixup_fn, accum_steps=args.grad_accum_steps, amp=self.amp,
+                print_freq=args.print_freq, writer=run.writer, pruner=self.pruner,
+                global_step=global_step, set_training_mode=args.train_mode,
+                count_unreadable=args.skip_bad_images)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step(epoch + 1)
+            if self.pruner is not None and epoch + 1 == self.pruner.schedule.finalize_epoch:
+                cut, test_stats = self.cut(loader_val, epoch)
+                self.use(cut, None, epoch + 1)  # training goes on with the cut model
+            else:
+                test_stats = self.evaluate(loader_val)
+            print(f'Accuracy of the network on the {len(loader_val.dataset)} test images: {test_stats["acc1"]:.1f}%')
+            self.end_epoch(epoch, train_stats, test_stats)
+        print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+        print(f'[rank {utils.get_rank()}] parameter digest {utils.parameter_digest(self.model)}',
+              flush=True, **({'force': True} if args.distributed else {}))
+        run.close()
+        return {'max_accuracy': self.max_accuracy}
+
+    def evaluate(self, loader_val, model=None):
+        """The model's accuracy (with a pruner, also its auxiliary heads')."""
+        if model is None:
+            model = self.pruner.module if self.pruner is not None else self.model
+        return evaluate(loader_val, model, self.device, amp=self.amp, print_freq=self.args.print_freq,
+                        count_unreadable=self.args.skip_bad_images)
+
+    def end_epoch(self, epoch, train_stats, test_stats):
+        """DeiT's log.txt line, checkpoint.pth (with the pruner's state while pruning) and
+        best_checkpoint.pth. The log line comes first: a checkpoint records how many lines each
+        log had when it was saved, and a run that continues from it cuts them back to that."""
+        self.run.log({**{f'train_{k}': v for k, v in train_stats.items()},
+                      **{f'test_{k}': v for k, v in test_stats.items()},
+                      'epoch': epoch, 'n_parameters': self.n_parameters}, epoch)
+        ckpt = {
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            'epoch': epoch,
+            'scaler': self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
+            'args': vars(self.args),
+            'max_accuracy': max(self.max_accuracy, test_stats['acc1']),
+            'steps_per_epoch': self.steps_per_epoch,
+            'log_lines': dict(self.run.lines),
+        }
+        if self.model_ema is not None:
+            ckpt['model_ema'] = self.model_ema.module.state_dict()
+        if self.model.is_cut:
+            ckpt['arch'] = self.model.arch()
+        if self.pruner is not None:
+            ckpt['pruner'] = self.pruner.state_dict()
+        self.run.save('checkpoint.pth', ckpt)
+        if test_stats['acc1'] > self.max_accuracy:
+            self.max_accuracy = test_stats['acc1']
+            self.run.save('best_checkpoint.pth', ckpt)
+        print(f'Max accuracy: {self.max_accuracy:.2f}%')
+
+    # ---- the cut ------------------------------------------------------------------------------
+    def cut(self, loader_val, epoch):
+        """METHOD.md §7: binarise, cut, report, measure the cut model and write
+        first_sparse_checkpoint.pth; (cut model, its test stats)."""
+        args, model = self.args, self.model
+        params_before = model.num_parameters()
+        flops_before = utils.count_flops(model, args.input_size, self.device)
+        cut, rows = self.pruner.finalize()
+        params_after = cut.num_parameters()
+        flops_after = utils.count_flops(cut, args.input_size, self.device)
+        print(format_summary(rows, flops_before, flops_after, params_before, params_after))
+        summary = {'event': 'finalize', 'method': args.prune_method, 'epoch': epoch, 'sub_blocks': rows,
+                   'params_dense': params_before, 'params_cut': params_after,
+                   'flops_dense': flops_before, 'flops_cut': flops_after,
+                   'depth': cut.depth, 'embed_dim': cut.embed_dim}
+        self.run.log_pruning(summary)
+        print('Accuracy of the cut model:')
+        test_stats = self.evaluate(loader_val, cut)
+        self.run.save('first_sparse_checkpoint.pth', {
+            'model': cut.state_dict(), 'arch': cut.arch(), 'args': vars(args), 'epoch': epoch,
+            'acc1': test_stats['acc1'], 'summary': summary})
+        return cut, test_stats
+
+    def prune_one_shot(self, loader_train, loader_val, run):
+        """A one-shot pruner (SaViT, docs/BASELINES.md): scores over a share of an epoch without
+        weight updates, its calibration, the cut. Fine-tuning is the second command."""
+        args, pruner = self.args, self.pruner
+        self.attach(run)
+        steps = pruner.score_batches(len(loader_train))
+        print(f'{args.prune_method}: scores over {steps} of {len(loader_train)} training batches')
+        loader_train.sampler.set_epoch(0)
+        accumulate_scores(wrap(args, self.device, pruner.module), self.criterion, loader_train, self.device,
+                          pruner, steps, amp=self.amp, mixup_fn=self.mixup_fn, print_freq=args.print_freq,
+                          set_training_mode=args.train_mode)
+        batches = ((x.to(self.device), y.to(self.device)) for x, y in loader_train)
+        pruner.calibrate(batches, torch.nn.CrossEntropyLoss())
+        cut, test_stats = self.cut(loader_val, 0)
+        run.log({**{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': 0,
+                 'n_parameters': cut.num_parameters()}, 0)
+        run.close()
+        return {'max_accuracy': test_stats['acc1']}
