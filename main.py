@@ -5,6 +5,8 @@ Runs as a single process, under `torchrun` and under `python -m torch.distribute
 schedule says so), save. What it is made of lives in train/ (docs/ARCHITECTURE.md); the method
 itself in pruning/ and models/.
 """
+import errno
+import signal
 import sys
 
 import utils
@@ -56,7 +58,7 @@ def run(args):
 
     if args.eval:
         print('number of params:', model.num_parameters())
-        test_stats = trainer.evaluate(loader_val)
+        test_stats = trainer.evaluate_only(loader_val)
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
         return test_stats
     one_shot = pruner is not None and pruner.one_shot
@@ -69,18 +71,37 @@ def run(args):
     return trainer.fit(loader_train, loader_val, start_epoch, run)
 
 
+def stop(signum, frame):
+    raise utils.RunStopped(signum)
+
+
 def cli(argv=None):
+    """main.py as a command: every way a run ends early is one line on stderr and an exit status
+    (2 bad input, 1 the run failed, 128 + N signal N)."""
     parser = ArgumentParser('DeiT training, Depth Aware Pruning and evaluation script',
                             parents=[get_args_parser()])
     args = parser.parse_args(argv)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     try:
         main(args)
     except UsageError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(2)
-    except (utils.NonFiniteLossError, UnreadableImageError) as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(1)
+        fail(f'error: {e}', 2)
+    except (utils.NonFiniteLossError, UnreadableImageError, utils.DiskFullError) as e:
+        fail(f'error: {e}', 1, every_process=True)  # may happen on one process only
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail(f'error: the disk is full: {e.filename or "a file"} could not be written', 1)
+    except utils.RunStopped as e:
+        fail(f'stopped by {signal.Signals(e.signum).name}' + (f' {e.where}' if e.where else ''), 128 + e.signum)
+
+
+def fail(line, status, every_process=False):
+    """One line on stderr (from rank 0 only in a distributed run, unless `every_process`)."""
+    force = {'force': True} if every_process and utils.is_dist_avail_and_initialized() else {}
+    print(line, file=sys.stderr, flush=True, **force)
+    sys.exit(status)
 
 
 if __name__ == '__main__':

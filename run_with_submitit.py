@@ -17,6 +17,7 @@ is how the tests run it on the CPU: `--device cpu --ngpus N` starts N CPU tasks 
 """
 import copy
 import os
+import shutil
 import sys
 import uuid
 from contextlib import contextmanager
@@ -124,7 +125,13 @@ def submit(args):
     checked = validate(argparse_copy(args, device='cpu'))
     if '%j' not in checked.output_dir:
         check_run_dir(checked)
-    executor = submitit.AutoExecutor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
+    if args.cluster == 'slurm' and shutil.which('srun') is None:
+        raise UsageError('--cluster slurm: this machine has no SLURM (no srun on PATH): submit from a '
+                         'login node, or run here with --cluster local')
+    try:
+        executor = submitit.AutoExecutor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
+    except RuntimeError as e:  # submitit found no cluster it knows
+        raise UsageError(f'--cluster {args.cluster or "auto"}: {e}') from None
     if executor.cluster == 'local' and args.nodes != 1:
         raise UsageError(f'--cluster local runs on this machine only: --nodes 1, not {args.nodes}')
     on_cpu = args.device == 'cpu'

@@ -1,5 +1,6 @@
 """Distributed set-up, metric logging and checkpoint input / output (DeiT's utils.py, device-agnostic)."""
 import datetime
+import errno
 import glob
 import hashlib
 import os
@@ -21,6 +22,20 @@ class UsageError(Exception):
 
 class NonFiniteLossError(Exception):
     """The training loss became NaN or infinite."""
+
+
+class DiskFullError(Exception):
+    """A checkpoint or log could not be written: the disk is full or over quota."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the run stops where it is. A KeyboardInterrupt, so that
+    DataLoader workers (which inherit the handler) stop as quietly as on Ctrl-C; `where` is
+    filled in by whoever knows where the run stood."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.where = signum, None
 
 
 # ---- distributed --------------------------------------------------------------------------
@@ -53,24 +68,53 @@ def setup_for_distributed(is_master):
     __builtin__.print = print
 
 
+def _whole_env(name, default=None):
+    if name not in os.environ and default is not None:
+        return default
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise UsageError(f'the environment sets {name}={os.environ[name]!r}, not a whole number') from None
+
+
+def distributed_env(dist_url='env://'):
+    """(rank, world_size, local_rank) from torchrun / `launch --use_env` (RANK, WORLD_SIZE,
+    LOCAL_RANK) or SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); None for a single
+    process. UsageError for an environment that cannot make a distributed run."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        rank, world, local = _whole_env('RANK'), _whole_env('WORLD_SIZE'), _whole_env('LOCAL_RANK', 0)
+        how = 'RANK and WORLD_SIZE are set'
+    elif 'SLURM_PROCID' in os.environ and _whole_env('SLURM_NTASKS', 1) > 1:
+        rank, world = _whole_env('SLURM_PROCID'), _whole_env('SLURM_NTASKS')
+        local = _whole_env('SLURM_LOCALID', rank % max(torch.cuda.device_count(), 1))
+        how = f'SLURM_NTASKS={world} (a SLURM allocation of {world} tasks; start them with srun)'
+    else:
+        return None
+    if not (world >= 1 and 0 <= rank < world and local >= 0):
+        raise UsageError(f'the environment sets rank {rank} of world size {world} (local rank {local}): '
+                         'not a process of that world')
+    if dist_url == 'env://':
+        missing = [k for k in ('MASTER_ADDR', 'MASTER_PORT') if not os.environ.get(k)]
+        if missing:
+            raise UsageError(f'{how}, but {" and ".join(missing)} {"is" if len(missing) == 1 else "are"} '
+                             'not: start with torchrun, set them, or pass --dist_url')
+        _whole_env('MASTER_PORT')
+    return rank, world, local
+
+
 def init_distributed_mode(args):
     """Set args.distributed / rank / world_size / gpu from torchrun, `launch --use_env` or SLURM.
 
-    nccl on CUDA, gloo on CPU.
+    nccl on CUDA, gloo on CPU. The rendezvous and every collective wait at most
+    --dist-timeout seconds; a rendezvous that cannot complete is one line, not a hang.
     """
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        args.rank = int(os.environ['RANK'])
-        args.world_size = int(os.environ['WORLD_SIZE'])
-        args.gpu = int(os.environ.get('LOCAL_RANK', 0))
-    elif 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', 1)) > 1:
-        args.rank = int(os.environ['SLURM_PROCID'])
-        args.world_size = int(os.environ['SLURM_NTASKS'])
-        args.gpu = int(os.environ.get('SLURM_LOCALID', args.rank % max(torch.cuda.device_count(), 1)))
-    else:
+    found = distributed_env(args.dist_url)
+    if found is None:
         print('Not using distributed mode')
         args.distributed = False
         args.rank, args.world_size, args.gpu = 0, 1, 0
         return
+    args.rank, args.world_size, args.gpu = found
     args.distributed = True
     on_cuda = str(args.device).startswith('cuda')
     if on_cuda:
@@ -78,10 +122,20 @@ def init_distributed_mode(args):
     args.dist_backend = 'nccl' if on_cuda else 'gloo'
     print(f'| distributed init (rank {args.rank}): {args.dist_url}, backend {args.dist_backend}',
           flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=30))
-    dist.barrier()
+    where = args.dist_url if args.dist_url != 'env://' else \
+        f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]}'
+    try:
+        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                                world_size=args.world_size, rank=args.rank,
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+        dist.barrier()
+    except (RuntimeError, ValueError) as e:  # torch's DistStoreError, DistNetworkError, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        timed_out = isinstance(e, getattr(dist, 'DistStoreError', ())) or 'timed out' in reason.lower() \
+            or 'timeout' in reason.lower()
+        what = f'did not complete within --dist-timeout {args.dist_timeout:g} s' if timed_out else 'failed'
+        raise UsageError(f'the rendezvous of {args.world_size} processes at {where} {what} '
+                         f'(this is rank {args.rank}): {reason}') from None
     setup_for_distributed(args.rank == 0)
 
 
@@ -218,6 +272,14 @@ def save_on_master(obj, path):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a short write as "unexpected pos …", without an errno
+        short = any(m in str(e) for m in ('unexpected pos', 'file write failed'))
+        if getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or short:
+            kept = f'the previous {os.path.basename(path)} is kept, complete' if os.path.exists(path) \
+                else f'no {os.path.basename(path)} was written before'
+            raise DiskFullError(f'the disk is full: {path} could not be written; {kept}') from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -226,6 +288,43 @@ def save_on_master(obj, path):
             os.remove(stale)
         except FileNotFoundError:
             pass
+
+
+# ---- what scripts read and write ---------------------------------------------------------
+def read_log(path, keys=()) -> list:
+    """The records of a log.txt or pruning_log.jsonl (a JSON object a line). A line that is not
+    one (the last line of a killed run is often cut short) or that lacks one of `keys` is
+    skipped, with a warning on stderr naming the file and line."""
+    import json
+    import sys
+    records = []
+    with open(path, errors='replace') as f:
+        text = f.read()
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # cut short, or nested beyond Python's limit
+            record = None
+        missing = [k for k in keys if k not in record] if isinstance(record, dict) else None
+        if missing is None or missing:
+            what = f'lacks {", ".join(missing)}' if missing else 'is not a complete JSON record'
+            print(f'warning: {path} line {n} {what}: skipped', file=sys.stderr)
+            continue
+        records.append(record)
+    return records
+
+
+def prepare_out(path, flag='--out'):
+    """The folder of an output file exists (made if needed); UsageError if it cannot be."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f'{flag} {path}: cannot write there: {e.strerror or e}') from None
+    if os.path.isdir(path):
+        raise UsageError(f'{flag} {path} is a folder, not a file name')
 
 
 def is_url(path: str) -> bool:

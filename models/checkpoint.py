@@ -48,3 +48,76 @@ def pretrained_state_dict(model: torch.nn.Module, checkpoint: Dict) -> Tuple[Dic
     if problem:
         raise ValueError(f'checkpoint does not fit the model: {problem}')
     return sd, notes
+
+
+def _whole(value, low, high=None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low \
+        and (high is None or value <= high)
+
+
+def _indices(value, dim):
+    """A kept-dims list: None (all) or distinct ints in [0, dim)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(_whole(i, 0, dim - 1) for i in value):
+        return f'a list of dims in 0 … {dim - 1}'
+    return 'dims listed twice' if len(set(value)) != len(value) else None
+
+
+def _sub_block_problem(kind, sub, D, E, H, hidden):
+    """What is wrong with one sub-block's entry of a cut model's `arch`, or None: dims index the
+    model's residual width D; widths are bounded by the family's (width E, H heads, MLP hidden):
+    SaViT narrows D and keeps head_dim, align_widths pads widths up."""
+    if sub is None:
+        return None
+    if not isinstance(sub, dict):
+        return f'is a {type(sub).__name__}, not a dict or None'
+    for key in ('in_idx', 'out_idx'):
+        problem = _indices(sub.get(key), D)
+        if problem:
+            return f'{key} must be None or {problem}'
+    widths = {'attn': (('num_heads', H), ('head_dim', E)), 'mlp': (('hidden_features', hidden),)}[kind]
+    for key, most in widths:
+        if not _whole(sub.get(key), 1, most):
+            return f'{key} must be a whole number in 1 … {most}, got {sub.get(key)!r}'
+    return None
+
+
+def check_arch(arch) -> None:
+    """ValueError naming what makes `arch` (a cut model's description, read from a file) unfit
+    to build: its types, and widths and depth beyond its dense family's, so that nothing absurd
+    is allocated. Deployment copies (`deploy`, `align_widths`) stay within these bounds."""
+    from . import CONFIGS  # the registered families (models/__init__.py)
+    if not isinstance(arch, dict):
+        raise ValueError(f'arch is a {type(arch).__name__}, not a dict')
+    family = arch.get('family')
+    if family not in CONFIGS:
+        raise ValueError(f'arch names the family {family!r}, which is not a registered model')
+    cfg = CONFIGS[family]
+    hidden = 8 * cfg.embed_dim  # twice the dense MLP (mlp_ratio 4 in every family): room for padding
+    checks = (('patch_size', cfg.patch_size, cfg.patch_size), ('in_chans', 1, 4),
+              ('img_size', cfg.patch_size, 16 * cfg.img_size), ('num_classes', 0, 100_000),
+              ('embed_dim', 1, cfg.embed_dim), ('depth', 1, cfg.depth), ('num_heads', 1, cfg.num_heads))
+    for key, low, high in checks:
+        if not _whole(arch.get(key), low, high):
+            raise ValueError(f'arch {key} must be a whole number in {low} … {high} for {family}, '
+                             f'got {arch.get(key)!r}')
+    if arch.get('dense_depth', cfg.depth) != cfg.depth:
+        raise ValueError(f'arch dense_depth must be {cfg.depth} for {family}, got {arch.get("dense_depth")!r}')
+    if arch.get('mlp_ratio') != 4 or not isinstance(arch.get('qkv_bias'), bool):
+        raise ValueError(f'arch mlp_ratio must be 4 and qkv_bias true or false, got '
+                         f'{arch.get("mlp_ratio")!r} and {arch.get("qkv_bias")!r}')
+    scale = arch.get('attn_scale')
+    if scale is not None and not (isinstance(scale, float) and 0 < scale <= 1):
+        raise ValueError(f'arch attn_scale must be None or in (0, 1], got {scale!r}')
+    blocks = arch.get('blocks')
+    if not isinstance(blocks, list) or len(blocks) != arch['depth']:
+        raise ValueError(f'arch blocks must be a list of depth {arch["depth"]} entries')
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            raise ValueError(f'arch blocks[{i}] is a {type(block).__name__}, not a dict')
+        for kind in ('attn', 'mlp'):
+            problem = _sub_block_problem(kind, block.get(kind), arch['embed_dim'], cfg.embed_dim,
+                                         cfg.num_heads, hidden)
+            if problem:
+                raise ValueError(f'arch blocks[{i}].{kind} {problem}')

@@ -459,7 +459,10 @@ class VisionTransformer(nn.Module):
 
 def build_from_arch(arch: Dict, **kwargs) -> VisionTransformer:
     """Rebuild a (possibly cut) model from `model.arch()`; kwargs set dropout rates and may
-    override `img_size` and `num_classes`."""
+    override `img_size` and `num_classes`. An `arch` read from a file is checked first
+    (`check_arch`: ValueError before anything is allocated)."""
+    from .checkpoint import check_arch
+    check_arch(arch)
     return VisionTransformer(
         img_size=kwargs.pop('img_size', arch['img_size']), patch_size=arch['patch_size'],
         in_chans=arch['in_chans'], num_classes=kwargs.pop('num_classes', arch['num_classes']),

@@ -17,13 +17,10 @@ A pruner's records (returned by `step`, and passed to `on_update`) are plain dic
 pruning_log.jsonl that also carry the scalars they want in TensorBoard (`Record.scalars`).
 """
 import abc
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-
-if TYPE_CHECKING:
-    from .schedule import PruneSchedule
 
 
 class ConfigError(ValueError):
@@ -71,7 +68,7 @@ class PrunerModule(nn.Module):
 class Pruner(abc.ABC):
     """The pruner protocol, with the defaults of a method that needs nothing more."""
     module: PrunerModule               # forward(x) -> (logits, aux); forward_eval(x) for evaluate
-    schedule: Optional['PruneSchedule']  # when the cut comes (`finalize_epoch`); None for one-shot
+    schedule: Optional['PruneSchedule']  # schedule.py: when the cut comes (`finalize_epoch`); None for one-shot
     one_shot: bool = False            # scores without weight updates, then the cut (SaViT)
     follows_lr_schedule: bool = False  # the backbone keeps DeiT's schedule while pruning
     on_update: Optional[Callable[[Record], None]] = None

@@ -63,6 +63,10 @@ class PruneConfig:
     # kept widths of every gate a multiple of this (or whole): 8 keeps GPU tensor cores busy
     # (README, "Benchmarks"); 1 is the paper's method
     round_to: int = 8
+    # the authors' optimizer also trains the gates (AdamW, no weight decay, the backbone's
+    # learning rate) between mask updates, through a flag read on the wrong object (README,
+    # departures); METHOD.md §2 sets them by the pruner only, the default here
+    train_gates: bool = False
 
     def __post_init__(self):
         if not 0 < self.prune_ratio < 1:
@@ -76,6 +80,13 @@ class PruneConfig:
         for name in ('bpi_width_div', 'bpi_grid'):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f'must be at least 1, got {getattr(self, name)}')
+        for name in ('gamma', 'alpha'):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, f'must be in [0, 1], got {getattr(self, name)}')
+        if self.block_imp_scale <= 0:
+            raise ConfigError('block_imp_scale', f'must be above 0, got {self.block_imp_scale}')
+        if self.head_lr < 0:
+            raise ConfigError('head_lr', f'must not be negative, got {self.head_lr}')
         if self.round_to < 1:
             raise ConfigError('round_to', f'must be at least 1, got {self.round_to}')
         if not 0 < self.bpi_fraction <= 1:
@@ -83,6 +94,8 @@ class PruneConfig:
         unknown = [n for n in self.gate_scale if n not in GATE_NAMES]
         if unknown:
             raise ConfigError('gate_scale', f'names unknown gates {unknown}; gates are {", ".join(GATE_NAMES)}')
+        if not all(v > 0 for v in self.gate_scale.values()):
+            raise ConfigError('gate_scale', f'factors must be above 0, got {self.gate_scale}')
         if self.keep_ratio_handcraft is not None and self.method != 'block_pr':
             raise ConfigError('keep_ratio_handcraft', f'replaces block_pr\'s κ, not {self.method}\'s')
         if self.keep_ratio_handcraft is not None and not all(0 <= k <= 1 for k in self.keep_ratio_handcraft):
@@ -141,13 +154,18 @@ class DepthAwarePruner(Pruner):
 
     # ---- hooks for the training loop ----------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
-        """The ΔΨ heads' parameters, at their own learning rate (§3), not the backbone's."""
-        if self.heads is None:
-            return []
-        decay = [p for p in self.heads.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.heads.parameters() if p.ndim <= 1]
-        return [{'params': decay, 'lr': self.cfg.head_lr, 'weight_decay': weight_decay},
-                {'params': no_decay, 'lr': self.cfg.head_lr, 'weight_decay': 0.}]
+        """The ΔΨ heads' parameters, at their own learning rate (§3), not the backbone's; with
+        `train_gates`, the gates too, at the backbone's `lr` without weight decay (the authors'
+        runs; every mask update still overwrites them)."""
+        groups = []
+        if self.heads is not None:
+            decay = [p for p in self.heads.parameters() if p.ndim > 1]
+            no_decay = [p for p in self.heads.parameters() if p.ndim <= 1]
+            groups += [{'params': decay, 'lr': self.cfg.head_lr, 'weight_decay': weight_decay},
+                       {'params': no_decay, 'lr': self.cfg.head_lr, 'weight_decay': 0.}]
+        if self.cfg.train_gates:
+            groups.append({'params': list(self._gate_params.values()), 'lr': lr, 'weight_decay': 0.})
+        return groups
 
     def aux_loss(self, aux, targets, criterion) -> torch.Tensor:
         """All 4·2L head losses, unweighted; records ΔΨ from the prune start step on (§3)."""

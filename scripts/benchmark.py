@@ -26,7 +26,8 @@ import models  # noqa: E402
 import timm  # noqa: E402
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
 from models import state_dict_mismatch  # noqa: E402
-from utils import UsageError, count_flops, load_checkpoint_file, synchronize  # noqa: E402
+from train.validate import check_device  # noqa: E402
+from utils import UsageError, count_flops, load_checkpoint_file, prepare_out, synchronize  # noqa: E402
 
 
 def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr', round_to=None):
@@ -220,8 +221,27 @@ def report(res, variants, args):
               f'{r["flops_ideal_speedup"]:.2f}x ({r["speedup_vs_ideal"]:.2f} of ideal)')
 
 
+def check_args(args):
+    """The numbers in their ranges and --json writable, before anything is built or timed."""
+    if not 0 < args.prune_ratio < 1:
+        raise UsageError(f'--prune-ratio must be in (0, 1), got {args.prune_ratio}')
+    for flag, value, least in (('--iters', args.iters, 1), ('--warmup', args.warmup, 0),
+                               ('--batch-size', args.batch_size, 1), ('--num-classes', args.num_classes, 1),
+                               ('--align', args.align, 0), ('--prune-round-to', args.prune_round_to, 1),
+                               ('--input-size', args.input_size, 1)):
+        if value is not None and value < least:
+            raise UsageError(f'{flag} must be at least {least}, got {value}')
+    check_device(args.device)
+    if args.json:
+        prepare_out(args.json, '--json')
+
+
 def main(argv=None):
     args = get_args(argv)
+    try:
+        check_args(args)
+    except UsageError as e:
+        sys.exit(f'error: {e}')
     device = torch.device(args.device)
     if device.type == 'cpu':  # as main.py: float32 denormals multiply ~10x slower on CPUs
         torch.set_flush_denormal(True)

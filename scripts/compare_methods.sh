@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-output/compare}
-METHODS=${METHODS:-block_pr block_pr_cumulative uniform global wdprune savit}
+METHODS=${METHODS:-block_pr block_pr_cumulative block_pr_train_gates uniform global wdprune savit}
 RATIOS=${RATIOS:-0.5 0.75}
 SEEDS=${SEEDS:-0 1 2}
 PRUNE_EPOCHS=${PRUNE_EPOCHS:-10}
@@ -32,6 +32,7 @@ DAP_SCHEDULE="--prune-start-epoch 2 --prune-sparse-epoch 6 --prune-steps-update-
 declare -A EXTRA=(
   [block_pr]="--prune-method block_pr $DAP_SCHEDULE"
   [block_pr_cumulative]="--prune-method block_pr --prune-taylor-window cumulative $DAP_SCHEDULE"
+  [block_pr_train_gates]="--prune-method block_pr --prune-train-gates $DAP_SCHEDULE"
   [uniform]="--prune-method uniform $DAP_SCHEDULE"
   [global]="--prune-method global $DAP_SCHEDULE"
   [wdprune]="--prune-method wdprune --wdprune-lr 0.05 --classifiers 6 9"

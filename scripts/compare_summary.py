@@ -9,11 +9,16 @@ The figure shows the keep ratio κ each method gave each sub-block (mean over se
 the `finalize` record of every pruning run's pruning_log.jsonl.
 """
 import argparse
-import json
+import os
 import statistics
+import sys
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import read_log  # noqa: E402
+
 NAMES = {'block_pr': 'DAP', 'block_pr_cumulative': 'DAP, cumulative Taylor',
+         'block_pr_train_gates': 'DAP, gates trained (authors)',
          'uniform': 'DAP, uniform κ', 'global': 'DAP, global threshold',
          'wdprune': 'WD-Prune', 'savit': 'SaViT'}
 
@@ -22,16 +27,15 @@ def last_acc(log_txt: Path):
     """test_acc1 of the last epoch in a log.txt, or None."""
     if not log_txt.is_file():
         return None
-    lines = [line for line in log_txt.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1])['test_acc1'] if lines else None
+    rows = read_log(log_txt, keys=('test_acc1',))
+    return rows[-1]['test_acc1'] if rows else None
 
 
 def finalize_record(run: Path):
     path = run / 'prune' / 'pruning_log.jsonl'
     if not path.is_file():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return next((r for r in reversed(records) if r.get('event') == 'finalize'), None)
+    return next((r for r in reversed(read_log(path)) if r.get('event') == 'finalize'), None)
 
 
 def collect(out: Path):
@@ -114,7 +118,9 @@ def plot_over_time(out: Path, path, run='block_pr_pr0.5'):
     log = next(iter(sorted(out.glob(f'seed*/{run}/prune/pruning_log.jsonl'))), None)
     if log is None:
         return None
-    updates = [r for r in map(json.loads, log.read_text().splitlines()) if 'step' in r]
+    updates = [r for r in read_log(log) if 'step' in r]
+    if not updates:
+        return None
     epochs = [r['epoch'] for r in updates]
     n = len(updates[0]['goal_keep_ratio'])
     fig, axes = plt.subplots(2, 2, figsize=(11, 6), sharex=True)
@@ -142,6 +148,8 @@ def main(argv=None):
     parser.add_argument('--figure', default=None, help='write the κ figure here')
     parser.add_argument('--figure-dap', default=None, help='write DAP\'s ΔΨ and κ over time here')
     args = parser.parse_args(argv)
+    if not Path(args.out).is_dir():
+        sys.exit(f'error: {args.out} is not a folder of runs (scripts/compare_methods.sh writes output/compare)')
     runs, dense = collect(Path(args.out))
     header, rows = table(runs, dense)
     if args.markdown:

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 import timm  # noqa: E402
 from models import state_dict_mismatch  # noqa: E402
-from utils import UsageError, load_checkpoint_file  # noqa: E402
+from utils import UsageError, load_checkpoint_file, prepare_out  # noqa: E402
 
 
 def load_model(path, model_name=None):
@@ -76,6 +76,9 @@ def main(argv=None):
     p.add_argument('--deploy-batch', type=int, default=32)
     args = p.parse_args(argv)
     try:
+        if args.deploy_batch < 1:
+            raise UsageError(f'--deploy-batch must be at least 1, got {args.deploy_batch}')
+        prepare_out(args.out)
         model = load_model(args.checkpoint, args.model).eval()
     except UsageError as e:
         sys.exit(f'error: {e}')

@@ -7,13 +7,13 @@ then kept parameters and FLOPs per image; a run that is missing or unfinished sh
 Layout read: ROOT/DATASET/MODEL/deit/log.txt (unpruned) and
 ROOT/DATASET/MODEL/METHOD_prPR/{prune/first_sparse_checkpoint.pth, finetune/log.txt}.
 """
-import json
+import functools
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import UsageError, load_checkpoint_file  # noqa: E402
+from utils import UsageError, load_checkpoint_file, read_log  # noqa: E402
 
 DATASETS = ('IFOOD', 'INAT19')
 RATIOS = (0.5, 0.75)
@@ -40,7 +40,7 @@ def best_top1(log_txt: Path):
     """(best test_acc1, n_parameters of the last epoch) of a log.txt, or None."""
     if not log_txt.is_file():
         return None
-    rows = [json.loads(x) for x in log_txt.read_text().splitlines() if x.strip()]
+    rows = read_log(log_txt, keys=('test_acc1', 'n_parameters'))
     return (max(r['test_acc1'] for r in rows), rows[-1]['n_parameters']) if rows else None
 
 
@@ -55,7 +55,7 @@ def cut_summary(ckpt: Path):
     return summary
 
 
-def cell(root: Path, dataset, model, method, ratio):
+def cell(root: Path, dataset, model, method, ratio, best_top1=best_top1):
     """'ours / paper' top-1 and 'params, FLOPs' of one cell."""
     paper = PAPER.get((model, method), {})
     paper = paper.get(dataset) if method == 'deit' else paper.get((dataset, ratio))
@@ -76,17 +76,20 @@ def cell(root: Path, dataset, model, method, ratio):
 
 def make_table(root) -> str:
     root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f'{root} is not a folder of runs (scripts/reproduce_table.sh writes output/table)')
     cols = [(d, r) for d in DATASETS for r in RATIOS]
     head = '| model | method | ' + ' | '.join(f'{d} pr={int(r * 100)}% top-1 (ours / paper) | {d} pr={int(r * 100)}% params, FLOPs'
                                             for d, r in cols) + ' |'
     lines = [head, '|' + '---|' * (2 + 2 * len(cols))]
+    best = functools.lru_cache(maxsize=None)(best_top1)  # a dense run fills two cells: read it once
     for model, model_name in MODELS:
         first = True
         for method, method_name in METHODS:
             if method in OPTIONAL and not any((root / d / model / f'{method}_pr{r}').is_dir()
                                               for d, r in cols):
                 continue
-            cells = [x for d, r in cols for x in cell(root, d, model, method, r)]
+            cells = [x for d, r in cols for x in cell(root, d, model, method, r, best)]
             lines.append(f'| {model_name if first else ""} | {method_name} | ' + ' | '.join(cells) + ' |')
             first = False
     return '\n'.join(lines)

@@ -7,7 +7,7 @@ one curve per chosen epoch, each divided by its largest magnitude (METHOD.md §3
         --epochs 1 2 4 --out fig/BlockPerformance_overTrainingEpochs.png
 """
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +18,13 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import UsageError, prepare_out, read_log  # noqa: E402
+
 
 def read_updates(path):
     """The mask-update records (not the finalize summary) of a pruning_log.jsonl."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in records if 'step' in r and r.get('window', 1) > 0]
+    return [r for r in read_log(path) if 'step' in r and r.get('window', 1) > 0]
 
 
 def pick(updates, epochs, n_default=4):
@@ -78,6 +80,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not Path(args.log).is_file():
         sys.exit(f'error: {args.log} does not exist')
+    try:
+        prepare_out(args.out)
+    except UsageError as e:
+        sys.exit(f'error: {e}')
     updates = read_updates(args.log)
     if not updates:
         sys.exit(f'error: {args.log} has no mask update with ΔΨ')

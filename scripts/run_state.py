@@ -20,9 +20,13 @@ def run_state(output_dir: str) -> str:
     checkpoint = os.path.join(output_dir, 'checkpoint.pth')
     if not os.path.isfile(checkpoint):
         return 'done' if os.path.isfile(os.path.join(output_dir, 'first_sparse_checkpoint.pth')) else 'new'
-    from utils import load_checkpoint_file  # torch only where there is a checkpoint to read
+    from utils import UsageError, load_checkpoint_file  # torch only where there is a checkpoint to read
     ckpt = load_checkpoint_file(checkpoint, '--resume')
-    if ckpt['epoch'] + 1 >= ckpt['args']['epochs']:
+    saved = ckpt.get('args')
+    epochs = saved.get('epochs') if isinstance(saved, dict) else None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (ckpt.get('epoch'), epochs)):
+        raise UsageError(f'{checkpoint} records no whole "epoch" and "args" epochs: not a checkpoint of main.py')
+    if ckpt['epoch'] + 1 >= epochs:
         return 'done'
     return f'resume {checkpoint}'
 

@@ -314,6 +314,12 @@ def test_after_a_cut_before_the_end_the_rate_stays_and_resume_is_exact(tmp_path)
     stopped = tmp_path / 'stopped'
     check_ok(run_cli([*args, '--epochs', '2', '--output_dir', stopped], tmp_path))
     assert 'arch' in load(stopped / 'checkpoint.pth') and 'pruner' not in load(stopped / 'checkpoint.pth')
+    # without the pruning flags the rate would follow DeiT's schedule: refused
+    fine_tune = ['--input-size', '16', '--no-model-ema', '--epochs', '4', '--output_dir', stopped]
+    proc = run_cli([*fine_tune, '--resume', stopped / 'checkpoint.pth'], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f'error: --resume {stopped / "checkpoint.pth"} continues a run of --prune-method block_pr (after its '
+        'cut), not none: repeat its flags'], proc.stderr
     resumed = check_ok(run_cli([*args, '--epochs', '4', '--output_dir', stopped,
                                 '--resume', stopped / 'checkpoint.pth'], tmp_path))
     digest = [line for line in full.stdout.splitlines() if 'parameter digest' in line]

@@ -888,3 +888,34 @@ def test_round_to_keeps_widths_in_multiples_and_the_budget(method, round_to):
     assert sum(record['kept_params']) == pytest.approx(pruner.budget, rel=0.01)
     _, plain = pruner_with_random_scores(method, 0.5, seed=3)
     assert plain.update_masks(step=0, tau=0.1)['kept_params'] != record['kept_params']
+
+
+# ---------------------------------------------------------------- the authors' drifting gates (README, departures)
+
+@pytest.mark.parametrize('train_gates', [False, True])
+def test_train_gates_moves_the_gates_between_updates_only_when_asked(train_gates):
+    """--prune-train-gates: AdamW moves the gates at every step (the authors' runs); without it
+    an optimizer step never touches them (§2). Either way the cut meets the budget."""
+    schedule = PruneSchedule(steps_per_epoch=4, start_epoch=0, sparse_epoch=1, finalize_epoch=2,
+                             steps_update_mask=3)
+    model, pruner, opt = gated_with_optimizer(schedule=schedule,
+                                              config=PruneConfig(prune_ratio=0.5, train_gates=train_gates))
+    dense = model.num_parameters()
+    crit = torch.nn.CrossEntropyLoss()
+    moved, rewritten = [], []
+    for step in range(8):
+        x, y = batch(700 + step)
+        logits, aux = pruner.module(x)
+        (crit(logits, y) + pruner.aux_loss(aux, y, crit)).backward()
+        before = [g.detach().clone() for g in model.gate_parameters()]
+        opt.step()
+        moved.append(any(not torch.equal(a, b) for a, b in zip(before, model.gate_parameters())))
+        stepped = [g.detach().clone() for g in model.gate_parameters()]
+        record = pruner.step()
+        if record is not None and 'step' in record:  # a mask update writes the soft masks anew
+            rewritten.append(any(not torch.equal(a, b) for a, b in zip(stepped, model.gate_parameters())))
+        opt.zero_grad(set_to_none=True)
+    assert moved == [train_gates] * 8
+    assert rewritten and all(rewritten)
+    cut, _ = pruner.finalize()
+    assert cut.num_parameters() == pytest.approx(0.5 * dense, rel=0.01)

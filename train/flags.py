@@ -146,7 +146,7 @@ def add_deit_flags(parser):
     parser.add_argument('--cutmix-minmax', type=real, nargs='+', default=None)
     parser.add_argument('--mixup-prob', type=real, default=1.0)
     parser.add_argument('--mixup-switch-prob', type=real, default=0.5)
-    parser.add_argument('--mixup-mode', type=str, default='batch')
+    parser.add_argument('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'))
 
     # * Finetuning params
     parser.add_argument('--model-path', '--finetune', dest='model_path', default='',
@@ -188,3 +188,5 @@ def add_deit_flags(parser):
     # distributed training parameters
     parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
     parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    parser.add_argument('--dist-timeout', default=600, type=real, metavar='SECONDS',
+                        help='longest wait of the rendezvous and of every collective operation')

@@ -11,7 +11,7 @@ from timm.scheduler import create_scheduler_v2
 
 import models
 import utils
-from datasets import build_dataset
+from datasets import build_dataset, build_transform
 from utils import UsageError
 
 
@@ -76,21 +76,23 @@ def model_arch(args, model_path_checkpoint, resume_checkpoint):
     """The `arch` to rebuild (§7), or None for the dense model: always a --resume checkpoint's,
     a --model-path one's only with --resize-model-by-checkpoint."""
     if resume_checkpoint is not None and resume_checkpoint.get('arch') is not None:
-        arch = resume_checkpoint['arch']
+        arch, source = resume_checkpoint['arch'], f'--resume {args.resume}'
     elif model_path_checkpoint is not None and model_path_checkpoint.get('arch') is not None:
         if not args.resize_model_by_checkpoint:
             raise UsageError(f'--model-path {args.model_path} holds a cut model (it has "arch"): '
                              'add --resize-model-by-checkpoint to rebuild it')
-        arch = model_path_checkpoint['arch']
+        arch, source = model_path_checkpoint['arch'], f'--model-path {args.model_path}'
     elif args.resize_model_by_checkpoint:
         raise UsageError('--resize-model-by-checkpoint needs a --model-path with "arch" '
                          f'(a first_sparse_checkpoint.pth); {args.model_path or "no --model-path"} has none')
     else:
         return None
-    dense_depth = arch.get('dense_depth', arch.get('depth'))  # a cut may keep fewer layers
-    if arch.get('family') != args.model or dense_depth != models.CONFIGS[args.model].depth:
-        raise UsageError(f'the checkpoint holds a cut {arch.get("family")} of depth '
-                         f'{dense_depth}, but --model is {args.model}')
+    try:
+        models.check_arch(arch)
+    except ValueError as e:
+        raise UsageError(f'{source}: {e}') from None
+    if arch['family'] != args.model:
+        raise UsageError(f'{source} holds a cut {arch["family"]}, but --model is {args.model}')
     return arch
 
 
@@ -145,11 +147,20 @@ def build_optimizer(args, model, lr, extra_param_groups=()):
     return _optimizer(args, groups + list(extra_param_groups), lr)
 
 
-def check_optimizer_and_scheduler(args):
-    """--opt, --opt-betas and --sched as timm takes them, tried on one parameter before any data
-    is read: timm's registry is the list of names (an unknown one fails late and long)."""
-    def reason(e):
-        return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+def _reason(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160] or type(e).__name__
+
+
+def check_recipe(args):
+    """The names timm takes (--opt, --opt-betas, --sched; --aa, --train-interpolation, --remode),
+    tried on one parameter and on the transform alone before any data is read: timm's registries
+    are the lists of names, and an unknown one would fail late, in a traceback."""
+    try:
+        build_transform(is_train=True, args=args)
+    except Exception as e:  # timm asserts, or looks the name up in a dict
+        raise UsageError(f'--aa {args.aa}, --train-interpolation {args.train_interpolation}, --remode '
+                         f'{args.remode}: timm cannot build the training transform: {_reason(e)}') from None
+    reason = _reason
     try:
         optimizer = _optimizer(args, [torch.nn.Parameter(torch.zeros(2))], args.lr)
     except Exception as e:  # timm raises ValueError, AssertionError, IndexError, ImportError ...

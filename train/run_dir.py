@@ -1,21 +1,88 @@
 """The run folder, --output_dir: what a run may write there, what it finds there, and what it
 continues from (--resume). One run per folder: a folder holding a run is refused unless
 --resume continues it or --overwrite replaces it; a continued run cuts its logs back to the
-lines its checkpoint recorded. Checkpoints are written atomically (utils.save_on_master)."""
+lines its checkpoint recorded. The process that writes a run holds its folder's lock
+(`run.lock`) while it lives. Checkpoints are written atomically (utils.save_on_master)."""
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 import models
 import utils
 from utils import UsageError
 
-# what a run writes into --output_dir: a folder holding any of them holds a run
-RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'first_sparse_checkpoint.pth', 'log.txt',
-             'pruning_log.jsonl', 'args.json', 'tensorboard')
+# what a run writes into --output_dir: a folder holding any of them holds a run ...
+RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'first_sparse_checkpoint.pth', 'log.txt')
+# ... and what a start writes before its first epoch ends: alone, these are the leftovers of a
+# start that failed (a loss that went NaN, an unreadable image), replaced by the next start
+START_FILES = ('args.json', 'tensorboard', 'pruning_log.jsonl')
 LOGS = ('log.txt', 'pruning_log.jsonl')
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / name).exists() for name in RUN_FILES)
+
+
+# held (flock) by the process that writes the run, for as long as it lives: the kernel lets go
+# of it when that process ends, however it ends, so a lock file left behind is never in the way
+LOCK = 'run.lock'
+
+
+# file systems that do not lock (some FUSE or Lustre mounts) answer flock with one of these
+NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
+
+
+def lock_holder(out: Path):
+    """Who holds out/run.lock ('pid N on HOST'), or None when no living process does. Reads only."""
+    if not (out / LOCK).is_file():
+        return None
+    with open(out / LOCK) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or 'another process'
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                raise
+            return None
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def in_use(out, holder) -> UsageError:
+    return UsageError(f'--output_dir {out} is in use by a running job ({holder}): wait for it to end '
+                      'or choose another folder')
+
+
+def take_lock(out: Path):
+    """The lock of the run in `out`, held until this process ends; UsageError if another has it."""
+    f = open(out / LOCK, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise in_use(out, holder) from None
+    except OSError as e:
+        f.close()
+        if e.errno not in NO_LOCKS:
+            raise
+        print(f'warning: {out} cannot be locked on this file system ({e.strerror}): nothing stops a second '
+              'run from starting into it', file=sys.stderr)
+        return None
+    f.truncate(0)
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    return f
 
 
 def continues_run(args) -> bool:
@@ -30,12 +97,15 @@ def check_run_dir(args):
     process before they meet in init_distributed_mode, so none writes before all have checked."""
     if args.eval or not args.output_dir:
         return
+    holder = lock_holder(Path(args.output_dir))
+    if holder is not None:
+        raise in_use(args.output_dir, holder)
     if args.overwrite and continues_run(args):
         raise UsageError(f'--overwrite would delete --resume {args.resume}: leave out one of them')
     out = Path(args.output_dir)
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if not found or args.overwrite or continues_run(args):
+    if not holds_run(out) or args.overwrite or continues_run(args):
         return
+    found = [name for name in RUN_FILES + START_FILES if (out / name).exists()]
     how = f'--resume {out / "checkpoint.pth"} continues it, ' if 'checkpoint.pth' in found else ''
     raise UsageError(f'--output_dir {out} holds a run ({", ".join(found[:3])}{", …" if len(found) > 3 else ""}): '
                      f'{how}--overwrite replaces it')
@@ -55,10 +125,41 @@ def check_output_dir(output_dir):
 
 # ---- --resume: what a checkpoint must be to be continued ----------------------------------------
 def load_resume_checkpoint(args):
+    """A --resume checkpoint, its entries checked as data before any of them is used."""
     checkpoint = utils.load_checkpoint_file(args.resume, '--resume')
     if 'model' not in checkpoint:
         raise UsageError(f'--resume {args.resume} has no "model" entry: not a checkpoint of this script')
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise UsageError(f'--resume {args.resume}: {problem}: not a checkpoint of this script')
     return checkpoint
+
+
+def _whole(value, low):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def checkpoint_problem(ckpt):
+    """What makes a checkpoint.pth unfit to continue from, or None (its arch is checked where
+    the model is built, models.check_arch)."""
+    model = ckpt['model']
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        return 'its "model" is not a state dict (names to tensors)'
+    for key in ('optimizer', 'pruner', 'args', 'lr_scheduler', 'scaler', 'log_lines'):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            return f'its "{key}" is a {type(ckpt[key]).__name__}, not a dict'
+    for key, low in (('epoch', 0), ('steps_per_epoch', 1)):
+        if key in ckpt and not _whole(ckpt[key], low):
+            return f'its "{key}" must be a whole number of at least {low}, got {ckpt[key]!r}'
+    if not isinstance(ckpt.get('max_accuracy', 0.0), (int, float)):
+        return f'its "max_accuracy" is a {type(ckpt["max_accuracy"]).__name__}, not a number'
+    if 'optimizer' in ckpt and 'epoch' not in ckpt:
+        return 'it has an optimizer state but no "epoch"'
+    lines = ckpt.get('log_lines') or {}
+    if set(lines) - set(LOGS) or not all(_whole(n, 0) for n in lines.values()):
+        return f'its "log_lines" must count lines of {" and ".join(LOGS)} only, got {lines!r}'[:200]
+    return None
 
 
 def check_resume_kind(args, checkpoint, pruning):
@@ -72,6 +173,12 @@ def check_resume_kind(args, checkpoint, pruning):
     if pruning and saved.get('prune_method') not in (None, args.prune_method):
         raise UsageError(f'--resume {args.resume} was written by --prune-method {saved["prune_method"]}, '
                          f'not {args.prune_method}')
+    # after an in-run cut the pruning method still decides the learning rate (constant for DAP)
+    if checkpoint.get('arch') is not None and 'optimizer' in checkpoint and 'prune_method' in saved \
+            and saved['prune_method'] != args.prune_method:
+        raise UsageError(f'--resume {args.resume} continues a run of --prune-method '
+                         f'{saved["prune_method"] or "none"} (after its cut), not {args.prune_method or "none"}: '
+                         'repeat its flags')
 
 
 def check_resume_steps(args, checkpoint, steps_per_epoch):
@@ -140,8 +247,11 @@ class RunDir:
         self.lines = dict.fromkeys(LOGS, 0)  # lines in each log, saved with every checkpoint
         if self.dir is None or not utils.is_main_process():
             return
+        self.lock = take_lock(self.dir)  # before anything of the folder is changed
         if overwrite:
-            self.remove_run()
+            self.remove(RUN_FILES + START_FILES, '--overwrite')
+        elif not holds_run(self.dir):
+            self.remove(START_FILES, 'a start that ended before its first epoch left files')
         if continued is not None:
             self.cut_logs(continued.get('log_lines'))
         for name in LOGS:
@@ -150,21 +260,24 @@ class RunDir:
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(log_dir=str(self.dir / 'tensorboard'), purge_step=purge_step)
 
-    def remove_run(self):
-        removed = [p for p in [self.dir / name for name in RUN_FILES] + list(self.dir.glob('*.pth.tmp.*'))
-                   if p.exists()]
+    def remove(self, names, why):
+        """Delete these files of a run (a link is removed, never what it points to)."""
+        removed = [p for p in [self.dir / name for name in names] + list(self.dir.glob('*.pth.tmp.*'))
+                   if p.exists() or p.is_symlink()]
         for p in removed:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         if removed:
-            print(f'--overwrite: removed {", ".join(p.name for p in removed)} from {self.dir}')
+            print(f'{why}: removed {", ".join(p.name for p in removed)} from {self.dir}')
 
     def cut_logs(self, log_lines):
         if log_lines is None:  # saved before checkpoints recorded them
             print('note: the --resume checkpoint does not record its log lines: log.txt and '
                   'pruning_log.jsonl are appended to as they are')
             return
-        for name, n in log_lines.items():
-            path = self.dir / name
+        for name in LOGS:  # only the run's own logs, by name (log_lines was checked on load)
+            if name not in log_lines:
+                continue
+            n, path = log_lines[name], self.dir / name
             lines = path.read_text().splitlines(keepends=True) if path.exists() else []
             if len(lines) > n:
                 tmp = path.with_name(f'{name}.tmp.{os.getpid()}')
@@ -204,3 +317,6 @@ class RunDir:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        if getattr(self, 'lock', None) is not None:
+            self.lock.close()  # lets go of the flock
+            self.lock = None

@@ -7,6 +7,7 @@ import torch
 from timm.utils import ModelEmaV3, NativeScaler
 
 import utils
+from utils import UsageError
 from engine import accumulate_scores, evaluate, train_one_epoch
 from pruning import format_summary
 from train import methods
@@ -29,6 +30,7 @@ class Trainer:
         self.loss_scaler = NativeScaler(device='cuda') if amp else None
         self.max_accuracy = 0.0
         self.run = None
+        self.last_checkpoint = None  # (path, epoch) of the newest checkpoint this run can go on from
 
     # ---- the network being trained ------------------------------------------------------------
     def start(self, checkpoint=None) -> int:
@@ -63,14 +65,20 @@ class Trainer:
         """The optimizer, schedule, EMA and scaler states of a --resume checkpoint; the next epoch."""
         if checkpoint is None or 'optimizer' not in checkpoint:
             return self.args.start_epoch
-        self.optimizer.load_state_dict(checkpoint['optimizer'])
-        if self.lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:
-            self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        if self.model_ema is not None and checkpoint.get('model_ema') is not None:
-            self.model_ema.module.load_state_dict(checkpoint['model_ema'])
-        if self.loss_scaler is not None and checkpoint.get('scaler'):
-            self.loss_scaler.load_state_dict(checkpoint['scaler'])
+        parts = [(self.optimizer, 'optimizer'), (self.lr_scheduler, 'lr_scheduler'),
+                 (self.model_ema.module if self.model_ema is not None else None, 'model_ema'),
+                 (self.loss_scaler, 'scaler')]
+        for part, key in parts:
+            if part is None or not checkpoint.get(key):
+                continue
+            try:
+                part.load_state_dict(checkpoint[key])
+            except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                raise UsageError(f'--resume {self.args.resume}: its "{key}" does not fit this run (another '
+                                 f'--opt, --sched or set of trained parameters): {reason}') from None
         self.max_accuracy = checkpoint.get('max_accuracy', 0.0)
+        self.last_checkpoint = (self.args.resume, checkpoint['epoch'])
         print(f'Resumed from {self.args.resume} at epoch {checkpoint["epoch"] + 1}')
         return checkpoint['epoch'] + 1
 
@@ -85,34 +93,62 @@ class Trainer:
         args = self.args
         self.attach(run)
         self.steps_per_epoch = len(loader_train) // args.grad_accum_steps
-        global_step = start_epoch * self.steps_per_epoch
+        self.global_step = start_epoch * self.steps_per_epoch
         print(f'Start training for {args.epochs} epochs')
         start_time = time.time()
-        for epoch in range(start_epoch, args.epochs):
-            # an epoch's randomness depends on (seed, epoch, rank) only: resuming repeats it exactly
-            utils.seed_everything(args.seed + 1000 * epoch + utils.get_rank())
-            loader_train.sampler.set_epoch(epoch)
-            train_stats, global_step = train_one_epoch(
-                self.net, self.criterion, loader_train, self.optimizer, self.device, epoch,
-                self.loss_scaler, max_norm=args.clip_grad, model_ema=self.model_ema,
-                mixup_fn=self.mixup_fn, accum_steps=args.grad_accum_steps, amp=self.amp,
-                print_freq=args.print_freq, writer=run.writer, pruner=self.pruner,
-                global_step=global_step, set_training_mode=args.train_mode,
-                count_unreadable=args.skip_bad_images)
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.step(epoch + 1)
-            if self.pruner is not None and epoch + 1 == self.pruner.schedule.finalize_epoch:
-                cut, test_stats = self.cut(loader_val, epoch)
-                self.use(cut, None, epoch + 1)  # training goes on with the cut model
-            else:
-                test_stats = self.evaluate(loader_val)
-            print(f'Accuracy of the network on the {len(loader_val.dataset)} test images: {test_stats["acc1"]:.1f}%')
-            self.end_epoch(epoch, train_stats, test_stats)
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch, args.epochs):
+                self.train_epoch(epoch, loader_train, loader_val)
+        except utils.RunStopped as e:
+            e.where = self.stopped_at(epoch)
+            raise
         print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
         print(f'[rank {utils.get_rank()}] parameter digest {utils.parameter_digest(self.model)}',
               flush=True, **({'force': True} if args.distributed else {}))
         run.close()
         return {'max_accuracy': self.max_accuracy}
+
+    def train_epoch(self, epoch, loader_train, loader_val):
+        """One epoch: train, step the schedule, cut or evaluate, log and save."""
+        args = self.args
+        # an epoch's randomness depends on (seed, epoch, rank) only: resuming repeats it exactly
+        utils.seed_everything(args.seed + 1000 * epoch + utils.get_rank())
+        loader_train.sampler.set_epoch(epoch)
+        train_stats, self.global_step = train_one_epoch(
+            self.net, self.criterion, loader_train, self.optimizer, self.device, epoch,
+            self.loss_scaler, max_norm=args.clip_grad, model_ema=self.model_ema,
+            mixup_fn=self.mixup_fn, accum_steps=args.grad_accum_steps, amp=self.amp,
+            print_freq=args.print_freq, writer=self.run.writer, pruner=self.pruner,
+            global_step=self.global_step, set_training_mode=args.train_mode,
+            count_unreadable=args.skip_bad_images)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step(epoch + 1)
+        if self.pruner is not None and epoch + 1 == self.pruner.schedule.finalize_epoch:
+            cut, test_stats = self.cut(loader_val, epoch)
+            self.use(cut, None, epoch + 1)  # training goes on with the cut model
+        else:
+            test_stats = self.evaluate(loader_val)
+        print(f'Accuracy of the network on the {len(loader_val.dataset)} test images: {test_stats["acc1"]:.1f}%')
+        self.end_epoch(epoch, train_stats, test_stats)
+
+    def stopped_at(self, epoch) -> str:
+        """Where a stopped run stood, and what continues it."""
+        return f'in epoch {epoch} of {self.args.epochs}: {self.resume_hint()}'
+
+    def resume_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return 'no checkpoint was written, nothing to resume: start it again'
+        path, saved = self.last_checkpoint
+        return f'--resume {path} continues it from epoch {saved + 1}'
+
+    def evaluate_only(self, loader_val):
+        """--eval: the model's accuracy; nothing is written."""
+        try:
+            return self.evaluate(loader_val)
+        except utils.RunStopped as e:
+            e.where = 'during --eval: nothing was written'
+            raise
 
     def evaluate(self, loader_val, model=None):
         """The model's accuracy (with a pruner, also its auxiliary heads')."""
@@ -145,10 +181,15 @@ class Trainer:
             ckpt['arch'] = self.model.arch()
         if self.pruner is not None:
             ckpt['pruner'] = self.pruner.state_dict()
-        self.run.save('checkpoint.pth', ckpt)
-        if test_stats['acc1'] > self.max_accuracy:
-            self.max_accuracy = test_stats['acc1']
-            self.run.save('best_checkpoint.pth', ckpt)
+        try:
+            self.run.save('checkpoint.pth', ckpt)
+            if self.run.dir is not None:
+                self.last_checkpoint = (self.run.dir / 'checkpoint.pth', epoch)
+            if test_stats['acc1'] > self.max_accuracy:
+                self.max_accuracy = test_stats['acc1']
+                self.run.save('best_checkpoint.pth', ckpt)
+        except utils.DiskFullError as e:
+            raise utils.DiskFullError(f'{e}; {self.resume_hint()}') from None
         print(f'Max accuracy: {self.max_accuracy:.2f}%')
 
     # ---- the cut ------------------------------------------------------------------------------
@@ -177,6 +218,13 @@ class Trainer:
     def prune_one_shot(self, loader_train, loader_val, run):
         """A one-shot pruner (SaViT, docs/BASELINES.md): scores over a share of an epoch without
         weight updates, its calibration, the cut. Fine-tuning is the second command."""
+        try:
+            return self._prune_one_shot(loader_train, loader_val, run)
+        except utils.RunStopped as e:
+            e.where = f'while {self.args.prune_method} scored and cut (one shot): start it again'
+            raise
+
+    def _prune_one_shot(self, loader_train, loader_val, run):
         args, pruner = self.args, self.pruner
         self.attach(run)
         steps = pruner.score_batches(len(loader_train))

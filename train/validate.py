@@ -6,7 +6,7 @@ import torch
 
 import models
 from train import methods
-from train.recipe import check_optimizer_and_scheduler
+from train.recipe import check_recipe
 from utils import UsageError
 
 
@@ -23,7 +23,7 @@ def validate(args):
         args.input_size = config.img_size
     check_ranges(args)
     check_device(args.device)
-    check_optimizer_and_scheduler(args)
+    check_recipe(args)
     if args.input_size % config.patch_size:
         raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
                          f'{config.patch_size} of {args.model}')
@@ -37,21 +37,34 @@ def validate(args):
     return args
 
 
+# DeiT's numbers and their ranges (the pruning flags' ranges are their configurations' own)
+AT_LEAST_1 = (lambda v: v >= 1, 'must be at least 1')
+NOT_NEGATIVE = (lambda v: v >= 0, 'must not be negative')
+RATE = (lambda v: 0 <= v < 1, 'is a rate in [0, 1)')
+SHARE = (lambda v: 0 <= v <= 1, 'is a share in [0, 1]')
+POSITIVE = (lambda v: v > 0, 'must be above 0')
+RANGES = {
+    '--batch-size': AT_LEAST_1, '--epochs': AT_LEAST_1, '--grad-accum-steps': AT_LEAST_1,
+    '--print-freq': AT_LEAST_1, '--input-size': AT_LEAST_1, '--recount': AT_LEAST_1,
+    '--world_size': AT_LEAST_1, '--num_workers': NOT_NEGATIVE, '--lr': NOT_NEGATIVE,
+    '--warmup-lr': NOT_NEGATIVE, '--min-lr': NOT_NEGATIVE, '--weight-decay': NOT_NEGATIVE,
+    '--start_epoch': NOT_NEGATIVE, '--opt-eps': NOT_NEGATIVE, '--momentum': NOT_NEGATIVE,
+    '--warmup-epochs': NOT_NEGATIVE, '--cooldown-epochs': NOT_NEGATIVE,
+    '--patience-epochs': NOT_NEGATIVE, '--lr-noise': NOT_NEGATIVE, '--lr-noise-pct': NOT_NEGATIVE,
+    '--lr-noise-std': NOT_NEGATIVE, '--color-jitter': NOT_NEGATIVE, '--mixup': NOT_NEGATIVE,
+    '--cutmix': NOT_NEGATIVE, '--drop': RATE, '--drop-path': RATE, '--smoothing': RATE,
+    '--opt-betas': RATE, '--model-ema-decay': SHARE, '--reprob': SHARE, '--mixup-prob': SHARE,
+    '--mixup-switch-prob': SHARE, '--cutmix-minmax': SHARE, '--clip-grad': POSITIVE,
+    '--decay-epochs': POSITIVE, '--decay-rate': POSITIVE, '--dist-timeout': POSITIVE,
+}
+
+
 def check_ranges(args):
-    """DeiT's numbers in their ranges (the pruning flags are checked by their configurations)."""
-    for flag, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
-                        ('--grad-accum-steps', args.grad_accum_steps),
-                        ('--print-freq', args.print_freq), ('--input-size', args.input_size)):
-        if value < 1:
-            raise UsageError(f'{flag} must be at least 1, got {value}')
-    for flag, value in (('--num_workers', args.num_workers), ('--lr', args.lr),
-                        ('--warmup-lr', args.warmup_lr), ('--min-lr', args.min_lr),
-                        ('--weight-decay', args.weight_decay), ('--start_epoch', args.start_epoch)):
-        if value < 0:
-            raise UsageError(f'{flag} must not be negative, got {value}')
-    for flag, value in (('--drop', args.drop), ('--drop-path', args.drop_path)):
-        if not 0 <= value < 1:
-            raise UsageError(f'{flag} is a rate in [0, 1), got {value}')
+    for flag, (ok, rule) in RANGES.items():
+        value = getattr(args, flag.lstrip('-').replace('-', '_'))
+        for v in value if isinstance(value, list) else [value]:  # nargs flags: each value
+            if v is not None and not ok(v):
+                raise UsageError(f'{flag} {rule}, got {v}')
     if not args.eval and not args.resume and args.start_epoch >= args.epochs:
         raise UsageError(f'--start_epoch {args.start_epoch} is not before --epochs {args.epochs}: '
                          'nothing would be trained')

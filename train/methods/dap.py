@@ -36,6 +36,9 @@ def add_flags(group):
     group.add_argument('--prune-round-to', default=config('round_to'), type=int,
                        help='kept widths (read / written dims, head_dim, hidden) multiples of this '
                             '(or whole): 8 keeps GPU tensor cores busy; 1 is the paper\'s method')
+    group.add_argument('--prune-train-gates', action='store_true', default=config('train_gates'),
+                       help='the optimizer also moves the gates between mask updates (AdamW, no weight '
+                            'decay, the backbone\'s rate), as the authors\' runs did')
     group.add_argument('--lr-soft-head', default=config('head_lr'), type=real,
                        help='learning rate of the ΔΨ heads, used as given (not scaled like --lr)')
     group.add_argument('--bpi-mode', default=config('bpi_mode'), choices=BPI_MODES,
@@ -57,7 +60,7 @@ def config(args) -> PruneConfig:
                        taylor_window=args.prune_taylor_window, head_lr=args.lr_soft_head,
                        bpi_mode=args.bpi_mode, bpi_width_div=args.bpi_fast_width,
                        bpi_grid=args.bpi_fast_grid, bpi_fraction=args.bpi_fast_fraction,
-                       round_to=args.prune_round_to)
+                       round_to=args.prune_round_to, train_gates=args.prune_train_gates)
 
 
 def schedule(args, steps_per_epoch: int) -> PruneSchedule:
@@ -76,7 +79,7 @@ DAP = register(Family(
     fields={'method': '--prune-method', 'keep_ratio_handcraft': '--prune-kr-handcraft',
             'gate_scale': '--prune-scale-gate-imp', 'gamma': '--pr-gamma', 'alpha': '--pr-alpha',
             'block_imp_scale': '--pr-block-imp-scale', 'taylor_window': '--prune-taylor-window',
-            'head_lr': '--lr-soft-head', 'round_to': '--prune-round-to', 'bpi_mode': '--bpi-mode',
+            'head_lr': '--lr-soft-head', 'train_gates': '--prune-train-gates', 'round_to': '--prune-round-to', 'bpi_mode': '--bpi-mode',
             'bpi_width_div': '--bpi-fast-width', 'bpi_grid': '--bpi-fast-grid',
             'bpi_fraction': '--bpi-fast-fraction', 'start_epoch': '--prune-start-epoch',
             'sparse_epoch': '--prune-sparse-epoch', 'steps_update_mask': '--prune-steps-update-mask',
