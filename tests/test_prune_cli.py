@@ -300,27 +300,27 @@ def test_removed_sub_blocks_cost_nothing():
 
 
 def test_after_a_cut_before_the_end_the_rate_stays_and_resume_is_exact(tmp_path):
-    """--prune-finalize-epoch 2 of --epochs 4: training goes on with the cut model at the pruning
+    """--prune-finalize-epoch 2 of --epochs 3: training goes on with the cut model at the pruning
     run's constant rate (METHOD.md §6; not --warmup-lr), and a run stopped after the cut and
     resumed from its checkpoint.pth ends bit for bit as the uninterrupted one."""
     args = ['--input-size', '16', '--prune-method', 'block_pr', '--prune-steps-update-mask', '4',
             '--prune-start-epoch', '0', '--prune-sparse-epoch', '1', '--prune-finalize-epoch', '2',
             '--no-model-ema']
-    full = check_ok(run_cli([*args, '--epochs', '4', '--output_dir', tmp_path / 'full'], tmp_path))
+    full = check_ok(run_cli([*args, '--epochs', '3', '--output_dir', tmp_path / 'full'], tmp_path))
     lines = [json.loads(x) for x in (tmp_path / 'full' / 'log.txt').read_text().splitlines()]
     rates = {line['train_lr'] for line in lines}
-    assert len(lines) == 4 and lines[1]['n_parameters'] < lines[0]['n_parameters']  # cut after epoch 1
+    assert len(lines) == 3 and lines[1]['n_parameters'] < lines[0]['n_parameters']  # cut after epoch 1
     assert len(rates) == 1 and rates.pop() == pytest.approx(5e-4 * 64 / 512)  # DeiT's scaling, every epoch
     stopped = tmp_path / 'stopped'
     check_ok(run_cli([*args, '--epochs', '2', '--output_dir', stopped], tmp_path))
     assert 'arch' in load(stopped / 'checkpoint.pth') and 'pruner' not in load(stopped / 'checkpoint.pth')
     # without the pruning flags the rate would follow DeiT's schedule: refused
-    fine_tune = ['--input-size', '16', '--no-model-ema', '--epochs', '4', '--output_dir', stopped]
+    fine_tune = ['--input-size', '16', '--no-model-ema', '--epochs', '3', '--output_dir', stopped]
     proc = run_cli([*fine_tune, '--resume', stopped / 'checkpoint.pth'], tmp_path)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         f'error: --resume {stopped / "checkpoint.pth"} continues a run of --prune-method block_pr (after its '
         'cut), not none: repeat its flags'], proc.stderr
-    resumed = check_ok(run_cli([*args, '--epochs', '4', '--output_dir', stopped,
+    resumed = check_ok(run_cli([*args, '--epochs', '3', '--output_dir', stopped,
                                 '--resume', stopped / 'checkpoint.pth'], tmp_path))
     digest = [line for line in full.stdout.splitlines() if 'parameter digest' in line]
     assert digest and digest == [line for line in resumed.stdout.splitlines() if 'parameter digest' in line]

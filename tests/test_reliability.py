@@ -1,13 +1,14 @@
 """What a user types, a file holds or a signal sends: one line and an exit status, never a
 traceback, a hang or silently wrong training (each case starts the real command)."""
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -19,6 +20,23 @@ FAST = ['--input-size', '16', '--aa', 'none', '--no-model-ema', '--print-freq', 
 
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def each_case(cases, check, tmp_path):
+    """check(case, folder) for every case, two processes at a time (a start is mostly torch's
+    import, one core each); every case that fails is reported, not only the first."""
+    def run(item):
+        i, case = item
+        folder = tmp_path / f'case{i}'
+        folder.mkdir()
+        try:
+            check(case, folder)
+        except AssertionError as e:
+            return f'{case}: {e}'
+        return None
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failed = [f for f in pool.map(run, enumerate(cases)) if f]
+    assert not failed, '\n'.join(failed)
 
 
 def one_line(proc, pattern, status=2):
@@ -66,12 +84,13 @@ FLAGS = {
 }
 
 
-@pytest.mark.parametrize('case', list(FLAGS))
-def test_a_bad_flag_is_one_line_and_the_folder_stays_untouched(case, tmp_path):
-    flags, pattern = FLAGS[case]
-    out = tmp_path / 'out'
-    one_line(run_cli([*FAST, '--epochs', '2', '--output_dir', out, *flags], tmp_path), pattern)
-    assert not out.exists()
+def test_a_bad_flag_is_one_line_and_the_folder_stays_untouched(tmp_path):
+    def check(case, folder):
+        flags, pattern = FLAGS[case]
+        out = folder / 'out'
+        one_line(run_cli([*FAST, '--epochs', '2', '--output_dir', out, *flags], folder), pattern)
+        assert not out.exists()
+    each_case(FLAGS, check, tmp_path)
 
 
 def test_a_start_that_failed_does_not_block_the_corrected_one(tmp_path):
@@ -207,12 +226,13 @@ ARCHS = {
 }
 
 
-@pytest.mark.parametrize('case', list(ARCHS))
-def test_an_absurd_arch_is_refused_before_anything_is_allocated(case, cut_checkpoint, tmp_path):
-    changes, pattern = ARCHS[case]
-    bad = crafted(tmp_path / 'bad.pth', cut_checkpoint, arch=arch_with(cut_checkpoint, **changes))
-    one_line(run_cli([*FAST, '--eval', '--model-path', bad, '--resize-model-by-checkpoint'], tmp_path),
-             rf'^error: --model-path {re.escape(str(bad))}: {pattern}')
+def test_an_absurd_arch_is_refused_before_anything_is_allocated(cut_checkpoint, tmp_path):
+    def check(case, folder):
+        changes, pattern = ARCHS[case]
+        bad = crafted(folder / 'bad.pth', cut_checkpoint, arch=arch_with(cut_checkpoint, **changes))
+        one_line(run_cli([*FAST, '--eval', '--model-path', bad, '--resize-model-by-checkpoint'], folder),
+                 rf'^error: --model-path {re.escape(str(bad))}: {pattern}')
+    each_case(ARCHS, check, tmp_path)
 
 
 def test_an_arch_that_is_not_a_dict_is_refused(cut_checkpoint, tmp_path):
@@ -236,18 +256,20 @@ RESUMES = {
 }
 
 
-@pytest.mark.parametrize('case', list(RESUMES))
-def test_a_crafted_resume_checkpoint_is_refused_and_nothing_is_cut(case, run3, tmp_path):
+def test_a_crafted_resume_checkpoint_is_refused_and_nothing_is_cut(run3, tmp_path):
     full, _ = run3
-    out = tmp_path / 'out'
-    shutil.copytree(full, out)
-    (out / 'notes.txt').write_text('mine\n' * 3)
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != '.pth'}
-    changes, pattern = RESUMES[case]
-    bad = crafted(out / 'checkpoint.pth', full / 'checkpoint.pth', **changes)
-    one_line(run_cli([*FAST, '--epochs', '4', '--output_dir', out, '--resume', bad], tmp_path),
-             rf'^error: --resume {re.escape(str(bad))}: {pattern}')
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != '.pth'} == before
+
+    def check(case, folder):
+        out = folder / 'out'
+        shutil.copytree(full, out)
+        (out / 'notes.txt').write_text('mine\n' * 3)
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != '.pth'}
+        changes, pattern = RESUMES[case]
+        bad = crafted(out / 'checkpoint.pth', full / 'checkpoint.pth', **changes)
+        one_line(run_cli([*FAST, '--epochs', '4', '--output_dir', out, '--resume', bad], folder),
+                 rf'^error: --resume {re.escape(str(bad))}: {pattern}')
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != '.pth'} == before
+    each_case(RESUMES, check, tmp_path)
 
 
 def test_overwrite_removes_a_linked_tensorboard_folder_not_its_target(run3, tmp_path):
@@ -274,11 +296,12 @@ ENVS = {
 }
 
 
-@pytest.mark.parametrize('case', list(ENVS))
-def test_a_broken_distributed_environment_is_one_line(case, tmp_path):
-    env, pattern = ENVS[case]
-    one_line(run_cli([*FAST, '--epochs', '1', '--output_dir', tmp_path / 'out'], tmp_path, env=env), pattern)
-    assert not (tmp_path / 'out').exists()
+def test_a_broken_distributed_environment_is_one_line(tmp_path):
+    def check(case, folder):
+        env, pattern = ENVS[case]
+        one_line(run_cli([*FAST, '--epochs', '1', '--output_dir', folder / 'out'], folder, env=env), pattern)
+        assert not (folder / 'out').exists()
+    each_case(ENVS, check, tmp_path)
 
 
 def test_a_rendezvous_that_cannot_complete_ends_after_dist_timeout(tmp_path):
