@@ -16,6 +16,11 @@ import torch
 import torch.distributed as dist
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type when it has none), cut to `limit`."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit] or type(e).__name__
+
+
 class UsageError(Exception):
     """Bad input from the command line: main.py prints it as one line and exits non-zero."""
 
@@ -130,7 +135,7 @@ def init_distributed_mode(args):
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
         dist.barrier()
     except (RuntimeError, ValueError) as e:  # torch's DistStoreError, DistNetworkError, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e)
         timed_out = isinstance(e, getattr(dist, 'DistStoreError', ())) or 'timed out' in reason.lower() \
             or 'timeout' in reason.lower()
         what = f'did not complete within --dist-timeout {args.dist_timeout:g} s' if timed_out else 'failed'

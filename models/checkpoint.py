@@ -50,7 +50,8 @@ def pretrained_state_dict(model: torch.nn.Module, checkpoint: Dict) -> Tuple[Dic
     return sd, notes
 
 
-def _whole(value, low, high=None) -> bool:
+def whole_number(value, low, high=None) -> bool:
+    """An int (not a bool) in [low, high]: what a width, a count or an epoch read from a file must be."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= low \
         and (high is None or value <= high)
 
@@ -59,7 +60,7 @@ def _indices(value, dim):
     """A kept-dims list: None (all) or distinct ints in [0, dim)."""
     if value is None:
         return None
-    if not isinstance(value, list) or not value or not all(_whole(i, 0, dim - 1) for i in value):
+    if not isinstance(value, list) or not value or not all(whole_number(i, 0, dim - 1) for i in value):
         return f'a list of dims in 0 … {dim - 1}'
     return 'dims listed twice' if len(set(value)) != len(value) else None
 
@@ -78,7 +79,7 @@ def _sub_block_problem(kind, sub, D, E, H, hidden):
             return f'{key} must be None or {problem}'
     widths = {'attn': (('num_heads', H), ('head_dim', E)), 'mlp': (('hidden_features', hidden),)}[kind]
     for key, most in widths:
-        if not _whole(sub.get(key), 1, most):
+        if not whole_number(sub.get(key), 1, most):
             return f'{key} must be a whole number in 1 … {most}, got {sub.get(key)!r}'
     return None
 
@@ -99,7 +100,7 @@ def check_arch(arch) -> None:
               ('img_size', cfg.patch_size, 16 * cfg.img_size), ('num_classes', 0, 100_000),
               ('embed_dim', 1, cfg.embed_dim), ('depth', 1, cfg.depth), ('num_heads', 1, cfg.num_heads))
     for key, low, high in checks:
-        if not _whole(arch.get(key), low, high):
+        if not whole_number(arch.get(key), low, high):
             raise ValueError(f'arch {key} must be a whole number in {low} … {high} for {family}, '
                              f'got {arch.get(key)!r}')
     if arch.get('dense_depth', cfg.depth) != cfg.depth:

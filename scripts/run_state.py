@@ -20,11 +20,12 @@ def run_state(output_dir: str) -> str:
     checkpoint = os.path.join(output_dir, 'checkpoint.pth')
     if not os.path.isfile(checkpoint):
         return 'done' if os.path.isfile(os.path.join(output_dir, 'first_sparse_checkpoint.pth')) else 'new'
-    from utils import UsageError, load_checkpoint_file  # torch only where there is a checkpoint to read
+    from models.checkpoint import whole_number  # torch only where there is a checkpoint to read
+    from utils import UsageError, load_checkpoint_file
     ckpt = load_checkpoint_file(checkpoint, '--resume')
     saved = ckpt.get('args')
     epochs = saved.get('epochs') if isinstance(saved, dict) else None
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (ckpt.get('epoch'), epochs)):
+    if not all(whole_number(n, 0) for n in (ckpt.get('epoch'), epochs)):
         raise UsageError(f'{checkpoint} records no whole "epoch" and "args" epochs: not a checkpoint of main.py')
     if ckpt['epoch'] + 1 >= epochs:
         return 'done'

@@ -12,7 +12,7 @@ from timm.scheduler import create_scheduler_v2
 import models
 import utils
 from datasets import build_dataset, build_transform
-from utils import UsageError
+from utils import UsageError, first_line
 
 
 def setup_device(args):
@@ -147,10 +147,6 @@ def build_optimizer(args, model, lr, extra_param_groups=()):
     return _optimizer(args, groups + list(extra_param_groups), lr)
 
 
-def _reason(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160] or type(e).__name__
-
-
 def check_recipe(args):
     """The names timm takes (--opt, --opt-betas, --sched; --aa, --train-interpolation, --remode),
     tried on one parameter and on the transform alone before any data is read: timm's registries
@@ -159,17 +155,16 @@ def check_recipe(args):
         build_transform(is_train=True, args=args)
     except Exception as e:  # timm asserts, or looks the name up in a dict
         raise UsageError(f'--aa {args.aa}, --train-interpolation {args.train_interpolation}, --remode '
-                         f'{args.remode}: timm cannot build the training transform: {_reason(e)}') from None
-    reason = _reason
+                         f'{args.remode}: timm cannot build the training transform: {first_line(e)}') from None
     try:
         optimizer = _optimizer(args, [torch.nn.Parameter(torch.zeros(2))], args.lr)
     except Exception as e:  # timm raises ValueError, AssertionError, IndexError, ImportError ...
         betas = f' --opt-betas {" ".join(map(str, args.opt_betas))}' if args.opt_betas is not None else ''
-        raise UsageError(f'--opt {args.opt}{betas}: timm cannot build it: {reason(e)}') from None
+        raise UsageError(f'--opt {args.opt}{betas}: timm cannot build it: {first_line(e)}') from None
     try:
         build_scheduler(args, optimizer)
     except Exception as e:
-        raise UsageError(f'--sched {args.sched}: timm cannot build it: {reason(e)}') from None
+        raise UsageError(f'--sched {args.sched}: timm cannot build it: {first_line(e)}') from None
 
 
 def build_scheduler(args, optimizer):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import models
+from models.checkpoint import whole_number
 import utils
 from utils import UsageError
 
@@ -135,10 +136,6 @@ def load_resume_checkpoint(args):
     return checkpoint
 
 
-def _whole(value, low):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 def checkpoint_problem(ckpt):
     """What makes a checkpoint.pth unfit to continue from, or None (its arch is checked where
     the model is built, models.check_arch)."""
@@ -150,14 +147,14 @@ def checkpoint_problem(ckpt):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             return f'its "{key}" is a {type(ckpt[key]).__name__}, not a dict'
     for key, low in (('epoch', 0), ('steps_per_epoch', 1)):
-        if key in ckpt and not _whole(ckpt[key], low):
+        if key in ckpt and not whole_number(ckpt[key], low):
             return f'its "{key}" must be a whole number of at least {low}, got {ckpt[key]!r}'
     if not isinstance(ckpt.get('max_accuracy', 0.0), (int, float)):
         return f'its "max_accuracy" is a {type(ckpt["max_accuracy"]).__name__}, not a number'
     if 'optimizer' in ckpt and 'epoch' not in ckpt:
         return 'it has an optimizer state but no "epoch"'
     lines = ckpt.get('log_lines') or {}
-    if set(lines) - set(LOGS) or not all(_whole(n, 0) for n in lines.values()):
+    if set(lines) - set(LOGS) or not all(whole_number(n, 0) for n in lines.values()):
         return f'its "log_lines" must count lines of {" and ".join(LOGS)} only, got {lines!r}'[:200]
     return None
 

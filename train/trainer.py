@@ -7,7 +7,7 @@ import torch
 from timm.utils import ModelEmaV3, NativeScaler
 
 import utils
-from utils import UsageError
+from utils import UsageError, first_line
 from engine import accumulate_scores, evaluate, train_one_epoch
 from pruning import format_summary
 from train import methods
@@ -74,9 +74,8 @@ class Trainer:
             try:
                 part.load_state_dict(checkpoint[key])
             except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
                 raise UsageError(f'--resume {self.args.resume}: its "{key}" does not fit this run (another '
-                                 f'--opt, --sched or set of trained parameters): {reason}') from None
+                                 f'--opt, --sched or set of trained parameters): {first_line(e)}') from None
         self.max_accuracy = checkpoint.get('max_accuracy', 0.0)
         self.last_checkpoint = (self.args.resume, checkpoint['epoch'])
         print(f'Resumed from {self.args.resume} at epoch {checkpoint["epoch"] + 1}')
