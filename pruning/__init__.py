@@ -4,6 +4,7 @@ protocol.py           the pruner protocol every method follows; records; the sum
 gates.py              §2  gates and their coupled parameter count
 block_performance.py  §3  ΔΨ heads and their accumulation
 keep_ratio.py         §4  block importance, water-filling to the budget, ramp
+cost.py               §4  what the budget counts: parameters, FLOPs or measured latency
 taylor.py             §5  Taylor scores, threshold search, soft masks
 schedule.py           §6  when scores accumulate, masks update, τ sharpens
 cut.py                §7  the physical cut into a dense, smaller ViT
@@ -12,6 +13,7 @@ pruner.py                 DepthAwarePruner, which ties them together (and the un
 wdprune.py                the WD-Prune baseline (BASELINES.md)
 savit.py                  the SaViT baseline (BASELINES.md)
 """
+from .cost import BUDGET_UNITS, LatencyTable, build_cost
 from .cut import cut_model
 from .gates import MaskMismatchError
 from .protocol import ConfigError, Pruner, PrunerModule, Record, format_summary

@@ -57,19 +57,34 @@ class SubBlock:
             return attn_params(a, self.num_heads, b, c)
         return mlp_params(a, b, c)
 
+    def cost(self, kept: Sequence, cost=None):
+        """What kept-element counts (a, b, c) cost in the budget's unit (`pruning.cost`; None:
+        parameters, `params`)."""
+        if cost is None:
+            return self.params(kept)
+        a, b, c = kept
+        return cost.attn(a, self.num_heads, b, c) if self.kind == 'attn' else cost.mlp(a, b, c)
+
     @property
     def dense_params(self) -> int:
         return int(self.params(self.gate_sizes))
 
-    def element_costs(self) -> torch.Tensor:
-        """Parameters each gate element of the dense sub-block controls (its rows / columns in
-        the Linear layers and LayerNorm), concatenated over the three gates: what one element
-        costs, the rank the global ablation divides Taylor scores by (BASELINES.md)."""
-        costs = []
+    def dense_cost(self, cost=None) -> float:
+        return self.dense_params if cost is None or cost.unit == 'params' else float(self.cost(self.gate_sizes, cost))
+
+    def element_costs(self, cost=None) -> torch.Tensor:
+        """What each gate element of the dense sub-block costs (in parameters: its rows /
+        columns in the Linear layers and LayerNorm), concatenated over the three gates: the
+        rank the global ablation divides Taylor scores by (BASELINES.md). A measured cost may
+        not fall with one element less: such an element costs the smallest positive amount."""
+        costs, dense = [], self.dense_cost(cost)
         for g, size in enumerate(self.gate_sizes):
             fewer = list(self.gate_sizes)
             fewer[g] -= 1
-            costs.append(torch.full((size,), float(self.dense_params - int(self.params(fewer)))))
+            if cost is None or cost.unit == 'params':
+                costs.append(torch.full((size,), float(self.dense_params - int(self.params(fewer)))))
+            else:
+                costs.append(torch.full((size,), max(dense - float(self.cost(fewer, cost)), 1e-12)))
         return torch.cat(costs).double()
 
     @property
@@ -94,9 +109,21 @@ def gates_of(model, sb: SubBlock) -> List[torch.nn.Parameter]:
     return [g[n] for n in sb.gate_names]
 
 
+def kept_counts(model, sb: SubBlock) -> List[int]:
+    """Elements each gate of sub-block `sb` keeps under the current hard masks."""
+    return [int(binarize(m).sum()) for m in gates_of(model, sb)]
+
+
 def kept_params(model, sbs: Sequence[SubBlock]) -> List[int]:
     """Parameters each sub-block keeps under the current hard masks."""
-    return [int(sb.params([int(binarize(m).sum()) for m in gates_of(model, sb)])) for sb in sbs]
+    return [int(sb.params(kept_counts(model, sb))) for sb in sbs]
+
+
+def kept_costs(model, sbs: Sequence[SubBlock], cost=None) -> List[float]:
+    """What each sub-block keeps under the current hard masks, in the budget's unit."""
+    if cost is None or cost.unit == 'params':
+        return kept_params(model, sbs)
+    return [float(sb.cost(kept_counts(model, sb), cost)) for sb in sbs]
 
 
 def non_block_params(model, sbs: Sequence[SubBlock]) -> int:

@@ -72,6 +72,7 @@ class Pruner(abc.ABC):
     one_shot: bool = False            # scores without weight updates, then the cut (SaViT)
     follows_lr_schedule: bool = False  # the backbone keeps DeiT's schedule while pruning
     on_update: Optional[Callable[[Record], None]] = None
+    final_budget: Optional[dict] = None  # after finalize: the budget's unit and totals, if not params alone
 
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
         """The pruner's own trained parameters, for the training optimizer (`lr` is the
@@ -112,21 +113,41 @@ class Pruner(abc.ABC):
         ...
 
 
-def summary_row(name: str, dense: int, kept: int, goal: Optional[float] = None) -> dict:
-    """One row of the finalize table (`format_summary`): a sub-block's dense and kept params."""
+def summary_row(name: str, dense: int, kept: int, goal: Optional[float] = None,
+                unit: str = 'params', dense_cost: Optional[float] = None,
+                kept_cost: Optional[float] = None) -> dict:
+    """One row of the finalize table (`format_summary`): a sub-block's dense and kept params,
+    and with a budget in another `unit` its dense and kept cost in it; κ is in the unit."""
+    dense_cost = dense if dense_cost is None else dense_cost
+    kept_cost = kept if kept_cost is None else kept_cost
     return {'sub_block': name, 'dense_params': dense, 'kept_params': kept, 'goal_keep_ratio': goal,
-            'keep_ratio': kept / dense, 'skipped': kept == 0}
+            'budget': unit, 'dense_cost': dense_cost, 'kept_cost': kept_cost,
+            'keep_ratio': kept_cost / dense_cost, 'skipped': kept == 0}
+
+
+UNIT_LABELS = {'params': 'params', 'flops': 'MFLOPs', 'latency': 'ms/batch'}
+UNIT_SCALES = {'params': 1, 'flops': 1e-6, 'latency': 1}
 
 
 def format_summary(rows: List[dict], flops_before: float, flops_after: float,
-                   params_before: int, params_after: int) -> str:
-    """The table printed at finalize: per sub-block (any pruner's rows), then totals."""
-    lines = [f'{"sub-block":<10}{"dense":>12}{"kept":>12}{"goal κ":>9}{"κ":>8}  skipped']
+                   params_before: int, params_after: int, budget: Optional[dict] = None) -> str:
+    """The table printed at finalize: per sub-block (any pruner's rows), then totals; a
+    budget in another unit than params (`DepthAwarePruner.budget_report`) adds its columns
+    and its totals, and κ is then in that unit."""
+    unit = budget['budget'] if budget else 'params'
+    extra = unit != 'params'
+    label, scale = UNIT_LABELS[unit], UNIT_SCALES[unit]
+    head = f'{"dense " + label:>16}{"kept " + label:>16}' if extra else ''
+    lines = [f'{"sub-block":<10}{"dense":>12}{"kept":>12}{head}{"goal κ":>9}{"κ":>8}  skipped']
     for r in rows:
         goal = f'{r["goal_keep_ratio"]:>9.3f}' if r.get('goal_keep_ratio') is not None else f'{"–":>9}'
-        lines.append(f'{r["sub_block"]:<10}{r["dense_params"]:>12,}{r["kept_params"]:>12,}'
+        cost = f'{r["dense_cost"] * scale:>16,.2f}{r["kept_cost"] * scale:>16,.2f}' if extra else ''
+        lines.append(f'{r["sub_block"]:<10}{r["dense_params"]:>12,}{r["kept_params"]:>12,}{cost}'
                      f'{goal}{r["keep_ratio"]:>8.3f}  {"yes" if r["skipped"] else ""}')
     lines.append(f'params: {params_before:,} -> {params_after:,} ({params_after / params_before:.3f}); '
                  f'FLOPs: {flops_before / 1e6:,.1f}M -> {flops_after / 1e6:,.1f}M '
                  f'({flops_after / flops_before:.3f})')
+    if budget:
+        d, t, k = (budget[key] * scale for key in ('total_dense_cost', 'target_total_cost', 'total_kept_cost'))
+        lines.append(f'budget in {unit} ({label}): {d:,.2f} -> {k:,.2f} ({k / d:.3f}); target {t:,.2f} ({t / d:.3f})')
     return '\n'.join(lines)

@@ -25,8 +25,9 @@ import torch
 
 from models import GATE_NAMES, binarize
 from .block_performance import BlockPerformance, BlockPerformanceHeads, HeadShape
+from .cost import BUDGET_UNITS, build_cost
 from .cut import cut_model
-from .gates import check_masks_consistent, gates_of, kept_params, non_block_params, sub_blocks
+from .gates import check_masks_consistent, gates_of, kept_costs, kept_params, non_block_params, sub_blocks
 from .keep_ratio import KeepRatioFromDeltaPsi, block_budget, ramp, uniform_keep_ratio
 from .protocol import ConfigError, Pruner, PrunerModule, Record, summary_row
 from .schedule import PruneSchedule
@@ -67,6 +68,10 @@ class PruneConfig:
     # learning rate) between mask updates, through a flag read on the wrong object (README,
     # departures); METHOD.md §2 sets them by the pruner only, the default here
     train_gates: bool = False
+    # what the prune ratio removes a share of (pruning/cost.py): parameters (the paper's), FLOPs,
+    # or the latency measured on one device, from the table in `latency_table`
+    budget: str = 'params'
+    latency_table: Optional[str] = None
 
     def __post_init__(self):
         if not 0 < self.prune_ratio < 1:
@@ -96,6 +101,10 @@ class PruneConfig:
             raise ConfigError('gate_scale', f'names unknown gates {unknown}; gates are {", ".join(GATE_NAMES)}')
         if not all(v > 0 for v in self.gate_scale.values()):
             raise ConfigError('gate_scale', f'factors must be above 0, got {self.gate_scale}')
+        if self.budget not in BUDGET_UNITS:
+            raise ConfigError('budget', f'{self.budget!r} is not one of {", ".join(BUDGET_UNITS)}')
+        if (self.latency_table is not None) != (self.budget == 'latency'):
+            raise ConfigError('latency_table', 'is needed by the latency budget, and by it only')
         if self.keep_ratio_handcraft is not None and self.method != 'block_pr':
             raise ConfigError('keep_ratio_handcraft', f'replaces block_pr\'s κ, not {self.method}\'s')
         if self.keep_ratio_handcraft is not None and not all(0 <= k <= 1 for k in self.keep_ratio_handcraft):
@@ -133,13 +142,19 @@ class DepthAwarePruner(Pruner):
         self.module = PrunerModule(model, self.heads)
         self.performance = BlockPerformance(n_sb, device)
         self.taylor = TaylorScore(self._gates())
-        self.dense = torch.tensor([sb.dense_params for sb in self.sbs], dtype=torch.float64)
-        self.non_block = non_block_params(model, self.sbs)
+        try:  # the unit of κ, the budget and every target below (METHOD.md §4 step 4)
+            self.cost = build_cost(config.budget, model, config.latency_table)
+        except ValueError as e:
+            raise ConfigError('latency_table', str(e)) from None
+        self.dense = torch.tensor([sb.dense_cost(self.cost) for sb in self.sbs], dtype=torch.float64)
+        dense_blocks = sum(sb.dense_cost(self.cost) for sb in self.sbs)
+        self.non_block = self.cost.non_block(model, dense_blocks)
+        self.non_params = non_block_params(model, self.sbs)  # for the records, in any unit
         self.budget = block_budget(self.dense.tolist(), self.non_block, config.prune_ratio,
                                    config.block_params_only)
         if self.budget <= 0:
-            raise ConfigError('prune_ratio', f'{config.prune_ratio} leaves no parameters for the blocks: '
-                                             f'the {self.non_block} non-block parameters alone exceed the budget')
+            raise ConfigError('prune_ratio', f'{config.prune_ratio} leaves no {self.cost.unit} for the blocks: '
+                                             f'the {self.non_block:g} of the rest of the model alone exceed the budget')
         self.keep_ratio = (self._handcrafted_keep_ratio if handcraft is not None
                            else self._delta_psi_keep_ratio if config.method == 'block_pr'
                            else self._uniform_keep_ratio)
@@ -202,7 +217,7 @@ class DepthAwarePruner(Pruner):
         self.taylor.all_reduce()
         delta_c, delta_p = (m.cpu() for m in self.performance.mean(with_previous=final))
         window = Window(delta_c, delta_p, self.performance.window_size(with_previous=final))
-        kept_before = torch.tensor(kept_params(self.model, self.sbs), dtype=torch.float64)
+        kept_before = torch.tensor(kept_costs(self.model, self.sbs, self.cost), dtype=torch.float64)
         self.goal = self.keep_ratio(window, kept_before)
         applied = ramp(self.goal, self.schedule.ramp_progress(step))
         tau = self.schedule.tau(step) if tau is None else tau
@@ -235,7 +250,7 @@ class DepthAwarePruner(Pruner):
         return [self.taylor.mean(f'{sb.index}.{n}', with_previous=final) for n in sb.gate_names]
 
     def _place_per_sub_block(self, applied: torch.Tensor, tau: float, final: bool):
-        """§5 per sub-block, towards κ(step)·P_i. Each sub-block lands within one element of
+        """§5 per sub-block, towards κ(step)·P_i (P_i its dense cost in the budget's unit). Each sub-block lands within one element of
         its target; the difference is carried into the next sub-block's target, which keeps
         the model's total within one element of the budget too (without it the micro model
         drifted 1.3% under at pr 0.75). With `round_to`, each gate keeps a multiple of it (or
@@ -247,36 +262,39 @@ class DepthAwarePruner(Pruner):
             kappa = float(applied[sb.index])
             target = kappa * float(self.dense[sb.index])
             partial = 0 < kappa < 1
-            if partial and target + carry >= float(sb.params([min(r, n) for n in sb.gate_sizes])):
+            if partial and target + carry >= float(sb.cost([min(r, n) for n in sb.gate_sizes], self.cost)):
                 target, carry = target + carry, 0.
             importance = element_importance(self._scores(sb, final), sb.gate_names, self.cfg.gate_scale)
-            masks = sub_block_masks(sb, importance, target, tau, r)
+            masks = sub_block_masks(sb, importance, target, tau, r, self.cost)
             if partial:
-                carry += target - float(sb.params([int(binarize(m).sum()) for m in masks]))
+                carry += target - float(sb.cost([int(binarize(m).sum()) for m in masks], self.cost))
             out.append(masks)
         return out
 
     def _place_globally(self, applied: torch.Tensor, tau: float, final: bool):
         """The global ablation: one threshold over all sub-blocks' elements, ranked by Taylor
-        score per parameter the element controls (BASELINES.md)."""
+        score per parameter the element controls (BASELINES.md; per unit of the budget's cost)."""
         scores = []
         for sb in self.sbs:
             raw = torch.cat(self._scores(sb, final))
-            scores.append(raw / sb.element_costs().to(raw.device))
-        return global_masks(self.sbs, scores, float((applied * self.dense).sum()), tau, self.cfg.round_to)
+            scores.append(raw / sb.element_costs(self.cost).to(raw.device))
+        return global_masks(self.sbs, scores, float((applied * self.dense).sum()), tau, self.cfg.round_to,
+                            self.cost)
 
     def _record(self, step: int, tau: float, window: Window, applied: torch.Tensor) -> Record:
         kept = kept_params(self.model, self.sbs)
+        cost = kept_costs(self.model, self.sbs, self.cost)
         data = {
             'step': step, 'epoch': step / self.schedule.steps_per_epoch, 'tau': tau,
             'delta_psi_cls': window.delta_psi_cls.tolist(), 'delta_psi_patch': window.delta_psi_patch.tolist(),
             'importance_cls': None if self.imp_c is None else self.imp_c.tolist(),
             'importance_patch': None if self.imp_p is None else self.imp_p.tolist(),
             'goal_keep_ratio': self.goal.tolist(), 'applied_keep_ratio': applied.tolist(),
-            'keep_ratio': (torch.tensor(kept, dtype=torch.float64) / self.dense).tolist(),
-            'kept_params': kept, 'total_kept_params': int(sum(kept) + self.non_block),
+            'keep_ratio': (torch.tensor(cost, dtype=torch.float64) / self.dense).tolist(),
+            'kept_params': kept, 'total_kept_params': int(sum(kept) + self.non_params),
             'window': window.size,
         }
+        data.update(self.budget_report(cost))  # κ above is in its unit
         scalars = {'pruning/total_kept_params': data['total_kept_params'], 'pruning/tau': tau}
         tags = {'goal_keep_ratio': 'keep_ratio_goal', 'applied_keep_ratio': 'keep_ratio_applied',
                 'kept_params': 'kept_params', 'delta_psi_cls': 'delta_psi_cls', 'delta_psi_patch': 'delta_psi_patch'}
@@ -284,6 +302,15 @@ class DepthAwarePruner(Pruner):
             for key, tag in tags.items():
                 scalars[f'{tag}/{sb.name}'] = data[key][sb.index]
         return Record(data, scalars)
+
+    def budget_report(self, kept_cost: Optional[List[float]] = None) -> dict:
+        """The budget's unit, and in it the sub-blocks' kept cost and the model's dense, target
+        and kept totals (the rest of the model included)."""
+        kept_cost = kept_costs(self.model, self.sbs, self.cost) if kept_cost is None else kept_cost
+        return {'budget': self.cost.unit, 'kept_cost': list(kept_cost),
+                'total_dense_cost': float(self.dense.sum()) + self.non_block,
+                'target_total_cost': self.budget + self.non_block,
+                'total_kept_cost': float(sum(kept_cost)) + self.non_block}
 
     # ---- the end ------------------------------------------------------------------------
     @torch.no_grad()
@@ -296,9 +323,11 @@ class DepthAwarePruner(Pruner):
         self.update_masks(last, tau=self.schedule.tau_min, final=True)
         for g in self._gates().values():
             g.copy_(binarize(g).to(g))
-        kept = kept_params(self.model, self.sbs)
-        rows = [summary_row(sb.name, sb.dense_params, k, float(self.goal[sb.index]))
-                for sb, k in zip(self.sbs, kept)]
+        kept, cost = kept_params(self.model, self.sbs), kept_costs(self.model, self.sbs, self.cost)
+        self.final_budget = self.budget_report(cost)
+        rows = [summary_row(sb.name, sb.dense_params, k, float(self.goal[sb.index]),
+                            self.cost.unit, float(self.dense[sb.index]), c)
+                for sb, k, c in zip(self.sbs, kept, cost)]
         cut = cut_model(self.model)
         self.model.remove_gates()
         return cut, rows

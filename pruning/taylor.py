@@ -109,7 +109,7 @@ def round_kept(kept: torch.Tensor, sizes: torch.Tensor, multiple: int) -> torch.
     return torch.where(kept >= sizes, sizes, torch.div(kept, multiple, rounding_mode='floor') * multiple)
 
 
-def _search(sb: SubBlock, importance: torch.Tensor, target: float, round_to: int = 1):
+def _search(sb: SubBlock, importance: torch.Tensor, target: float, round_to: int = 1, cost=None):
     """(t, order, kept): the best t on the sorted path, the order, and each gate's kept count."""
     sizes = torch.tensor(sb.gate_sizes, dtype=torch.float64)
     gate_of = torch.repeat_interleave(torch.arange(3), torch.tensor(sb.gate_sizes)).to(importance.device)
@@ -118,15 +118,16 @@ def _search(sb: SubBlock, importance: torch.Tensor, target: float, round_to: int
     dropped = torch.cat([torch.zeros(1, 3, dtype=torch.float64, device=onehot.device),
                          onehot.cumsum(0)])              # (n + 1, 3): dropped per gate for t = 0 … n
     kept = round_kept(sizes.to(dropped) - dropped, sizes.to(dropped), round_to)
-    params = sb.params([kept[:, 0], kept[:, 1], kept[:, 2]])
-    t = int(torch.argmin((params - target).abs()))  # first minimum: the smaller cut on ties
+    kept_cost = sb.cost([kept[:, 0], kept[:, 1], kept[:, 2]], cost)
+    t = int(torch.argmin((kept_cost - target).abs()))  # first minimum: the smaller cut on ties
     return t, order, kept[t]
 
 
 def threshold_search(sb: SubBlock, importance: torch.Tensor, target: float,
-                     round_to: int = 1) -> Tuple[int, torch.Tensor]:
+                     round_to: int = 1, cost=None) -> Tuple[int, torch.Tensor]:
     """Steps 3–4: sort ascending and choose t, the number of lowest elements to drop, so that
-    the sub-block keeps as close to `target` parameters as possible.
+    the sub-block keeps as close to `target` parameters as possible (or `target` in the unit
+    of `cost`, `pruning.cost`: then the kept cost is evaluated the same way).
 
     Returns (t, order). The authors linearise the coupled cost and iterate; here the kept count
     is evaluated exactly for every t at once: the kept elements of each gate after dropping t
@@ -134,7 +135,7 @@ def threshold_search(sb: SubBlock, importance: torch.Tensor, target: float,
     Kept params never grow with t, so the best t is within one element's cost of the target.
     With `round_to`, each gate's kept count at t is rounded down to a multiple of it.
     """
-    t, order, _ = _search(sb, importance, target, round_to)
+    t, order, _ = _search(sb, importance, target, round_to, cost)
     return t, order
 
 
@@ -172,23 +173,24 @@ def soft_mask(n: int, t: int, tau: float, device=None) -> torch.Tensor:
 
 
 def sub_block_masks(sb: SubBlock, importance: torch.Tensor, target: float,
-                    tau: float, round_to: int = 1) -> List[torch.Tensor]:
-    """Steps 3–5 for one sub-block: the soft masks of its three gates."""
-    t, order, kept = _search(sb, importance, target, round_to)
+                    tau: float, round_to: int = 1, cost=None) -> List[torch.Tensor]:
+    """Steps 3–5 for one sub-block: the soft masks of its three gates (`target` in the unit
+    of `cost`; None: parameters)."""
+    t, order, kept = _search(sb, importance, target, round_to, cost)
     gate_of = torch.repeat_interleave(torch.arange(3), torch.tensor(sb.gate_sizes)).to(importance.device)
     values = _masks_for_counts(order, gate_of, torch.tensor(sb.gate_sizes, dtype=torch.float64), kept, tau)
     return _remove_if_empty(list(torch.split(values, list(sb.gate_sizes))))
 
 
 def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target: float,
-                 tau: float, round_to: int = 1) -> List[List[torch.Tensor]]:
+                 tau: float, round_to: int = 1, cost=None) -> List[List[torch.Tensor]]:
     """The global ablation: one threshold over the elements of all sub-blocks at once.
 
     `scores[i]` are sub-block i's Taylor scores divided by `SubBlock.element_costs`, concatenated
     over its gates. Elements are ranked together and the t lowest dropped, with t the smallest
     count whose kept parameters (§2's coupled count, each gate's count rounded down to a
-    multiple of `round_to`) do not exceed `target` (or the closer of t and t − 1); the soft mask
-    of §5 is applied to the global ranking.
+    multiple of `round_to`; or the kept cost in the unit of `cost`) do not exceed `target` (or
+    the closer of t and t − 1); the soft mask of §5 is applied to the global ranking.
     """
     device = scores[0].device
     flat = torch.cat(list(scores))
@@ -202,19 +204,19 @@ def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target
         dropped = torch.bincount(gate_of[order[:t]], minlength=len(sizes)).double().cpu()
         return round_kept(dense - dropped, dense, round_to)
 
-    def kept_params(t):
+    def kept_cost(t):
         kept = kept_counts(t)
-        return sum(float(sb.params(kept[3 * i:3 * i + 3])) for i, sb in enumerate(sbs))
+        return sum(float(sb.cost(kept[3 * i:3 * i + 3], cost)) for i, sb in enumerate(sbs))
 
-    lo, hi = 0, len(flat)  # kept_params never grows with t: find the first t under target
+    lo, hi = 0, len(flat)  # kept_cost never grows with t: find the first t under target
     while lo < hi:
         mid = (lo + hi) // 2
-        if kept_params(mid) <= target:
+        if kept_cost(mid) <= target:
             hi = mid
         else:
             lo = mid + 1
     t = lo
-    if t > 0 and abs(kept_params(t - 1) - target) < abs(kept_params(t) - target):
+    if t > 0 and abs(kept_cost(t - 1) - target) < abs(kept_cost(t) - target):
         t -= 1
     values = _masks_for_counts(order, gate_of, dense, kept_counts(t), tau)
     out = []

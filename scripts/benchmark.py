@@ -10,6 +10,9 @@ measured without training:
 
     python scripts/benchmark.py --model deit_small_patch16_224 --prune-ratio 0.5 --batch-size 32
 
+`--prune-budget flops` or `--prune-budget latency --latency-table FILE` (scripts/latency_table.py)
+make that cut remove the share of FLOPs or of the table's latency instead of parameters.
+
 FLOPs are counted by torch.utils.flop_counter (matmuls and convolutions; a multiply-add is 2
 FLOPs). The dense model is the uncut model of the same family, input size and class count.
 """
@@ -24,17 +27,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 import timm  # noqa: E402
-from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
+from pruning import BUDGET_UNITS, ConfigError, DepthAwarePruner, LatencyTable, PruneConfig, PruneSchedule  # noqa: E402
 from models import state_dict_mismatch  # noqa: E402
 from train.validate import check_device  # noqa: E402
 from utils import UsageError, count_flops, load_checkpoint_file, prepare_out, synchronize  # noqa: E402
 
 
-def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr', round_to=None):
+def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr', round_to=None,
+               budget='params', latency_table=None):
     """A cut architecture with the method's budget from random scores: for DAP random ΔΨ
     decide κ and random Taylor scores the elements; for SaViT random Taylor scores drive the
     search (heads, MLP neurons and embedding channels). `round_to` as --prune-round-to (None:
-    its default)."""
+    its default); DAP's `budget` in params, flops or latency (`latency_table`, a file)."""
     torch.manual_seed(seed)
     model = timm.create_model(name, num_classes=num_classes, img_size=img_size)
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +48,8 @@ def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_p
     else:
         schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0,
                                  finalize_epoch=1, steps_update_mask=1)
-        config = PruneConfig(prune_ratio=prune_ratio, method=method,
+        config = PruneConfig(prune_ratio=prune_ratio, method=method, budget=budget,
+                             latency_table=latency_table,
                              **({} if round_to is None else {'round_to': round_to}))
         pruner = DepthAwarePruner(model, num_classes, config, schedule)
         n = len(pruner.sbs)
@@ -110,6 +115,11 @@ def get_args(argv=None):
     p.add_argument('--deploy', default='measure', choices=['measure', 'none'],
                    help='measure: every cut sub-block in its fastest exact form on this device '
                         '(models.deploy, chosen per sub-block by timing); none: the plain cut model')
+    p.add_argument('--prune-budget', default='params', choices=BUDGET_UNITS,
+                   help='what --prune-ratio removes a share of in the random DAP cut')
+    p.add_argument('--latency-table', default=None,
+                   help='--prune-budget latency: the table (scripts/latency_table.py); with any '
+                        'budget, also print the latency it predicts')
     p.add_argument('--prune-round-to', type=int, default=None,
                    help='round kept widths to this multiple in the random cut (default: --prune-round-to\'s)')
     p.add_argument('--onnx', action='store_true',
@@ -131,10 +141,14 @@ def build_variants(args):
         if args.model not in models.CONFIGS:
             sys.exit(f'error: unknown --model {args.model!r}')
         size = args.input_size or models.CONFIGS[args.model].img_size
-        dense, cut = random_cut(args.model, args.prune_ratio, args.num_classes, size, args.seed,
-                                args.prune_method, args.prune_round_to)
-        source = (f'{args.model}, {args.prune_method} at prune ratio {args.prune_ratio}, '
-                  f'random scores (seed {args.seed})')
+        try:
+            dense, cut = random_cut(args.model, args.prune_ratio, args.num_classes, size, args.seed,
+                                    args.prune_method, args.prune_round_to, args.prune_budget,
+                                    args.latency_table if args.prune_budget == 'latency' else None)
+        except ConfigError as e:
+            raise UsageError(e.reason if e.field == 'latency_table' else str(e)) from None
+        source = (f'{args.model}, {args.prune_method} at prune ratio {args.prune_ratio} of '
+                  f'{args.prune_budget}, random scores (seed {args.seed})')
     device = torch.device(args.device)
     variants = {'dense': dense.to(device), 'cut': cut.to(device)}
     if args.align:
@@ -215,6 +229,13 @@ def report(res, variants, args):
     print(f'speedup {res["speedup"]:.2f}x, FLOPs-ideal {res["flops_ideal_speedup"]:.2f}x '
           f'({res["speedup_vs_ideal"]:.2f} of ideal)'
           + (f'; aligned cut: {res["speedup_aligned"]:.2f}x' if args.align else ''))
+    print(f'cut / dense: latency {res["latency_ratio"]:.3f}, FLOPs {res["flops_ratio"]:.3f}, params '
+          f'{res["cut"]["params"] / res["dense"]["params"]:.3f}')
+    if args.latency_table:
+        t = args.table.table
+        pd, pc = res['dense']['predicted_ms_per_batch'], res['cut']['predicted_ms_per_batch']
+        print(f'latency table {args.latency_table} ({t["device"]}, batch {t["batch_size"]}): predicts dense '
+              f'{pd:.1f} ms, cut {pc:.1f} ms (cut / dense {pc / pd:.3f})')
     if args.reference:
         r = res[args.reference]
         print(f'{args.reference} (uncut reference): {r["speedup"]:.2f}x, FLOPs-ideal '
@@ -231,6 +252,16 @@ def check_args(args):
                                ('--input-size', args.input_size, 1)):
         if value is not None and value < least:
             raise UsageError(f'{flag} must be at least {least}, got {value}')
+    if args.prune_budget == 'latency' and not args.latency_table:
+        raise UsageError('--prune-budget latency needs --latency-table FILE (scripts/latency_table.py)')
+    if args.prune_budget != 'params' and (args.checkpoint or args.prune_method == 'savit'):
+        raise UsageError(f'--prune-budget {args.prune_budget} sets the budget of the random DAP cut; '
+                         + ('a --checkpoint is already cut' if args.checkpoint else 'SaViT counts parameters'))
+    if args.latency_table:
+        try:
+            args.table = LatencyTable.load(args.latency_table)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     check_device(args.device)
     if args.json:
         prepare_out(args.json, '--json')
@@ -263,6 +294,11 @@ def main(argv=None):
         res[name] = {'params': sum(q.numel() for q in model.parameters()),
                      'flops_per_image': count_flops(model, size, device),
                      'latency_ms_per_batch': 1e3 * t, 'throughput_img_s': args.batch_size / t}
+        if args.latency_table:
+            res[name]['predicted_ms_per_batch'] = args.table.predict_ms(model)
+    res['budget'] = args.prune_budget
+    res['latency_ratio'] = times['cut'] / times['dense']
+    res['flops_ratio'] = res['cut']['flops_per_image'] / res['dense']['flops_per_image']
     res['speedup'] = times['dense'] / times['cut']
     res['flops_ideal_speedup'] = res['dense']['flops_per_image'] / res['cut']['flops_per_image']
     res['speedup_vs_ideal'] = res['speedup'] / res['flops_ideal_speedup']

@@ -16,6 +16,11 @@ import pytest
 import timm
 import torch
 
+# Under pytest-xdist (the README's `-n 2`) each worker is one of two processes on the cores:
+# one intra-op thread each, or their spinning OpenMP threads slow both down many times over.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)

@@ -201,11 +201,12 @@ class Trainer:
         cut, rows = self.pruner.finalize()
         params_after = cut.num_parameters()
         flops_after = utils.count_flops(cut, args.input_size, self.device)
-        print(format_summary(rows, flops_before, flops_after, params_before, params_after))
+        budget = self.pruner.final_budget
+        print(format_summary(rows, flops_before, flops_after, params_before, params_after, budget))
         summary = {'event': 'finalize', 'method': args.prune_method, 'epoch': epoch, 'sub_blocks': rows,
                    'params_dense': params_before, 'params_cut': params_after,
                    'flops_dense': flops_before, 'flops_cut': flops_after,
-                   'depth': cut.depth, 'embed_dim': cut.embed_dim}
+                   'depth': cut.depth, 'embed_dim': cut.embed_dim, **(budget or {})}
         self.run.log_pruning(summary)
         print('Accuracy of the cut model:')
         test_stats = self.evaluate(loader_val, cut)

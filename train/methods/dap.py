@@ -1,6 +1,6 @@
 """Depth Aware Pruning (`block_pr`, METHOD.md) and its budget ablations `uniform` and `global`
 (docs/BASELINES.md, "Ablations"): their flags, configuration and schedule."""
-from pruning import BPI_MODES, TAYLOR_WINDOWS, DepthAwarePruner, PruneConfig, PruneSchedule
+from pruning import BPI_MODES, BUDGET_UNITS, TAYLOR_WINDOWS, DepthAwarePruner, PruneConfig, PruneSchedule
 from train.flags import Flatten, format_gate_scale, gate_scale, numbers, real, steps_or_auto
 
 from .registry import Family, default, register
@@ -36,6 +36,13 @@ def add_flags(group):
     group.add_argument('--prune-round-to', default=config('round_to'), type=int,
                        help='kept widths (read / written dims, head_dim, hidden) multiples of this '
                             '(or whole): 8 keeps GPU tensor cores busy; 1 is the paper\'s method')
+    group.add_argument('--prune-budget', default=config('budget'), choices=BUDGET_UNITS,
+                       help='what --prune-ratio removes a share of: parameters (the paper\'s), FLOPs '
+                            '(torch.utils.flop_counter\'s count), or latency measured on one device '
+                            '(--latency-table)')
+    group.add_argument('--latency-table', default=config('latency_table'), metavar='FILE',
+                       help='--prune-budget latency: the table of sub-block times that '
+                            'scripts/latency_table.py measured on the target device')
     group.add_argument('--prune-train-gates', action='store_true', default=config('train_gates'),
                        help='the optimizer also moves the gates between mask updates (AdamW, no weight '
                             'decay, the backbone\'s rate), as the authors\' runs did')
@@ -60,7 +67,8 @@ def config(args) -> PruneConfig:
                        taylor_window=args.prune_taylor_window, head_lr=args.lr_soft_head,
                        bpi_mode=args.bpi_mode, bpi_width_div=args.bpi_fast_width,
                        bpi_grid=args.bpi_fast_grid, bpi_fraction=args.bpi_fast_fraction,
-                       round_to=args.prune_round_to, train_gates=args.prune_train_gates)
+                       round_to=args.prune_round_to, train_gates=args.prune_train_gates,
+                       budget=args.prune_budget, latency_table=args.latency_table)
 
 
 def schedule(args, steps_per_epoch: int) -> PruneSchedule:
@@ -79,7 +87,8 @@ DAP = register(Family(
     fields={'method': '--prune-method', 'keep_ratio_handcraft': '--prune-kr-handcraft',
             'gate_scale': '--prune-scale-gate-imp', 'gamma': '--pr-gamma', 'alpha': '--pr-alpha',
             'block_imp_scale': '--pr-block-imp-scale', 'taylor_window': '--prune-taylor-window',
-            'head_lr': '--lr-soft-head', 'train_gates': '--prune-train-gates', 'round_to': '--prune-round-to', 'bpi_mode': '--bpi-mode',
+            'head_lr': '--lr-soft-head', 'train_gates': '--prune-train-gates', 'round_to': '--prune-round-to',
+            'budget': '--prune-budget', 'latency_table': '--latency-table', 'bpi_mode': '--bpi-mode',
             'bpi_width_div': '--bpi-fast-width', 'bpi_grid': '--bpi-fast-grid',
             'bpi_fraction': '--bpi-fast-fraction', 'start_epoch': '--prune-start-epoch',
             'sparse_epoch': '--prune-sparse-epoch', 'steps_update_mask': '--prune-steps-update-mask',

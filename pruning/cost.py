@@ -1,0 +1,227 @@
+"""What DAP's budget counts (METHOD.md §4 step 4): the cost of one sub-block as a function of
+the element counts its three gates keep, in one of three units (`--prune-budget`).
+
+params   §2's coupled parameter count (`gates.attn_params`, `gates.mlp_params`): the paper's
+flops    FLOPs of one image's forward as torch.utils.flop_counter counts them: a multiply-add
+         is 2; qkv, q·kᵀ, attn·v and proj, fc1 and fc2 count; norms, softmax, GELU, gathers
+         and adds do not (`utils.count_flops`)
+latency  milliseconds of one batch's forward on one device, interpolated in a table measured
+         there by `scripts/latency_table.py` (`LatencyTable`)
+
+Each cost is elementwise on tensors of kept counts (the threshold search evaluates every cut
+of a sub-block at once) and 0 where a width is 0: the cut removes such a sub-block. The
+`non_block` cost (patch embedding, tokens, final norm, head) is never pruned; the budget is
+(1 − pr) of the dense model's total in the unit.
+"""
+import json
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from .gates import _count, attn_params, mlp_params
+
+BUDGET_UNITS = ('params', 'flops', 'latency')
+TABLE_FORMAT = 'dap-latency-table/1'
+
+
+def _as_float64(*widths):
+    return any(isinstance(w, torch.Tensor) for w in widths), \
+        [torch.as_tensor(w, dtype=torch.float64) for w in widths]
+
+
+class Cost:
+    """The cost of the sub-blocks of one dense model, in `unit`."""
+    unit = ''
+
+    def attn(self, d_in, heads, head_dim, d_out):
+        raise NotImplementedError
+
+    def mlp(self, d_in, hidden, d_out):
+        raise NotImplementedError
+
+    def non_block(self, model, dense_sub_blocks: float) -> float:
+        """Cost of what is never pruned, given the dense sub-blocks' total in this unit."""
+        raise NotImplementedError
+
+
+class ParamsCost(Cost):
+    unit = 'params'
+
+    def attn(self, d_in, heads, head_dim, d_out):
+        return attn_params(d_in, heads, head_dim, d_out)
+
+    def mlp(self, d_in, hidden, d_out):
+        return mlp_params(d_in, hidden, d_out)
+
+    def non_block(self, model, dense_sub_blocks):
+        return model.num_parameters() - dense_sub_blocks
+
+
+class FlopsCost(Cost):
+    """FLOPs of one image through a sub-block that sees `tokens` tokens (patches + class)."""
+    unit = 'flops'
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+    def attn(self, d_in, heads, head_dim, d_out):
+        as_tensor, (a, h, b, c) = _as_float64(d_in, heads, head_dim, d_out)
+        n, inner = self.tokens, h * b
+        flops = 2 * n * (3 * a * inner + inner * c) + 4 * n * n * inner  # qkv, proj; q·kᵀ, attn·v
+        return _count(flops, (a, h, b, c), as_tensor)
+
+    def mlp(self, d_in, hidden, d_out):
+        as_tensor, (a, b, c) = _as_float64(d_in, hidden, d_out)
+        return _count(2 * self.tokens * (a * b + b * c), (a, b, c), as_tensor)
+
+    def non_block(self, model, dense_sub_blocks=None):
+        """The patch embedding's convolution and the head on the class token."""
+        pe = model.patch_embed
+        per_patch = model.in_chans * math.prod(pe.patch_size) * model.embed_dim
+        head = model.embed_dim * model.num_classes if model.num_classes > 0 else 0
+        return float(2 * pe.num_patches * per_patch + 2 * head)
+
+
+def _interpolate(axes: Sequence[torch.Tensor], values: torch.Tensor, points: Sequence[torch.Tensor]):
+    """Multilinear interpolation of `values` (a grid over `axes`) at `points` (broadcast
+    tensors), each point clamped into the grid."""
+    idx, frac = [], []
+    for ax, p in zip(axes, points):
+        p = p.clamp(float(ax[0]), float(ax[-1]))
+        i = (torch.searchsorted(ax, p.contiguous(), right=True) - 1).clamp(0, len(ax) - 2)
+        idx.append(i)
+        frac.append((p - ax[i]) / (ax[i + 1] - ax[i]))
+    out = torch.zeros_like(points[0])
+    for corner in range(2 ** len(axes)):
+        w, at = torch.ones_like(out), []
+        for k in range(len(axes)):
+            up = (corner >> k) & 1
+            w = w * (frac[k] if up else 1 - frac[k])
+            at.append(idx[k] + up)
+        out = out + w * values[tuple(at)]
+    return out
+
+
+class LatencyTable(Cost):
+    """Milliseconds of one batch through a sub-block, interpolated multilinearly in the grid
+    that `scripts/latency_table.py` measured (read, attention or MLP, write; all heads kept,
+    as DAP keeps them), and the measured time of the rest of the model (`other_ms`)."""
+    unit = 'latency'
+    KEYS = ('format', 'model', 'embed_dim', 'num_heads', 'head_dim', 'mlp_hidden', 'tokens',
+            'batch_size', 'input_size', 'device', 'torch', 'threads', 'other_ms', 'attn', 'mlp')
+
+    def __init__(self, table: Dict, source: str = 'the latency table'):
+        self.table = self.check(table, source)
+        self.source = source
+        self.attn_axes = [torch.tensor(table['attn']['axes'][k], dtype=torch.float64)
+                          for k in ('d_in', 'head_dim', 'd_out')]
+        self.attn_ms = torch.tensor(table['attn']['ms'], dtype=torch.float64)
+        self.mlp_axes = [torch.tensor(table['mlp']['axes'][k], dtype=torch.float64)
+                         for k in ('d_in', 'hidden', 'd_out')]
+        self.mlp_ms = torch.tensor(table['mlp']['ms'], dtype=torch.float64)
+
+    @classmethod
+    def load(cls, path: str) -> 'LatencyTable':
+        """The table in `path`; ValueError (one line) naming the problem."""
+        try:
+            with open(path) as f:
+                table = json.load(f)
+        except OSError as e:
+            raise ValueError(f'cannot read the latency table {path}: {e.strerror or e}') from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f'the latency table {path} is not JSON ({e})') from None
+        return cls(table, path)
+
+    @classmethod
+    def check(cls, table, source):
+        """The table's shape: every key, axes ascending from at least 1, a positive finite grid
+        of the axes' size; ValueError naming the first problem."""
+        if not isinstance(table, dict):
+            raise ValueError(f'{source} is not a latency table (a JSON object)')
+        missing = [k for k in cls.KEYS if k not in table]
+        if missing or table.get('format') != TABLE_FORMAT:
+            raise ValueError(f'{source} is not a {TABLE_FORMAT} file (missing {", ".join(missing) or "format"}): '
+                             'make one with scripts/latency_table.py')
+        for kind, names in (('attn', ('d_in', 'head_dim', 'd_out')), ('mlp', ('d_in', 'hidden', 'd_out'))):
+            part = table[kind]
+            try:
+                axes = [[float(v) for v in part['axes'][n]] for n in names]
+                grid = torch.tensor(part['ms'], dtype=torch.float64)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f'{source}: "{kind}" needs axes {", ".join(names)} and a grid "ms" ({e})') from None
+            for n, ax in zip(names, axes):
+                if len(ax) < 2 or ax[0] < 1 or any(b <= a for a, b in zip(ax, ax[1:])):
+                    raise ValueError(f'{source}: {kind} axis {n} must rise from at least 1 in 2 or more steps, got {ax}')
+            if tuple(grid.shape) != tuple(len(ax) for ax in axes):
+                raise ValueError(f'{source}: {kind} grid has shape {tuple(grid.shape)}, its axes '
+                                 f'{tuple(len(ax) for ax in axes)}')
+            if not (torch.isfinite(grid).all() and (grid > 0).all()):
+                raise ValueError(f'{source}: {kind} times must be positive and finite')
+        other = table['other_ms']
+        if not isinstance(other, (int, float)) or not math.isfinite(other) or other < 0:
+            raise ValueError(f'{source}: other_ms must be a finite time of at least 0, got {other!r}')
+        return table
+
+    def check_model(self, model) -> None:
+        """ValueError unless the table was measured for `model`'s dense shape."""
+        want = {'embed_dim': model.embed_dim, 'num_heads': model.num_heads,
+                'head_dim': model.embed_dim // model.num_heads,
+                'mlp_hidden': int(model.embed_dim * model.mlp_ratio),
+                'tokens': model.patch_embed.num_patches + 1}
+        wrong = [f'{k} {self.table[k]} (the model: {v})' for k, v in want.items() if self.table[k] != v]
+        if wrong:
+            raise ValueError(f'{self.source} was measured for another model ({self.table["model"]}, '
+                             f'{self.table["input_size"]} px): ' + '; '.join(wrong))
+
+    def attn(self, d_in, heads, head_dim, d_out):
+        as_tensor, (a, h, b, c) = _as_float64(d_in, heads, head_dim, d_out)
+        a, h, b, c = torch.broadcast_tensors(a, h, b, c)
+        # measured with all heads (DAP's cut); fewer heads scale the time by their share
+        ms = _interpolate(self.attn_axes, self.attn_ms, (a, b, c)) * h / self.table['num_heads']
+        return _count(ms, (a, h, b, c), as_tensor) if as_tensor else float(_count(ms, (a, h, b, c), True))
+
+    def mlp(self, d_in, hidden, d_out):
+        as_tensor, (a, b, c) = _as_float64(d_in, hidden, d_out)
+        a, b, c = torch.broadcast_tensors(a, b, c)
+        ms = _interpolate(self.mlp_axes, self.mlp_ms, (a, b, c))
+        return _count(ms, (a, b, c), as_tensor) if as_tensor else float(_count(ms, (a, b, c), True))
+
+    def non_block(self, model, dense_sub_blocks=None):
+        return float(self.table['other_ms'])
+
+    def predict_ms(self, model) -> float:
+        """The predicted milliseconds per batch of a dense or cut `models.VisionTransformer`:
+        the rest of the model and each sub-block it has, at the widths of its `arch`."""
+        return self.non_block(model) + sum(sub_block_cost(self, model))
+
+
+def sub_block_cost(cost: Cost, model):
+    """The cost of each sub-block a dense or cut model has, in layer order (attention, MLP),
+    read from its `arch`: what the cut model really keeps, whatever pruned it."""
+    out, D = [], model.embed_dim
+    width = lambda idx: D if idx is None else len(idx)  # noqa: E731
+    for blk in model.arch()['blocks']:
+        a, m = blk['attn'], blk['mlp']
+        if a is not None:
+            out.append(float(cost.attn(width(a['in_idx']), a['num_heads'], a['head_dim'], width(a['out_idx']))))
+        if m is not None:
+            out.append(float(cost.mlp(width(m['in_idx']), m['hidden_features'], width(m['out_idx']))))
+    return out
+
+
+def build_cost(unit: str, model, latency_table: Optional[str] = None) -> Cost:
+    """The cost model of `unit` for the dense `model`; `latency_table` is the file for
+    `latency`. ValueError (one line) for an unknown unit or a table that does not fit."""
+    if unit == 'params':
+        return ParamsCost()
+    if unit == 'flops':
+        return FlopsCost(model.patch_embed.num_patches + 1)
+    if unit == 'latency':
+        if latency_table is None:
+            raise ValueError('the latency budget needs a table (--latency-table FILE, made by '
+                             'scripts/latency_table.py)')
+        table = LatencyTable.load(latency_table)
+        table.check_model(model)
+        return table
+    raise ValueError(f'unknown budget unit {unit!r}; units are {", ".join(BUDGET_UNITS)}')

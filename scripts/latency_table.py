@@ -1,0 +1,205 @@
+"""Measure the latency table of `--prune-budget latency` on this device (pruning/cost.py).
+
+Times one batch through sub-blocks of the cut model's forms (read: LayerNorm and the gather of
+the dims it reads; attention or MLP; write: the add into the dims it writes) over a grid of
+their widths, all heads kept as DAP keeps them, and the rest of the model (patch embedding,
+tokens, final norm, head). The budget interpolates in the grid; the table records what it was
+measured on (device, torch, threads, batch, input size). It then checks itself: predicted
+against measured milliseconds of the dense model and of cuts made from random scores.
+
+    python scripts/latency_table.py --model deit_small_patch16_224 --input-size 224 \
+        --batch-size 32 --device cpu --out tables/deit_small_cpu_b32.json
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402
+import timm  # noqa: E402
+from models import median_seconds  # noqa: E402
+from models.vision_transformer import Block  # noqa: E402
+from pruning.cost import TABLE_FORMAT, LatencyTable  # noqa: E402
+from train.validate import check_device  # noqa: E402
+from utils import UsageError, prepare_out  # noqa: E402
+
+
+def axis(size: int, points: int, step: int = 8):
+    """`points` widths from `step` to `size`, multiples of `step`, and `size − step`: the last
+    interval holds the step from a full width (no gather, a plain add) to a partial one."""
+    step = min(step, size)
+    values = {max(step, round(step + (size - step) * k / (points - 1)) // step * step) for k in range(points)}
+    values |= {size, max(step, size - step)}
+    return sorted(v for v in values if v <= size)
+
+
+def spread(width: int, size: int):
+    """`width` of `size` dims spread over the range (None: all of them), as a cut keeps them."""
+    if width >= size:
+        return None
+    return sorted({int(i * size / width) for i in range(width)})
+
+
+def sub_block(kind, D, H, d_in, middle, d_out, scale, device, dtype):
+    """A one-sub-block Block of the given widths (random weights), in eval mode, adding in place."""
+    sub = ({'in_idx': spread(d_in, D), 'out_idx': spread(d_out, D), 'num_heads': H, 'head_dim': middle}
+           if kind == 'attn' else
+           {'in_idx': spread(d_in, D), 'out_idx': spread(d_out, D), 'hidden_features': middle})
+    blk = Block(D, {'attn': None, 'mlp': None, kind: sub}, scale).to(device=device, dtype=dtype).eval()
+    for w in blk.writes():
+        w.inplace = True
+    return blk
+
+
+@torch.no_grad()
+def time_grid(kind, model, axes, x, amp, warmup, iters):
+    """Milliseconds of one batch x through each sub-block of the grid (nested lists)."""
+    D, H = model.embed_dim, model.num_heads
+    run = 'forward_attn' if kind == 'attn' else 'forward_mlp'
+    grid = torch.zeros([len(a) for a in axes], dtype=torch.float64)
+    for i, a in enumerate(axes[0]):
+        for j, b in enumerate(axes[1]):
+            for k, c in enumerate(axes[2]):
+                blk = sub_block(kind, D, H, a, b, c, model.attn_scale, x.device, x.dtype)
+                with torch.autocast(x.device.type, enabled=amp):
+                    grid[i, j, k] = 1e3 * median_seconds(lambda: getattr(blk, run)(x), x.device, warmup, iters)
+    return grid
+
+
+def monotone(grid: torch.Tensor) -> torch.Tensor:
+    """The grid made non-decreasing along every axis (the running maximum): a sub-block that
+    keeps more never costs less, so noise cannot reward keeping more, and the budget's
+    searches may assume it. Measured dips (a full width that needs no gather) are raised."""
+    for dim in range(grid.ndim):
+        grid = torch.cummax(grid, dim=dim).values
+    return grid
+
+
+def rest_of_model(model):
+    """The model with every sub-block removed: patch embedding, tokens, final norm and head."""
+    arch = model.arch()
+    arch.update(blocks=[{'attn': None, 'mlp': None} for _ in arch['blocks']], cut=True)
+    return models.build_from_arch(arch)
+
+
+@torch.no_grad()
+def time_model(model, images, amp, warmup, iters):
+    model.eval()
+    with torch.autocast(images.device.type, enabled=amp):
+        return 1e3 * median_seconds(lambda: model(images), images.device, warmup, iters)
+
+
+def check_table(table: LatencyTable, args, dense, images, amp):
+    """Predicted against measured ms per batch: the dense model and random-score DAP cuts at
+    prune ratios 0.5 and 0.75 of parameters (interleaved, best of 2 rounds)."""
+    from benchmark import random_cut
+    cases = {'dense': dense}
+    for pr in args.check_ratios:
+        _, cut = random_cut(args.model, pr, dense.num_classes, args.input_size, seed=args.seed)
+        cases[f'cut pr {pr} (params)'] = cut.to(images.device).set_inplace_writes(True)
+    dense.set_inplace_writes(True)
+    measured = {name: [] for name in cases}
+    for _ in range(2):
+        for name, m in cases.items():
+            measured[name].append(time_model(m, images, amp, args.warmup, args.iters))
+    return [{'model': name, 'predicted_ms': table.predict_ms(m), 'measured_ms': min(measured[name])}
+            for name, m in cases.items()]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--model', default='deit_small_patch16_224')
+    p.add_argument('--input-size', type=int, default=None, help='default: the model\'s')
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--num-classes', type=int, default=1000)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--amp', action='store_true', help='time under float16 autocast (CUDA)')
+    p.add_argument('--points', type=int, default=5,
+                   help='grid points per width axis (the hidden width gets one more), besides the '
+                        'step below the full width')
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--iters', type=int, default=5)
+    p.add_argument('--check-ratios', type=float, nargs='*', default=[0.5, 0.75],
+                   help='prune ratios of the random-score cuts the table is checked on')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', required=True, help='the table, JSON')
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.model not in models.CONFIGS:
+        raise UsageError(f'unknown --model {args.model!r}: one of {", ".join(sorted(models.CONFIGS))}')
+    for flag, value, least in (('--batch-size', args.batch_size, 1), ('--points', args.points, 2),
+                               ('--iters', args.iters, 1), ('--warmup', args.warmup, 0),
+                               ('--num-classes', args.num_classes, 1), ('--input-size', args.input_size, 1)):
+        if value is not None and value < least:
+            raise UsageError(f'{flag} must be at least {least}, got {value}')
+    if not all(0 < r < 1 for r in args.check_ratios):
+        raise UsageError(f'--check-ratios must lie in (0, 1), got {args.check_ratios}')
+    check_device(args.device)
+    if args.amp and not args.device.startswith('cuda'):
+        raise UsageError('--amp times float16 autocast on CUDA; this --device is not')
+    prepare_out(args.out)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        check_args(args)
+    except UsageError as e:
+        sys.exit(f'error: {e}')
+    device = torch.device(args.device)
+    if device.type == 'cpu':  # as main.py and benchmark.py
+        torch.set_flush_denormal(True)
+    args.input_size = args.input_size or models.CONFIGS[args.model].img_size
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    dense = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.input_size).to(device).eval()
+    D, H = dense.embed_dim, dense.num_heads
+    hidden, tokens = int(D * dense.mlp_ratio), dense.patch_embed.num_patches + 1
+    x = torch.randn(args.batch_size, tokens, D, device=device)
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    axes = {'attn': [axis(D, args.points), axis(D // H, max(2, args.points - 1)), axis(D, args.points)],
+            'mlp': [axis(D, args.points), axis(hidden, args.points + 1), axis(D, args.points)]}
+    names = {'attn': ('d_in', 'head_dim', 'd_out'), 'mlp': ('d_in', 'hidden', 'd_out')}
+    table = {
+        'format': TABLE_FORMAT, 'model': args.model, 'embed_dim': D, 'num_heads': H, 'head_dim': D // H,
+        'mlp_hidden': hidden, 'tokens': tokens, 'batch_size': args.batch_size, 'input_size': args.input_size,
+        'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({platform.processor() or platform.machine()})',
+        'torch': torch.__version__, 'threads': torch.get_num_threads(),
+        'amp': 'float16' if args.amp else None, 'warmup': args.warmup, 'iters': args.iters,
+        'created': datetime.datetime.now().isoformat(timespec='seconds'),
+        'unit': 'milliseconds per batch (median of iters)',
+        'other_ms': time_model(rest_of_model(dense).to(device), images, args.amp, args.warmup, args.iters)}
+    for kind in ('attn', 'mlp'):
+        raw = time_grid(kind, dense, axes[kind], x, args.amp, args.warmup, args.iters)
+        table[kind] = {'axes': dict(zip(names[kind], axes[kind])), 'ms': monotone(raw).tolist(),
+                       'measured_ms': raw.tolist()}
+        print(f'{kind}: {raw.numel()} sub-blocks timed, {raw.min():.2f} … {raw.max():.2f} ms')
+    table['seconds_to_measure'] = time.perf_counter() - started
+    checks = check_table(LatencyTable(table), args, dense, images, args.amp)
+    table['check'] = checks
+    table['seconds_to_build'] = time.perf_counter() - started
+    tmp = f'{args.out}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(table, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f'{args.model} @ {args.input_size}px, batch {args.batch_size}, {table["device"]}, '
+          f'{table["threads"]} threads, torch {table["torch"]}: grid measured in '
+          f'{table["seconds_to_measure"]:.0f} s')
+    print(f'{"model":<24}{"predicted ms":>14}{"measured ms":>13}{"error":>8}')
+    for c in checks:
+        err = c['predicted_ms'] / c['measured_ms'] - 1
+        print(f'{c["model"]:<24}{c["predicted_ms"]:>14.1f}{c["measured_ms"]:>13.1f}{err:>+8.1%}')
+    print(f'wrote {args.out}')
+    return table
+
+
+if __name__ == '__main__':
+    main()

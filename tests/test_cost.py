@@ -1,0 +1,190 @@
+"""The budget's units (pruning/cost.py, --prune-budget): the cost of a sub-block in params,
+FLOPs and measured latency, against what the cut model really has, counts and is predicted to
+take, and the budget landing in each unit.
+
+FLOPs are compared with torch.utils.flop_counter on the cut model itself (utils.count_flops);
+parameters with the cut model's `numel`; the latency table with a grid built here from a
+known function, so that interpolation can be checked exactly.
+"""
+import json
+
+import pytest
+import torch
+
+from conftest import micro
+from pruning import DepthAwarePruner, PruneSchedule
+from pruning.cost import TABLE_FORMAT, FlopsCost, LatencyTable, ParamsCost, build_cost, sub_block_cost
+from pruning.gates import gates_of, kept_costs, kept_params
+from utils import count_flops
+
+D, L, H, M, C, N = 64, 4, 4, 256, 10, 65  # the micro model: 64 patches and the class token
+
+
+def PruneConfig(**kw):
+    from pruning import PruneConfig
+    return PruneConfig(**{'round_to': 1, **kw})
+
+
+def known_ms(kind, a, b, c):
+    """A made-up, non-linear and increasing sub-block time (ms) that the table samples."""
+    if kind == 'attn':
+        return 0.2 + 1e-4 * a * b + 3e-3 * b ** 1.3 + 2e-4 * (b * c) ** 0.9 + 1e-3 * c
+    return 0.1 + 2e-5 * a * b + 1e-6 * (b * c) ** 1.1 + 5e-4 * a
+
+
+AXES = {'attn': {'d_in': [8, 24, 40, 56, 64], 'head_dim': [4, 8, 12, 16], 'd_out': [8, 32, 56, 64]},
+        'mlp': {'d_in': [8, 32, 56, 64], 'hidden': [8, 64, 128, 192, 248, 256], 'd_out': [8, 24, 48, 64]}}
+
+
+def made_up_table(**over):
+    table = {'format': TABLE_FORMAT, 'model': 'deit_micro_patch4_32', 'embed_dim': D, 'num_heads': H,
+             'head_dim': D // H, 'mlp_hidden': M, 'tokens': N, 'batch_size': 8, 'input_size': 32,
+             'device': 'made up', 'torch': torch.__version__, 'threads': 1, 'other_ms': 0.7}
+    for kind, axes in AXES.items():
+        a, b, c = axes.values()
+        table[kind] = {'axes': axes, 'ms': [[[known_ms(kind, i, j, k) for k in c] for j in b] for i in a]}
+    table.update(over)
+    return table
+
+
+def write(tmp_path, table, name='table.json'):
+    path = tmp_path / name
+    path.write_text(json.dumps(table))
+    return str(path)
+
+
+def random_pruner(method='block_pr', pr=0.5, seed=0, **config):
+    """A pruner whose Taylor sums and ΔΨ window are random, as after some training."""
+    model = micro(seed)
+    schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1,
+                             steps_update_mask=1)
+    pruner = DepthAwarePruner(model, C, PruneConfig(prune_ratio=pr, method=method, **config), schedule)
+    g = torch.Generator().manual_seed(seed)
+    pruner.performance.sum_c.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
+    pruner.performance.sum_p.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
+    pruner.performance.count.fill_(1)
+    for s in pruner.taylor.sum.values():
+        s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64) ** 4)
+    pruner.taylor.count = 1
+    return model, pruner
+
+
+def random_cuts():
+    """Cut models of several shapes: two budgets, rounded and not, and the global ablation
+    (which may remove whole sub-blocks)."""
+    for method, pr, round_to in (('block_pr', 0.5, 1), ('block_pr', 0.8, 8), ('global', 0.7, 1),
+                                 ('uniform', 0.3, 4)):
+        _, pruner = random_pruner(method, pr, seed=int(pr * 10), round_to=round_to)
+        yield pruner.finalize()[0]
+
+
+# ---------------------------------------------------------------- the cost of a cut model
+
+def test_flops_closed_form_equals_the_counter_on_dense_and_cut_models():
+    cost = FlopsCost(N)
+    for model in [micro(0), *random_cuts(), micro(0, name='deit_micro_patch4_32', img_size=16)]:
+        tokens = model.patch_embed.num_patches + 1
+        cost = FlopsCost(tokens)
+        closed = cost.non_block(model) + sum(sub_block_cost(cost, model))
+        assert closed == count_flops(model, model.img_size), model.arch()['blocks']
+
+
+def test_params_cost_equals_the_cut_models_parameters():
+    cost = ParamsCost()
+    for model in [micro(0), *random_cuts()]:
+        dense_total = sum(sub_block_cost(cost, micro(0)))
+        closed = cost.non_block(micro(0), dense_total) + sum(sub_block_cost(cost, model))
+        assert closed == model.num_parameters()
+
+
+def test_the_table_interpolates_multilinearly_and_is_zero_for_a_removed_sub_block():
+    table = LatencyTable(made_up_table())
+    for kind, axes in AXES.items():  # exact at every grid point
+        f = table.attn if kind == 'attn' else table.mlp
+        for a in axes['d_in']:
+            for b in list(axes.values())[1]:
+                for c in axes['d_out']:
+                    args = (a, H, b, c) if kind == 'attn' else (a, b, c)
+                    assert f(*args) == pytest.approx(known_ms(kind, a, b, c), rel=1e-12)
+    # between grid points: linear along each axis, bilinear across two
+    lo, hi = known_ms('mlp', 32, 64, 24), known_ms('mlp', 32, 128, 24)
+    assert table.mlp(32, 80, 24) == pytest.approx(lo + (hi - lo) * 16 / 64, rel=1e-12)
+    corners = [known_ms('mlp', a, 64, c) for a in (32, 56) for c in (24, 48)]
+    assert table.mlp(44, 64, 36) == pytest.approx(sum(corners) / 4, rel=1e-12)
+    # a sub-block with an empty gate is gone; tensors evaluate elementwise
+    assert table.attn(0, H, 16, 64) == 0 and table.mlp(64, 0, 64) == 0
+    many = table.mlp(torch.tensor([64, 64, 0]), torch.tensor([256, 128, 256]), torch.tensor([64, 64, 64]))
+    assert many.tolist() == pytest.approx([known_ms('mlp', 64, 256, 64), known_ms('mlp', 64, 128, 64), 0])
+    # fewer heads than measured with scale the time by their share
+    assert table.attn(64, 2, 16, 64) == pytest.approx(known_ms('attn', 64, 16, 64) / 2)
+
+
+def test_a_table_that_does_not_fit_is_refused_in_one_line(tmp_path):
+    model = micro(0)
+    good = made_up_table()
+    bad = {'not json': None, 'missing keys': {k: v for k, v in good.items() if k != 'other_ms'},
+           'wrong shape': {**good, 'mlp': {**good['mlp'], 'ms': good['mlp']['ms'][:2]}},
+           'negative time': {**good, 'attn': {**good['attn'], 'ms': [[[-1.0] * 4] * 4] * 5}},
+           'falling axis': {**good, 'attn': {**good['attn'], 'axes': {**AXES['attn'], 'd_in': [8, 64, 40, 56, 24]}}},
+           'another model': {**good, 'embed_dim': 192}}
+    for name, table in bad.items():
+        path = tmp_path / f'{name}.json'
+        path.write_text('{not json' if table is None else json.dumps(table))
+        with pytest.raises(ValueError) as e:
+            build_cost('latency', model, str(path))
+        assert '\n' not in str(e.value) and str(path) in str(e.value), (name, str(e.value))
+    assert 'another model' in str(e.value) or 'embed_dim 192' in str(e.value)
+    with pytest.raises(ValueError, match='needs a table'):
+        build_cost('latency', model)
+    assert build_cost('latency', model, write(tmp_path, good)).unit == 'latency'
+
+
+# ---------------------------------------------------------------- the budget in each unit
+
+def one_element(pruner):
+    """The most one removable step of any gate costs, in the budget's unit: a bound on how far
+    a threshold search can land from its target."""
+    r, worst = pruner.cfg.round_to, 0.
+    for sb in pruner.sbs:
+        for g, size in enumerate(sb.gate_sizes):
+            for k in range(r, size + 1, r):
+                more, less = list(sb.gate_sizes), list(sb.gate_sizes)
+                more[g], less[g] = k, k - r
+                worst = max(worst, float(sb.cost(more, pruner.cost)) - float(sb.cost(less, pruner.cost)))
+    return worst
+
+
+@pytest.mark.parametrize('unit', ['params', 'flops', 'latency'])
+@pytest.mark.parametrize('method', ['block_pr', 'uniform', 'global'])
+def test_the_budget_lands_within_one_element_in_its_unit(tmp_path, unit, method):
+    table = write(tmp_path, made_up_table()) if unit == 'latency' else None
+    for pr in (0.5, 0.75):
+        model, pruner = random_pruner(method, pr, seed=2, budget=unit, latency_table=table)
+        record = pruner.update_masks(step=0, tau=0.0)
+        kept = kept_costs(model, pruner.sbs, pruner.cost)
+        assert record['budget'] == unit and record['kept_cost'] == pytest.approx(kept)
+        assert record['target_total_cost'] == pytest.approx((1 - pr) * record['total_dense_cost'])
+        assert abs(sum(kept) - pruner.budget) <= one_element(pruner), (unit, method, pr)
+        if unit != 'params':  # another unit is another cut
+            _, by_params = random_pruner(method, pr, seed=2)
+            assert by_params.update_masks(step=0, tau=0.0)['kept_params'] != record['kept_params']
+        cut, rows = pruner.finalize()
+        report = pruner.final_budget
+        assert report['total_kept_cost'] == pytest.approx(sum(r['kept_cost'] for r in rows) + pruner.non_block)
+        if unit == 'flops':  # the counter agrees, and the model lands within 1% of its target
+            counted = count_flops(cut, 32)
+            assert counted == pytest.approx(report['total_kept_cost'], rel=1e-12)
+            assert counted == pytest.approx(report['target_total_cost'], rel=0.01)
+        if unit == 'params':
+            assert cut.num_parameters() == report['total_kept_cost']
+
+
+def test_the_params_budget_is_the_parameter_count_everywhere():
+    """Under the default unit every cost the pruner uses is the §2 count: κ, targets and the
+    records are those of the parameter budget (the code path of the paper's method)."""
+    model, pruner = random_pruner('block_pr', 0.6, seed=4)
+    assert pruner.cost.unit == 'params' and pruner.dense.tolist() == [sb.dense_params for sb in pruner.sbs]
+    assert pruner.non_block == model.num_parameters() - sum(sb.dense_params for sb in pruner.sbs)
+    record = pruner.update_masks(step=0, tau=0.0)
+    assert record['kept_cost'] == record['kept_params'] == kept_params(model, pruner.sbs)
+    assert record['keep_ratio'] == pytest.approx([k / sb.dense_params for k, sb in zip(record['kept_params'], pruner.sbs)])
