@@ -103,8 +103,11 @@ class PruneConfig:
             raise ConfigError('gate_scale', f'factors must be above 0, got {self.gate_scale}')
         if self.budget not in BUDGET_UNITS:
             raise ConfigError('budget', f'{self.budget!r} is not one of {", ".join(BUDGET_UNITS)}')
-        if (self.latency_table is not None) != (self.budget == 'latency'):
-            raise ConfigError('latency_table', 'is needed by the latency budget, and by it only')
+        if self.budget == 'latency' and self.latency_table is None:
+            raise ConfigError('latency_table', 'is needed by the latency budget: a table of sub-block times '
+                                               'that scripts/latency_table.py measures on the target device')
+        if self.budget != 'latency' and self.latency_table is not None:
+            raise ConfigError('latency_table', f'is read by the latency budget only, not by {self.budget}')
         if self.keep_ratio_handcraft is not None and self.method != 'block_pr':
             raise ConfigError('keep_ratio_handcraft', f'replaces block_pr\'s κ, not {self.method}\'s')
         if self.keep_ratio_handcraft is not None and not all(0 <= k <= 1 for k in self.keep_ratio_handcraft):

@@ -8,18 +8,22 @@
 #    for every method and prune ratio the paper's two commands: prune while fine-tuning on the
 #    target (PRUNE_EPOCHS), then fine-tune the cut model (FT_EPOCHS; SaViT, which prunes in one
 #    shot without training, fine-tunes for PRUNE_EPOCHS + FT_EPOCHS);
-# 3. the table (mean ± std over seeds) and the κ figure (scripts/compare_summary.py).
+# 3. the latency of every cut model against the dense one (scripts/benchmark.py, batch
+#    LATENCY_BATCH, on this CPU), the table (mean ± std over seeds) and the κ figure
+#    (scripts/compare_summary.py). The latency-budget row prunes against a table of this
+#    model's sub-block times measured here first (scripts/latency_table.py).
 # Every run trains in eval mode (--no-train-mode), as the authors' runs did (METHOD.md §8 v2).
 # Usage: bash scripts/compare_methods.sh [OUTPUT_DIR]   (default output/compare; ~1 h on 2 cores)
 # METHODS="block_pr uniform", RATIOS="0.5", SEEDS="0" restrict the runs; finished runs are kept.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-output/compare}
-METHODS=${METHODS:-block_pr block_pr_cumulative block_pr_train_gates uniform global wdprune savit}
+METHODS=${METHODS:-block_pr block_pr_cumulative block_pr_train_gates block_pr_latency uniform global wdprune savit}
 RATIOS=${RATIOS:-0.5 0.75}
 SEEDS=${SEEDS:-0 1 2}
 PRUNE_EPOCHS=${PRUNE_EPOCHS:-10}
 FT_EPOCHS=${FT_EPOCHS:-10}
+LATENCY_BATCH=${LATENCY_BATCH:-256}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 COMMON=(--model deit_micro12_patch4_32 --input-size 16 --num_workers 0 --batch-size 16
         --aa none --mixup 0 --cutmix 0 --reprob 0 --drop-path 0.0 --no-model-ema --no-train-mode
@@ -33,6 +37,7 @@ declare -A EXTRA=(
   [block_pr]="--prune-method block_pr $DAP_SCHEDULE"
   [block_pr_cumulative]="--prune-method block_pr --prune-taylor-window cumulative $DAP_SCHEDULE"
   [block_pr_train_gates]="--prune-method block_pr --prune-train-gates $DAP_SCHEDULE"
+  [block_pr_latency]="--prune-method block_pr --prune-budget latency --latency-table $OUT/latency_table.json $DAP_SCHEDULE"
   [uniform]="--prune-method uniform $DAP_SCHEDULE"
   [global]="--prune-method global $DAP_SCHEDULE"
   [wdprune]="--prune-method wdprune --wdprune-lr 0.05 --classifiers 6 9"
@@ -49,6 +54,11 @@ if ! done_run "$OUT/source" 150; then
     --batch-size 32 --unscale-lr --lr 2e-3 --warmup-epochs 5 > "$OUT/source.log" 2>&1
 fi
 PRETRAINED=$OUT/source/checkpoint.pth
+if [[ " $METHODS " == *" block_pr_latency "* && ! -f "$OUT/latency_table.json" ]]; then
+  echo "== latency table of the sub-blocks on this machine -> $OUT/latency_table.json"
+  python scripts/latency_table.py --model deit_micro12_patch4_32 --input-size 16 --num-classes 10 \
+    --batch-size "$LATENCY_BATCH" --device cpu --out "$OUT/latency_table.json" > "$OUT/latency_table.log" 2>&1
+fi
 TARGET=(--data-set DIGITS_TARGET --unscale-lr --lr 1e-3)
 
 for SEED in $SEEDS; do
@@ -76,6 +86,17 @@ for SEED in $SEEDS; do
       python main.py "${COMMON[@]}" "${TARGET[@]}" --seed "$SEED" --output_dir "$run/finetune" \
         --epochs "$ft_epochs" --warmup-epochs 1 --resize-model-by-checkpoint \
         --model-path "$run/prune/first_sparse_checkpoint.pth" > "$run/finetune.log" 2>&1
+    done
+  done
+done
+echo "== latency of every cut model against the dense one, batch $LATENCY_BATCH"
+for SEED in $SEEDS; do
+  for METHOD in $METHODS; do
+    for PR in $RATIOS; do
+      run=$OUT/seed$SEED/${METHOD}_pr$PR
+      [ -f "$run/prune/first_sparse_checkpoint.pth" ] && [ ! -f "$run/latency.json" ] || continue
+      python scripts/benchmark.py --checkpoint "$run/prune/first_sparse_checkpoint.pth" --device cpu \
+        --batch-size "$LATENCY_BATCH" --json "$run/latency.json" > "$run/latency.log" 2>&1
     done
   done
 done

@@ -2,13 +2,15 @@
 
     python scripts/compare_summary.py OUTPUT_DIR [--markdown] [--figure fig/compare_keep_ratio.png]
 
-Per method and prune ratio, over the seeds (OUTPUT_DIR/seed*/): kept parameters, top-1 of the
-cut model right after pruning (before fine-tuning) and top-1 at the last fine-tuning epoch,
-each as mean ± std; the dense row is the dense model fine-tuned for as many epochs in all.
+Per method and prune ratio, over the seeds (OUTPUT_DIR/seed*/): kept parameters, the cut
+model's measured latency as a share of the dense model's (`latency.json` of scripts/benchmark.py,
+where the run has one), top-1 of the cut model right after pruning (before fine-tuning) and
+top-1 at the last fine-tuning epoch, each as mean ± std; the dense row is the dense model fine-tuned for as many epochs in all.
 The figure shows the keep ratio κ each method gave each sub-block (mean over seeds), read from
 the `finalize` record of every pruning run's pruning_log.jsonl.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -19,6 +21,7 @@ from utils import read_log  # noqa: E402
 
 NAMES = {'block_pr': 'DAP', 'block_pr_cumulative': 'DAP, cumulative Taylor',
          'block_pr_train_gates': 'DAP, gates trained (authors)',
+         'block_pr_latency': 'DAP, latency budget',
          'uniform': 'DAP, uniform κ', 'global': 'DAP, global threshold',
          'wdprune': 'WD-Prune', 'savit': 'SaViT'}
 
@@ -29,6 +32,19 @@ def last_acc(log_txt: Path):
         return None
     rows = read_log(log_txt, keys=('test_acc1',))
     return rows[-1]['test_acc1'] if rows else None
+
+
+def latency_ratio(run: Path):
+    """Measured cut / dense latency of the run's cut model, or None."""
+    path = run / 'latency.json'
+    if not path.is_file():
+        return None
+    try:
+        ratio = json.loads(path.read_text())['latency_ratio']
+    except (ValueError, KeyError, TypeError):
+        print(f'warning: {path} holds no latency_ratio; left out', file=sys.stderr)
+        return None
+    return ratio if isinstance(ratio, (int, float)) else None
 
 
 def finalize_record(run: Path):
@@ -53,27 +69,29 @@ def collect(out: Path):
             runs.setdefault((method, float(pr)), []).append({
                 'seed': seed_dir.name, 'cut': last_acc(run / 'prune' / 'log.txt'), 'tuned': tuned,
                 'params': final['params_cut'], 'params_dense': final['params_dense'],
+                'latency': latency_ratio(run),
                 'kappa': [r['keep_ratio'] for r in final['sub_blocks'] if r['sub_block'] != 'embed'],
                 'names': [r['sub_block'] for r in final['sub_blocks'] if r['sub_block'] != 'embed']})
     return runs, dense
 
 
-def mean_std(values):
+def mean_std(values, digits=1):
     values = [v for v in values if v is not None]
     if not values:
         return '–'
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f'{statistics.mean(values):.1f} ± {std:.1f}'
+    return f'{statistics.mean(values):.{digits}f} ± {std:.{digits}f}'
 
 
 def table(runs, dense):
-    header = ('method', 'pr', 'seeds', 'params', 'top-1 cut', 'top-1 fine-tuned')
-    rows = [('dense, fine-tuned', '–', str(len(dense)), '', '–', mean_std(dense))]
+    header = ('method', 'pr', 'seeds', 'params', 'latency / dense', 'top-1 cut', 'top-1 fine-tuned')
+    rows = [('dense, fine-tuned', '–', str(len(dense)), '', '1', '–', mean_std(dense))]
     for method in NAMES:
         for (m, pr), seeds in sorted(runs.items()):
             if m == method:
                 params = statistics.mean(s['params'] for s in seeds)
                 rows.append((NAMES[m], f'{pr:.2f}', str(len(seeds)), f'{params:,.0f}',
+                             mean_std([s['latency'] for s in seeds], 3),
                              mean_std([s['cut'] for s in seeds]), mean_std([s['tuned'] for s in seeds])))
     if runs:
         first = next(iter(runs.values()))[0]

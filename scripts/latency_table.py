@@ -72,12 +72,15 @@ def time_grid(kind, model, axes, x, amp, warmup, iters):
     return grid
 
 
-def monotone(grid: torch.Tensor) -> torch.Tensor:
-    """The grid made non-decreasing along every axis (the running maximum): a sub-block that
-    keeps more never costs less, so noise cannot reward keeping more, and the budget's
-    searches may assume it. Measured dips (a full width that needs no gather) are raised."""
+def monotone(grid: torch.Tensor, full_width_dims=(0, 2)) -> torch.Tensor:
+    """The grid made non-decreasing along every axis (the running maximum), so that noise
+    cannot make keeping more cost less, except at the full width of the residual dims read and
+    written (`full_width_dims`): a sub-block that reads or writes every dim needs no gather or
+    scatter, and that dip is real (raising it overpredicted the dense deit_small by 28%)."""
     for dim in range(grid.ndim):
-        grid = torch.cummax(grid, dim=dim).values
+        n = grid.shape[dim] - (1 if dim in full_width_dims else 0)
+        rising = torch.cummax(grid.narrow(dim, 0, n), dim=dim).values
+        grid = torch.cat([rising, grid.narrow(dim, n, grid.shape[dim] - n)], dim=dim)
     return grid
 
 

@@ -7,15 +7,19 @@ parameters with the cut model's `numel`; the latency table with a grid built her
 known function, so that interpolation can be checked exactly.
 """
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import micro
+import models
+from conftest import REPO, check_ok, cli_env, micro, run_cli
 from pruning import DepthAwarePruner, PruneSchedule
 from pruning.cost import TABLE_FORMAT, FlopsCost, LatencyTable, ParamsCost, build_cost, sub_block_cost
 from pruning.gates import gates_of, kept_costs, kept_params
-from utils import count_flops
+from utils import count_flops, read_log
 
 D, L, H, M, C, N = 64, 4, 4, 256, 10, 65  # the micro model: 64 patches and the class token
 
@@ -188,3 +192,68 @@ def test_the_params_budget_is_the_parameter_count_everywhere():
     record = pruner.update_masks(step=0, tau=0.0)
     assert record['kept_cost'] == record['kept_params'] == kept_params(model, pruner.sbs)
     assert record['keep_ratio'] == pytest.approx([k / sb.dense_params for k, sb in zip(record['kept_params'], pruner.sbs)])
+
+
+# ---------------------------------------------------------------- the command line
+
+def build_table(tmp_path, name, *extra):
+    path = tmp_path / name
+    proc = subprocess.run([sys.executable, 'scripts/latency_table.py', '--model', 'deit_micro_patch4_32',
+                           '--batch-size', '8', '--device', 'cpu', '--points', '3', '--iters', '2',
+                           '--warmup', '0', '--check-ratios', '0.5', '--out', str(path), *extra],
+                          cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    check_ok(proc)
+    return path, proc
+
+
+def test_a_measured_table_and_a_latency_budget_run_from_the_command_line(tmp_path):
+    """latency_table.py writes a table that records what it measured on and checks itself;
+    main.py --prune-budget latency cuts to it, the finalize table and pruning_log.jsonl
+    report the unit, and the cut model's cost read from its arch is the pruner's kept cost."""
+    path, proc = build_table(tmp_path, 'table.json')
+    table = json.loads(path.read_text())
+    assert table['batch_size'] == 8 and table['threads'] == 1 and table['torch'] == torch.__version__
+    assert table['device'].startswith('cpu') and table['seconds_to_build'] > 0
+    for kind in ('attn', 'mlp'):  # rising along every axis but the full read / written width
+        ms = torch.tensor(table[kind]['ms'])
+        assert (ms[:-1].diff(dim=0) >= 0).all() and (ms.diff(dim=1) >= 0).all() and (ms[:, :, :-1].diff(dim=2) >= 0).all()
+    assert [c['model'] for c in table['check']] == ['dense', 'cut pr 0.5 (params)']
+    assert all(c['predicted_ms'] > 0 and c['measured_ms'] > 0 for c in table['check'])
+    assert 'predicted ms' in proc.stdout and f'wrote {path}' in proc.stdout
+
+    out = tmp_path / 'out'
+    proc = check_ok(run_cli(['--prune-method', 'block_pr', '--epochs', '2', '--prune-start-epoch', '0',
+                             '--prune-sparse-epoch', '1', '--prune-ratio', '0.5', '--prune-budget', 'latency',
+                             '--latency-table', path, '--output_dir', out], tmp_path))
+    assert re.search(r'^budget in latency \(ms/batch\): [\d.,]+ -> [\d.,]+ \(0\.\d+\); target', proc.stdout, re.M)
+    final = [r for r in read_log(out / 'pruning_log.jsonl') if r.get('event') == 'finalize'][0]
+    assert final['budget'] == 'latency' and all(r['budget'] == 'latency' for r in final['sub_blocks'])
+    ckpt = torch.load(out / 'first_sparse_checkpoint.pth', weights_only=True)
+    cut = models.build_from_arch(ckpt['arch'])
+    cost = LatencyTable.load(str(path))
+    assert cost.predict_ms(cut) == pytest.approx(final['total_kept_cost'], rel=1e-9)
+    schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1, steps_update_mask=1)
+    same = DepthAwarePruner(micro(0), C, PruneConfig(prune_ratio=0.5, budget='latency', latency_table=str(path),
+                                                     round_to=8), schedule)
+    assert abs(final['total_kept_cost'] - final['target_total_cost']) <= one_element(same)
+
+
+def test_a_latency_budget_without_a_fitting_table_is_one_line_before_the_folder(tmp_path):
+    from test_reliability import each_case, one_line
+    other, _ = build_table(tmp_path, 'other.json', '--input-size', '16')
+    cases = {'no table': (['--prune-budget', 'latency'], r'^error: --latency-table is needed by the latency budget'),
+             'table, params budget': (['--latency-table', str(other)],
+                                      r'^error: --latency-table is read by the latency budget only, not by params'),
+             'another input size': (['--prune-budget', 'latency', '--latency-table', str(other)],
+                                    r'--latency-table .*measured for another model .*tokens 17 \(the model: 65\)'),
+             'not a table': (['--prune-budget', 'latency', '--latency-table', str(tmp_path / 'none.json')],
+                             r'cannot read the latency table')}
+
+    def check(case, folder):
+        flags, pattern = cases[case]
+        out = folder / 'out'
+        one_line(run_cli(['--prune-method', 'block_pr', '--prune-ratio', '0.5', '--epochs', '2',
+                          '--prune-start-epoch', '0', '--prune-sparse-epoch', '1', '--output_dir', out, *flags],
+                         folder), pattern)
+        assert not out.exists()
+    each_case(cases, check, tmp_path)

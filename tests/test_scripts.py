@@ -175,3 +175,60 @@ def test_scripts_answer_a_bad_checkpoint_in_one_line(tmp_path, script, bad):
     if bad == 'text':
         assert lines[0].endswith('is not a readable PyTorch checkpoint: it is not a file written by torch.save')
     assert not (tmp_path / 'm.onnx').exists()
+
+
+def test_compare_summary_on_fabricated_runs(tmp_path, capsys):
+    """compare_summary.py: per method and ratio the mean ± std over seeds of the kept params,
+    the measured latency share (latency.json) and both top-1s; a run without latency.json
+    shows '–'."""
+    import compare_summary
+
+    def fake_run(seed, name, params, cut, tuned, latency=None):
+        run = tmp_path / f'seed{seed}' / name
+        (run / 'prune').mkdir(parents=True)
+        (run / 'finetune').mkdir()
+        rows = [{'sub_block': 'attn0', 'keep_ratio': 0.5}, {'sub_block': 'mlp0', 'keep_ratio': 0.25}]
+        (run / 'prune' / 'pruning_log.jsonl').write_text(json.dumps(
+            {'event': 'finalize', 'params_cut': params, 'params_dense': 1000, 'sub_blocks': rows}) + '\n')
+        (run / 'prune' / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': cut}) + '\n')
+        (run / 'finetune' / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': tuned}) + '\n')
+        if latency is not None:
+            (run / 'latency.json').write_text(json.dumps({'latency_ratio': latency}))
+
+    for seed, (lat, acc) in enumerate(((0.40, 70.0), (0.50, 74.0))):
+        fake_run(seed, 'block_pr_latency_pr0.5', 600, acc - 10, acc, lat)
+        fake_run(seed, 'block_pr_pr0.5', 500, acc - 20, acc - 1)
+        dense = tmp_path / f'seed{seed}' / 'dense'
+        dense.mkdir()
+        (dense / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': 80.0 + seed}) + '\n')
+    compare_summary.main([str(tmp_path), '--markdown'])
+    lines = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
+             for line in capsys.readouterr().out.splitlines() if line.startswith('| ')}
+    assert lines['method'] == ['pr', 'seeds', 'params', 'latency / dense', 'top-1 cut', 'top-1 fine-tuned']
+    assert lines['DAP, latency budget'] == ['0.50', '2', '600', '0.450 ± 0.071', '62.0 ± 2.8', '72.0 ± 2.8']
+    assert lines['DAP'] == ['0.50', '2', '500', '–', '52.0 ± 2.8', '71.0 ± 2.8']
+    assert lines['dense, fine-tuned'][-1] == '80.5 ± 0.7'
+
+
+def test_gpu_check_smoke_runs_the_whole_check_on_the_cpu(tmp_path):
+    """scripts/gpu_check.py --smoke: the GPU check's code on the CPU with the tiny model; one
+    table with the training steps and every inference row (dense, DAP at both ratios under
+    both budgets, the uncut reference; each batch; eager and compiled)."""
+    out = tmp_path / 'check.json'
+    proc = subprocess.run([sys.executable, 'scripts/gpu_check.py', '--smoke', '--json', str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=400,
+                          env=dict(os.environ, OMP_NUM_THREADS='1', TORCH_HOME=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = res['rows']
+    train = [r['model'] for r in rows if r['part'].startswith('train')]
+    assert train == ['fine-tune', 'DAP step, faithful ΔΨ', 'DAP step, fast ΔΨ']
+    cuts = [f'DAP pr {pr}, {b} budget' for pr in (0.5, 0.75) for b in ('params', 'latency')]
+    inference = {(r['model'], r['batch'], r['mode']) for r in rows if r['part'].startswith('inference')}
+    assert inference == {(m, b, mode) for m in ['dense', *cuts, 'deit_micro_patch4_32 (uncut)']
+                         for b in res['config']['batches'] for mode in ('eager', 'compiled')}
+    assert all(r['ms'] > 0 for r in rows)
+    assert all(r['speedup'] == 1 for r in rows if r['model'] in ('dense', 'fine-tune'))
+    assert all(r['flops_ideal'] > 1 for r in rows if r['model'] in cuts)
+    assert os.path.isfile(res['latency_table'])
+    assert proc.stdout.count('GPU check (smoke): cpu') == 1 and 'FLOPs-ideal' in proc.stdout
