@@ -34,12 +34,12 @@ from utils import UsageError, count_flops, prepare_out  # noqa: E402
 
 FULL = {'model': 'deit_small_patch16_224', 'reference': 'deit_tiny_patch16_224', 'input_size': 224,
         'train_batch': 64, 'batches': [1, 256, 1024], 'table_batch': 256, 'warmup': 5, 'iters': 20,
-        'train_iters': 10, 'backend': 'inductor'}
+        'train_iters': 10, 'backend': 'inductor', 'num_classes': 1000}
 # the same code on the CPU in about a minute: the tiny test models, small batches, and
 # torch.compile through dynamo without code generation (no C++ compiler needed)
 SMOKE = {'model': 'deit_micro_patch4_32', 'reference': 'deit_micro_patch4_32', 'input_size': 32,
-         'train_batch': 8, 'batches': [1, 8], 'table_batch': 8, 'warmup': 1, 'iters': 2,
-         'train_iters': 2, 'backend': 'eager'}
+         'train_batch': 8, 'batches': [1, 8], 'table_batch': 8, 'warmup': 2, 'iters': 2,
+         'train_iters': 2, 'backend': 'eager', 'num_classes': 10}
 RATIOS = (0.5, 0.75)
 
 
@@ -50,7 +50,8 @@ def train_rows(cfg, device):
                               ('DAP step, fast ΔΨ', True, 'fast')):
         ns = benchmark_train_step.get_args([
             '--model', cfg['model'], '--input-size', str(cfg['input_size']), '--batch-size', str(cfg['train_batch']),
-            '--device', device, '--warmup', '1', '--iters', str(cfg['train_iters']), '--bpi-mode', mode])
+            '--device', device, '--warmup', '1', '--iters', str(cfg['train_iters']), '--bpi-mode', mode,
+            '--num-classes', str(cfg['num_classes'])])
         out = benchmark_train_step.run_fresh(ns, prune)
         base = out['step_s'] if base is None else base
         rows.append({'part': f'train, batch {cfg["train_batch"]}', 'model': name, 'batch': cfg['train_batch'],
@@ -65,10 +66,10 @@ def inference_models(cfg, device, table_path):
     dense, out = None, {}
     for pr in RATIOS:
         for budget in ('params', 'latency'):
-            dense, cut = benchmark.random_cut(cfg['model'], pr, 1000, size, budget=budget,
+            dense, cut = benchmark.random_cut(cfg['model'], pr, cfg['num_classes'], size, budget=budget,
                                               latency_table=table_path if budget == 'latency' else None)
             out[f'DAP pr {pr}, {budget} budget'] = cut
-    ref = timm.create_model(cfg['reference'], num_classes=1000, img_size=size)
+    ref = timm.create_model(cfg['reference'], num_classes=cfg['num_classes'], img_size=size)
     models_ = {'dense': dense, **out, f'{cfg["reference"]} (uncut)': ref}
     return {name: m.to(device).eval().set_inplace_writes(True) for name, m in models_.items()}
 
@@ -150,6 +151,7 @@ def main(argv=None):
     if device.type == 'cpu':
         torch.set_flush_denormal(True)
     latency_table.main(['--model', cfg['model'], '--input-size', str(cfg['input_size']),
+                        '--num-classes', str(cfg['num_classes']),
                         '--batch-size', str(cfg['table_batch']), '--device', device_name,
                         '--iters', str(max(cfg['iters'] // 4, 2)), '--warmup', '1', '--out', table_path]
                        + (['--amp'] if device.type == 'cuda' else []) + (['--check-ratios'] if args.smoke else []))
