@@ -257,3 +257,21 @@ def test_a_latency_budget_without_a_fitting_table_is_one_line_before_the_folder(
                          folder), pattern)
         assert not out.exists()
     each_case(cases, check, tmp_path)
+
+
+def test_benchmark_cuts_in_any_unit_and_keeps_its_json_keys(tmp_path):
+    """benchmark.py --prune-budget flops: the random-score cut lands on (1 − pr) of the counted
+    FLOPs; the JSON keeps `dense` / `cut` with params, flops_per_image and latency_ms_per_batch."""
+    from test_reliability import one_line, script
+    out = tmp_path / 'b.json'
+    proc = script('benchmark.py', '--model', 'deit_micro_patch4_32', '--num-classes', '10', '--batch-size', '4',
+                  '--iters', '1', '--warmup', '0', '--deploy', 'none', '--prune-round-to', '1',
+                  '--prune-budget', 'flops', '--prune-ratio', '0.6', '--json', out, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for name in ('dense', 'cut'):
+        assert {'params', 'flops_per_image', 'latency_ms_per_batch'} <= set(res[name])
+    assert res['budget'] == 'flops' and res['flops_ratio'] == pytest.approx(0.4, abs=0.004)
+    assert res['latency_ratio'] == pytest.approx(res['cut']['latency_ms_per_batch'] / res['dense']['latency_ms_per_batch'])
+    one_line(script('benchmark.py', '--model', 'deit_micro_patch4_32', '--prune-budget', 'latency', tmp_path=tmp_path),
+             r'^error: --prune-budget latency needs --latency-table FILE', status=1)
