@@ -12,6 +12,14 @@ from pruning import PrunerModule
 from utils import MetricLogger, NonFiniteLossError, SmoothedValue
 
 
+def autocast(device: torch.device, amp):
+    """The autocast of `amp`: off (None or False), a dtype (torch.float16, torch.bfloat16),
+    or True (float16, DeiT's)."""
+    if not amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if amp is True else amp)
+
+
 def _backward_and_step(loss, optimizer, loss_scaler, clip_grad, update):
     """Backward, and on an update step clip and step. AMP's scaler exists only on CUDA."""
     # the parameter list is only needed to clip, on update steps
@@ -74,7 +82,7 @@ def _loss(model, criterion, samples, targets, pruner):
 def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     loss_scaler=None, max_norm: Optional[float] = None, model_ema=None,
-                    mixup_fn=None, accum_steps: int = 1, amp: bool = False, print_freq: int = 10,
+                    mixup_fn=None, accum_steps: int = 1, amp=None, print_freq: int = 10,
                     writer=None, pruner=None, global_step: int = 0, set_training_mode: bool = True,
                     count_unreadable: bool = False):
     """One epoch. With a pruner, `model` returns (logits, aux) and the pruner adds the ΔΨ head
@@ -86,6 +94,8 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
     sees the same number of samples. Returns the epoch averages and the new global step; with
     `count_unreadable` (--skip-bad-images) also `unreadable_images`, the images of the epoch
     that could not be read, over all processes (their rows are filled with readable ones).
+    `amp`: the autocast dtype (`autocast`); with a `loss_scaler` (float16) the pruner's scores
+    undo its scale.
     """
     model.train(set_training_mode)
     metric_logger = MetricLogger(delimiter='  ')
@@ -98,7 +108,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
         # gradients are all-reduced by DDP only on the micro-batch that completes a step
         sync = model.no_sync() if not update and hasattr(model, 'no_sync') else nullcontext()
         with sync:
-            with torch.autocast(device.type, enabled=amp):
+            with autocast(device, amp):
                 loss = _loss(model, criterion, samples, targets, pruner)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -131,7 +141,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device, amp: bool = False, print_freq: int = 10,
+def evaluate(data_loader, model, device, amp=None, print_freq: int = 10,
              count_unreadable: bool = False):
     """Top-1 / top-5 and loss on a validation loader, summed exactly over processes.
 
@@ -153,7 +163,7 @@ def evaluate(data_loader, model, device, amp: bool = False, print_freq: int = 10
             continue
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=amp):
+        with autocast(device, amp):
             output, heads = model.forward_eval(images) if with_heads else (model(images), {})
             loss = criterion(output, target)
         k = min(5, output.shape[1])
@@ -174,17 +184,18 @@ def evaluate(data_loader, model, device, amp: bool = False, print_freq: int = 10
     return stats
 
 
-def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int, amp: bool = False,
+def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int, amp=None,
                       mixup_fn=None, print_freq: int = 10, set_training_mode: bool = True):
     """Forward and backward on `steps` training batches without updating any weight; after
     each, a one-shot pruner's `step` reads its gates' gradients (SaViT's Taylor scores)."""
     model.train(set_training_mode)
     metric_logger = MetricLogger(delimiter='  ')
-    # without a GradScaler, a fixed loss scale keeps half-precision gradients from underflowing
-    scale = 2. ** 12 if amp else 1.
+    # without a GradScaler, a fixed loss scale keeps float16 gradients from underflowing
+    # (bfloat16 has float32's exponent range: no scale)
+    scale = 2. ** 12 if amp is True or amp == torch.float16 else 1.
     for _, samples, targets, _ in _training_batches(data_loader, device, mixup_fn, steps, print_freq,
                                                     'Scores:', metric_logger):
-        with torch.autocast(device.type, enabled=amp):
+        with autocast(device, amp):
             loss = _loss(model, criterion, samples, targets, pruner)
         (loss * scale).backward()
         pruner.step(grad_scale=scale)

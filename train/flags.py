@@ -11,6 +11,8 @@ import torch
 import models
 from datasets import DATA_SETS, INAT_CATEGORIES
 
+AMP_DTYPES = ('float16', 'bfloat16')
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line, like every other bad input."""
@@ -173,8 +175,11 @@ def add_deit_flags(parser):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='device to use for training / testing')
     parser.add_argument('--no-amp', action='store_false', dest='amp',
-                        help='disable mixed precision (it is only ever used on CUDA)')
+                        help='disable mixed precision (on CUDA; on the CPU only with --amp-dtype bfloat16)')
     parser.set_defaults(amp=True)
+    parser.add_argument('--amp-dtype', default='float16', choices=AMP_DTYPES,
+                        help='autocast precision (timm\'s train.py flag): float16 with a gradient scaler, '
+                             'or bfloat16 without one; on the CPU, bfloat16 turns autocast on')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--resume', default='', help='resume from checkpoint (path or URL)')
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N')

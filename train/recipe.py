@@ -16,7 +16,9 @@ from utils import UsageError, first_line
 
 
 def setup_device(args):
-    """(device, amp): AMP only on CUDA; seeds; flush float32 denormals on the CPU."""
+    """(device, amp): amp is the autocast dtype or None: --amp-dtype on CUDA (float16 by
+    default, as DeiT), on the CPU only bfloat16 when asked for; seeds; flush float32
+    denormals on the CPU."""
     device = torch.device(args.device)
     utils.seed_everything(args.seed + utils.get_rank())
     if device.type == 'cuda':
@@ -25,7 +27,15 @@ def setup_device(args):
         # masked paths and AdamW's decaying second moments underflow into float32 denormals,
         # which CPUs multiply about 10x slower (a pruning epoch went from 5 s to 50 s)
         torch.set_flush_denormal(True)
-    return device, args.amp and device.type == 'cuda'
+    dtype = getattr(torch, args.amp_dtype)
+    if not args.amp or (device.type != 'cuda' and dtype != torch.bfloat16):
+        print('autocast: off')
+        return device, None
+    if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UsageError(f'--amp-dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 '
+                         '(use float16, the default)')
+    print(f'autocast: {args.amp_dtype} ({"a loss scale" if dtype == torch.float16 else "no loss scale"})')
+    return device, dtype
 
 
 def build_datasets(args):

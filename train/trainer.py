@@ -27,7 +27,8 @@ class Trainer:
         # DAP keeps the backbone's rate constant while pruning and after a cut before --epochs,
         # also when resumed after it (METHOD.md §6); WD-Prune follows DeiT's schedule throughout
         self.constant_lr = methods.keeps_lr_constant(args.prune_method)
-        self.loss_scaler = NativeScaler(device='cuda') if amp else None
+        # float16 needs a loss scale against underflow; bfloat16 has float32's range and does not
+        self.loss_scaler = NativeScaler(device='cuda') if amp == torch.float16 and device.type == 'cuda' else None
         self.max_accuracy = 0.0
         self.run = None
         self.last_checkpoint = None  # (path, epoch) of the newest checkpoint this run can go on from
