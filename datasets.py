@@ -297,6 +297,13 @@ def build_dataset(is_train, args):
     return _ifood(root, is_train, transform, skip_bad)
 
 
+def eval_preprocessing(input_size: int, data_set: str = None) -> dict:
+    """What the evaluation transform below does, in timm's pretrained_cfg terms."""
+    return {'crop_pct': 1.0 if input_size <= 32 else 224 / 256, 'interpolation': 'bicubic',
+            'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+            'label_names': [str(i) for i in range(10)] if data_set in DIGITS_DOMAINS else None}
+
+
 def build_transform(is_train, args):
     size = args.input_size
     small = size <= 32

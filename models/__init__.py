@@ -9,6 +9,7 @@ from .vision_transformer import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, GATE_SL
                                  dense_block_arch, is_gate, masked_layer_norm)
 from .checkpoint import check_arch, pretrained_state_dict, state_dict_mismatch
 from .deploy import align_widths, apply_forms, deploy, median_seconds, plan_forms
+from .hub import read_safetensors, read_timm_folder, write_timm_folder
 
 # The official DeiT ImageNet checkpoints (facebookresearch/deit), for --model-path.
 DEIT_URLS = {

@@ -1,6 +1,13 @@
-"""Export a cut (or dense) ViT checkpoint to ONNX and check it against PyTorch in onnxruntime.
+"""Export a cut (or dense) ViT checkpoint to ONNX and check it against PyTorch in onnxruntime,
+or as a timm model folder (config.json and model.safetensors).
 
     python scripts/export.py OUT/first_sparse_checkpoint.pth --out model.onnx
+    python scripts/export.py OUT/checkpoint.pth --format timm --out my_cut_vit/
+
+A timm folder loads with `import models; timm.create_model('local-dir:my_cut_vit')`, and
+after `huggingface_hub.upload_folder(repo_id=..., folder_path='my_cut_vit')` with
+`timm.create_model('hf-hub:user/repo', pretrained=True)`; `main.py --model-path
+local-dir:my_cut_vit` evaluates or fine-tunes it.
 
 The checkpoint needs `arch` (a first_sparse_checkpoint.pth or a fine-tuned cut model); a dense
 checkpoint needs `--model`. The batch dimension is dynamic. By default every cut sub-block is
@@ -57,6 +64,23 @@ def export(model, path, batch_size=2):
     return x
 
 
+def export_timm(model, ckpt, folder, label_names=None):
+    """Write `model` as a timm folder, with the preprocessing of the run that made `ckpt`;
+    returns max |Δlogit| between `model` and timm.create_model('local-dir:folder')."""
+    from datasets import eval_preprocessing
+    run = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    pre = eval_preprocessing(model.img_size, run.get('data_set'))
+    names = label_names if label_names is not None else pre['label_names']
+    if names is not None and len(names) != model.num_classes:
+        raise UsageError(f'{len(names)} class names for a model of {model.num_classes} classes')
+    cfg = models.hub.pretrained_cfg(model, pre['mean'], pre['std'], pre['crop_pct'], pre['interpolation'], names)
+    models.write_timm_folder(model, folder, cfg)
+    again = timm.create_model(f'local-dir:{os.path.abspath(folder)}').eval()
+    x = torch.randn(3, model.in_chans, model.img_size, model.img_size)
+    with torch.no_grad():
+        return float((again(x) - model.eval()(x)).abs().max())
+
+
 def max_difference(model, path, x):
     """max |logits(PyTorch) − logits(onnxruntime)| on x."""
     import onnxruntime as ort
@@ -70,7 +94,11 @@ def max_difference(model, path, x):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('checkpoint')
-    p.add_argument('--out', default='model.onnx')
+    p.add_argument('--out', default='model.onnx', help='the .onnx file, or the folder of --format timm')
+    p.add_argument('--format', default='onnx', choices=['onnx', 'timm'],
+                   help='onnx: one file for onnxruntime; timm: config.json and model.safetensors')
+    p.add_argument('--label-names', default=None,
+                   help='--format timm: a text file of the class names, one per line (DIGITS has its own)')
     p.add_argument('--model', default=None, help='family of a dense checkpoint')
     p.add_argument('--deploy', default='measure', choices=['measure', 'none'])
     p.add_argument('--deploy-batch', type=int, default=32)
@@ -78,8 +106,24 @@ def main(argv=None):
     try:
         if args.deploy_batch < 1:
             raise UsageError(f'--deploy-batch must be at least 1, got {args.deploy_batch}')
-        prepare_out(args.out)
+        if args.format == 'timm':
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise UsageError(f'--out {args.out} is a file: --format timm writes a folder')
+            names = None
+            if args.label_names:
+                try:
+                    with open(args.label_names) as f:
+                        names = [line.strip() for line in f if line.strip()]
+                except OSError as e:
+                    raise UsageError(f'--label-names {args.label_names}: {e.strerror or e}') from None
+        else:
+            prepare_out(args.out)
         model = load_model(args.checkpoint, args.model).eval()
+        if args.format == 'timm':
+            diff = export_timm(model, load_checkpoint_file(args.checkpoint), args.out, names)
+            print(f'wrote {args.out}/config.json and model.safetensors ({model.num_parameters():,} parameters); '
+                  f"timm.create_model('local-dir:{args.out}') vs PyTorch max |Δlogit| = {diff:.2e}")
+            return
     except UsageError as e:
         sys.exit(f'error: {e}')
     n_params = model.num_parameters()  # the deployment's dense forms only add exact zeros

@@ -1,0 +1,118 @@
+"""A (cut) ViT as a timm model folder: `config.json` and `model.safetensors`.
+
+`write_timm_folder(model, folder)` writes what timm's `local-dir:` and `hf-hub:` sources read:
+`config.json` names the architecture `dap_vit`, a timm entry point registered here that takes
+the model's `arch` (in `model_args`), with `num_classes` and a `pretrained_cfg` (input size,
+mean, std, crop_pct, interpolation, and the class names when given). After `import models`,
+
+    timm.create_model('local-dir:FOLDER')             # or 'hf-hub:user/repo' once uploaded
+
+rebuilds it with its weights. `read_timm_folder` and `read_safetensors` give the folder or a
+bare `.safetensors` file as a checkpoint dict for `--model-path`, through the same checks.
+"""
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+import torch
+from timm.models import register_model
+
+from .vision_transformer import build_from_arch
+
+ARCHITECTURE = 'dap_vit'
+CONFIG, WEIGHTS = 'config.json', 'model.safetensors'
+
+
+def pretrained_cfg(model, mean, std, crop_pct: float, interpolation: str,
+                   label_names: Optional[Sequence[str]] = None) -> Dict:
+    cfg = {'input_size': [model.in_chans, model.img_size, model.img_size], 'mean': list(mean),
+           'std': list(std), 'crop_pct': crop_pct, 'interpolation': interpolation,
+           'num_classes': model.num_classes, 'classifier': 'head', 'first_conv': 'patch_embed.proj'}
+    if label_names is not None:
+        cfg['label_names'] = list(label_names)
+    return cfg
+
+
+def write_timm_folder(model, folder: str, cfg: Dict) -> None:
+    """config.json and model.safetensors of `model` in `folder` (made if needed), each written
+    to a temporary name first and then renamed."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    config = {'architecture': ARCHITECTURE, 'num_classes': model.num_classes,
+              'num_features': model.num_features, 'model_args': {'arch': model.arch()},
+              'pretrained_cfg': cfg}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for name, write in ((WEIGHTS, lambda p: save_file(state, p, metadata={'format': 'pt'})),
+                        (CONFIG, lambda p: open(p, 'w').write(json.dumps(config, indent=1)))):
+        tmp = os.path.join(folder, name + '.tmp')
+        write(tmp)
+        os.replace(tmp, os.path.join(folder, name))
+
+
+def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file (no code runs on loading); ValueError (one line)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f'{path} is not a readable safetensors file: {str(e).splitlines()[0][:160]}') from None
+
+
+def read_timm_folder(folder: str) -> Dict:
+    """{'model': state dict, 'arch': arch, 'pretrained_cfg': …} of a folder written by
+    `write_timm_folder`; ValueError (one line) naming what is missing or wrong."""
+    config_path, weights = os.path.join(folder, CONFIG), os.path.join(folder, WEIGHTS)
+    for path in (config_path, weights):
+        if not os.path.isfile(path):
+            raise ValueError(f'{folder} has no {os.path.basename(path)}: not a timm model folder '
+                             '(scripts/export.py --format timm writes one)')
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{config_path} is not JSON ({e})') from None
+    arch = config.get('model_args', {}).get('arch') if isinstance(config, dict) else None
+    if config.get('architecture') != ARCHITECTURE or not isinstance(arch, dict):
+        raise ValueError(f'{config_path} does not describe a {ARCHITECTURE} model with an "arch" '
+                         f'(architecture {config.get("architecture")!r})')
+    return {'model': read_safetensors(weights), 'arch': arch, 'pretrained_cfg': config.get('pretrained_cfg')}
+
+
+def _cfg_field(cfg, key):
+    if cfg is None:
+        return None
+    return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
+
+@register_model
+def dap_vit(pretrained: bool = False, arch: Optional[Dict] = None, **kwargs):
+    """A DAP ViT (dense or cut) rebuilt from its `arch`; with `pretrained`, its weights from the
+    folder its pretrained_cfg points to (timm's `local-dir:` / `hf-hub:` sources)."""
+    if arch is None:
+        raise ValueError(f'{ARCHITECTURE} needs the model\'s arch (model_args of its config.json)')
+    cfg = kwargs.pop('pretrained_cfg', None)
+    for k in ('pretrained_cfg_overlay', 'cache_dir', 'pretrained_model_args'):
+        kwargs.pop(k, None)
+    model = build_from_arch(arch, **{k: v for k, v in kwargs.items() if k in ('num_classes', 'drop_rate',
+                                                                             'drop_path_rate')})
+    if cfg is not None:  # what timm's data config (resolve_data_config) reads
+        model.pretrained_cfg = dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
+        model.default_cfg = model.pretrained_cfg
+    # a cut model's widths mean nothing without its weights: a local folder always gives them
+    if pretrained or _cfg_field(cfg, 'source') == 'local-dir':
+        from .checkpoint import state_dict_mismatch
+        folder, hub_id = _cfg_field(cfg, 'file'), _cfg_field(cfg, 'hf_hub_id')
+        if folder:
+            path = os.path.join(folder, WEIGHTS) if os.path.isdir(folder) else folder
+        elif hub_id:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(hub_id, WEIGHTS)
+        else:
+            raise ValueError(f'{ARCHITECTURE}: pretrained=True needs a local-dir: or hf-hub: source')
+        state = read_safetensors(path)
+        problem = state_dict_mismatch(model, state)
+        if problem:
+            raise ValueError(f'{path}: its weights do not fit its arch: {problem}')
+        model.load_state_dict(state)
+    return model
