@@ -253,13 +253,13 @@ class DepthAwarePruner(Pruner):
         return [self.taylor.mean(f'{sb.index}.{n}', with_previous=final) for n in sb.gate_names]
 
     def _place_per_sub_block(self, applied: torch.Tensor, tau: float, final: bool):
-        """§5 per sub-block, towards κ(step)·P_i (P_i its dense cost in the budget's unit). Each sub-block lands within one element of
-        its target; the difference is carried into the next sub-block's target, which keeps
-        the model's total within one element of the budget too (without it the micro model
-        drifted 1.3% under at pr 0.75). With `round_to`, each gate keeps a multiple of it (or
-        all of it). κ = 0 and κ = 1 stay exact, and the carry never
-        decides whether a sub-block lives: where it would push a target below the smallest
-        non-empty sub-block, it is passed on."""
+        """§5 per sub-block, towards κ(step)·P_i (P_i: its dense cost in the budget's unit).
+        Each sub-block lands within one element of its target; the difference is carried into
+        the next sub-block's target, which keeps the model's total within one element of the
+        budget too (without it the micro model drifted 1.3% under at pr 0.75). With
+        `round_to`, each gate keeps a multiple of it (or all of it). κ = 0 and κ = 1 stay
+        exact, and the carry never decides whether a sub-block lives: where it would push a
+        target below the smallest non-empty sub-block, it is passed on."""
         carry, out, r = 0., [], self.cfg.round_to
         for sb in self.sbs:
             kappa = float(applied[sb.index])
