@@ -26,7 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402,F401  (registers the models with timm)
 import timm  # noqa: E402
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
+from engine import autocast  # noqa: E402
 from utils import synchronize  # noqa: E402
+
+
+def amp_dtype(args, device):
+    """main.py's rule: autocast in --amp-dtype on CUDA; on the CPU only bfloat16, when asked."""
+    dtype = getattr(torch, args.amp_dtype)
+    return dtype if device.type == 'cuda' or dtype == torch.bfloat16 else None
 
 
 def build(args, prune, device):
@@ -50,7 +57,7 @@ def make_step(model, pruner, optimizer, x, y, criterion, amp):
     net = pruner.module if pruner is not None else model
 
     def step():
-        with torch.autocast(x.device.type, enabled=amp):
+        with autocast(x.device, amp):
             logits, aux = net(x) if pruner is not None else (net(x), None)
             loss = criterion(logits, y)
             if pruner is not None:
@@ -69,7 +76,7 @@ def make_eval(model, pruner, x, amp):
     @torch.no_grad()
     def forward():
         net.eval()
-        with torch.autocast(x.device.type, enabled=amp):
+        with autocast(x.device, amp):
             return net.forward_eval(x) if pruner is not None else net(x)
     return forward
 
@@ -95,7 +102,7 @@ def measure(args, prune, queue):
     device = torch.device(args.device)
     if device.type == 'cpu':
         torch.set_flush_denormal(True)
-    amp = device.type == 'cuda'
+    amp = amp_dtype(args, device)
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     model, pruner, opt = build(args, prune, device)
@@ -137,6 +144,8 @@ def get_args(argv=None):
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--rounds', type=int, default=5,
                    help='pairs of fresh-process measurements, fine-tuning and DAP alternating')
+    p.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'],
+                   help='autocast dtype as main.py\'s flag: on CUDA either; on the CPU bfloat16 turns it on')
     p.add_argument('--bpi-mode', default='faithful', choices=['faithful', 'fast'])
     p.add_argument('--bpi-fast-width', type=int, default=2)
     p.add_argument('--bpi-fast-grid', type=int, default=7)
@@ -169,6 +178,7 @@ def main(argv=None):
         'model': args.model, 'input_size': args.size, 'batch_size': args.batch_size,
         'device': args.device if not args.device.startswith('cuda') else torch.cuda.get_device_name(0),
         'threads': torch.get_num_threads(), 'bpi_mode': args.bpi_mode,
+        'autocast': str(amp_dtype(args, torch.device(args.device))).replace('torch.', ''),
         'bpi_fast': {'width_div': args.bpi_fast_width, 'grid': args.bpi_fast_grid,
                      'fraction': args.bpi_fast_fraction} if args.bpi_mode == 'fast' else None,
         'finetune_step_s': statistics.median(o['step_s'] for o in runs['finetune']),

@@ -1,7 +1,8 @@
 """The GPU check in one command: what a user of DAP feels on one GPU, as one table.
 
-- a training step: fine-tuning against a DAP step (faithful and fast ΔΨ heads), float16
-  autocast, each in a fresh process (scripts/benchmark_train_step.py), with its peak memory;
+- a training step: fine-tuning against a DAP step (faithful and fast ΔΨ heads), under float16
+  and bfloat16 autocast (the CPU smoke run: bfloat16 only), each in a fresh process
+  (scripts/benchmark_train_step.py), with its peak memory;
 - inference: the dense model against DAP cuts at prune ratios 0.5 and 0.75 under the
   parameter and the latency budget (the latency table built on this GPU in the same run,
   scripts/latency_table.py), and the uncut deit_tiny as the reference of a hand-made smaller
@@ -34,29 +35,33 @@ from utils import UsageError, count_flops, prepare_out  # noqa: E402
 
 FULL = {'model': 'deit_small_patch16_224', 'reference': 'deit_tiny_patch16_224', 'input_size': 224,
         'train_batch': 64, 'batches': [1, 256, 1024], 'table_batch': 256, 'warmup': 5, 'iters': 20,
-        'train_iters': 10, 'backend': 'inductor', 'num_classes': 1000}
+        'train_iters': 10, 'backend': 'inductor', 'num_classes': 1000, 'amp_dtypes': ['float16', 'bfloat16']}
 # the same code on the CPU in about a minute: the tiny test models, small batches, and
 # torch.compile through dynamo without code generation (no C++ compiler needed)
 SMOKE = {'model': 'deit_micro_patch4_32', 'reference': 'deit_micro_patch4_32', 'input_size': 32,
          'train_batch': 8, 'batches': [1, 8], 'table_batch': 8, 'warmup': 2, 'iters': 2,
-         'train_iters': 2, 'backend': 'eager', 'num_classes': 10}
+         'train_iters': 2, 'backend': 'eager', 'num_classes': 10, 'amp_dtypes': ['bfloat16']}
 RATIOS = (0.5, 0.75)
 
 
 def train_rows(cfg, device):
-    """Fine-tuning and DAP steps (faithful, fast), each in a fresh process."""
-    rows, base = [], None
-    for name, prune, mode in (('fine-tune', False, 'faithful'), ('DAP step, faithful ΔΨ', True, 'faithful'),
-                              ('DAP step, fast ΔΨ', True, 'fast')):
-        ns = benchmark_train_step.get_args([
-            '--model', cfg['model'], '--input-size', str(cfg['input_size']), '--batch-size', str(cfg['train_batch']),
-            '--device', device, '--warmup', '1', '--iters', str(cfg['train_iters']), '--bpi-mode', mode,
-            '--num-classes', str(cfg['num_classes'])])
-        out = benchmark_train_step.run_fresh(ns, prune)
-        base = out['step_s'] if base is None else base
-        rows.append({'part': f'train, batch {cfg["train_batch"]}', 'model': name, 'batch': cfg['train_batch'],
-                     'mode': 'eager', 'ms': 1e3 * out['step_s'], 'speedup': base / out['step_s'],
-                     'flops_ideal': None, 'peak_mib': out['peak_mem_bytes'] / 2 ** 20})
+    """Fine-tuning and DAP steps (faithful, fast) under each autocast dtype, each in a fresh
+    process; speed-up against the fine-tuning step of the same dtype."""
+    rows = []
+    for dtype in cfg['amp_dtypes']:
+        base = None
+        for name, prune, mode in (('fine-tune', False, 'faithful'), ('DAP step, faithful ΔΨ', True, 'faithful'),
+                                  ('DAP step, fast ΔΨ', True, 'fast')):
+            ns = benchmark_train_step.get_args([
+                '--model', cfg['model'], '--input-size', str(cfg['input_size']),
+                '--batch-size', str(cfg['train_batch']), '--device', device, '--warmup', '1',
+                '--iters', str(cfg['train_iters']), '--bpi-mode', mode, '--num-classes', str(cfg['num_classes']),
+                '--amp-dtype', dtype])
+            out = benchmark_train_step.run_fresh(ns, prune)
+            base = out['step_s'] if base is None else base
+            rows.append({'part': f'train, {dtype}', 'model': name, 'batch': cfg['train_batch'],
+                         'mode': 'eager', 'ms': 1e3 * out['step_s'], 'speedup': base / out['step_s'],
+                         'flops_ideal': None, 'peak_mib': out['peak_mem_bytes'] / 2 ** 20})
     return rows
 
 

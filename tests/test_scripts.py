@@ -221,8 +221,8 @@ def test_gpu_check_smoke_runs_the_whole_check_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = res['rows']
-    train = [r['model'] for r in rows if r['part'].startswith('train')]
-    assert train == ['fine-tune', 'DAP step, faithful ΔΨ', 'DAP step, fast ΔΨ']
+    train = [(r['part'], r['model']) for r in rows if r['part'].startswith('train')]
+    assert train == [('train, bfloat16', m) for m in ('fine-tune', 'DAP step, faithful ΔΨ', 'DAP step, fast ΔΨ')]
     cuts = [f'DAP pr {pr}, {b} budget' for pr in (0.5, 0.75) for b in ('params', 'latency')]
     inference = {(r['model'], r['batch'], r['mode']) for r in rows if r['part'].startswith('inference')}
     assert inference == {(m, b, mode) for m in ['dense', *cuts, 'deit_micro_patch4_32 (uncut)']
