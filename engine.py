@@ -8,6 +8,7 @@ from timm.utils import accuracy
 
 import utils
 from datasets import UNREADABLE, UnreadableImageError
+from losses import base_of, training_loss
 from pruning import PrunerModule
 from utils import MetricLogger, NonFiniteLossError, SmoothedValue
 
@@ -71,12 +72,13 @@ def _training_batches(data_loader, device, mixup_fn, n, print_freq, header, metr
 
 
 def _loss(model, criterion, samples, targets, pruner):
-    """The training loss; with a pruner, `model` returns (logits, aux) and the pruner adds its own
-    (METHOD.md §3: the ΔΨ heads' losses)."""
+    """The training loss (with a teacher, `losses.DistillationLoss`); with a pruner, `model`
+    returns (logits, aux) and the pruner adds its own (METHOD.md §3: the ΔΨ heads' losses, on
+    the labels only: the base criterion)."""
     if pruner is None:
-        return criterion(model(samples), targets)
+        return training_loss(criterion, samples, model(samples), targets)
     outputs, aux = model(samples)
-    return criterion(outputs, targets) + pruner.aux_loss(aux, targets, criterion)
+    return training_loss(criterion, samples, outputs, targets) + pruner.aux_loss(aux, targets, base_of(criterion))
 
 
 def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,

@@ -137,6 +137,16 @@ def add_deit_flags(parser):
            'model and ΔΨ heads in eval mode while training, as the authors\' runs were (METHOD.md §8 v2)')
     on_off(parser, 'repeated-aug', True)
 
+    # Distillation parameters (DeiT's names and defaults; losses.py)
+    parser.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL',
+                        help='a timm model name for --teacher-path\'s weights (ignored when that '
+                             'checkpoint holds a cut model of this project: its arch builds it)')
+    parser.add_argument('--teacher-path', type=str, default='',
+                        help='the teacher\'s weights: a file, file:// or URL, or a checkpoint of this project')
+    parser.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'], type=str)
+    parser.add_argument('--distillation-alpha', default=0.5, type=real)
+    parser.add_argument('--distillation-tau', default=1.0, type=real)
+
     # * Random Erase params
     parser.add_argument('--reprob', type=real, default=0.25, metavar='PCT')
     parser.add_argument('--remode', type=str, default='pixel')

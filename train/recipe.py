@@ -12,6 +12,7 @@ from timm.scheduler import create_scheduler_v2
 import models
 import utils
 from datasets import build_dataset, build_transform
+from losses import DistillationLoss
 from utils import UsageError, first_line
 
 
@@ -187,8 +188,52 @@ def build_scheduler(args, optimizer):
     return scheduler
 
 
-def build_criterion(args, nb_classes):
-    """DeiT's loss and mixup: (criterion, mixup_fn or None)."""
+def build_teacher(args, nb_classes, device):
+    """The distillation teacher (DeiT's --teacher-model with --teacher-path's weights, or the
+    cut or dense model of a checkpoint of this project, by its arch) in eval mode on the
+    device; None without distillation. UsageError (one line) before anything is trained."""
+    if args.distillation_type == 'none':
+        return None
+    if not args.teacher_path:
+        raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path: the teacher\'s '
+                         'weights (a file, file:// or URL, or a checkpoint of this project)')
+    ckpt = utils.load_checkpoint_file(args.teacher_path, '--teacher-path')
+    state = ckpt.get('model', ckpt)
+    try:
+        if ckpt.get('arch') is not None:
+            models.check_arch(ckpt['arch'])
+            teacher = models.build_from_arch(ckpt['arch'])
+        else:
+            extra = {'img_size': args.input_size} if args.teacher_model in models.CONFIGS else {}
+            teacher = timm.create_model(args.teacher_model, num_classes=nb_classes, **extra)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f'--teacher-model {args.teacher_model}: {first_line(e)}') from None
+    problem = models.state_dict_mismatch(teacher, state) if isinstance(state, dict) else 'no weights'
+    if problem:
+        raise UsageError(f'--teacher-path {args.teacher_path}: its weights do not fit the teacher '
+                         f'({args.teacher_model if ckpt.get("arch") is None else "its arch"}): {problem}')
+    teacher.load_state_dict(state)
+    classes = getattr(teacher, 'num_classes', nb_classes)
+    if classes != nb_classes:
+        raise UsageError(f'--teacher-path {args.teacher_path}: the teacher has {classes} classes, '
+                         f'{args.data_set} has {nb_classes}')
+    print(f'Teacher: {args.teacher_path} ({sum(p.numel() for p in teacher.parameters()):,} parameters), '
+          f'{args.distillation_type} distillation, alpha {args.distillation_alpha}, tau {args.distillation_tau}')
+    return teacher.to(device)
+
+
+def build_criterion(args, nb_classes, device=None):
+    """DeiT's loss and mixup: (criterion, mixup_fn or None); with --distillation-type, the loss
+    wraps the teacher (losses.DistillationLoss)."""
+    criterion, mixup_fn = _label_criterion(args, nb_classes)
+    teacher = build_teacher(args, nb_classes, device or torch.device('cpu'))
+    if teacher is None:
+        return criterion, mixup_fn
+    return DistillationLoss(criterion, teacher, args.distillation_type, args.distillation_alpha,
+                            args.distillation_tau), mixup_fn
+
+
+def _label_criterion(args, nb_classes):
     if not (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None):
         if args.smoothing > 0.:
             return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None

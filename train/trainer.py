@@ -22,7 +22,7 @@ class Trainer:
     def __init__(self, args, device, amp, model, pruner=None):
         self.args, self.device, self.amp = args, device, amp
         self.model, self.pruner = model, pruner
-        self.criterion, self.mixup_fn = build_criterion(args, args.nb_classes)
+        self.criterion, self.mixup_fn = build_criterion(args, args.nb_classes, device)
         self.lr = scaled_lr(args)
         # DAP keeps the backbone's rate constant while pruning and after a cut before --epochs,
         # also when resumed after it (METHOD.md §6); WD-Prune follows DeiT's schedule throughout

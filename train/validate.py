@@ -56,6 +56,7 @@ RANGES = {
     '--opt-betas': RATE, '--model-ema-decay': SHARE, '--reprob': SHARE, '--mixup-prob': SHARE,
     '--mixup-switch-prob': SHARE, '--cutmix-minmax': SHARE, '--clip-grad': POSITIVE,
     '--decay-epochs': POSITIVE, '--decay-rate': POSITIVE, '--dist-timeout': POSITIVE,
+    '--distillation-alpha': SHARE, '--distillation-tau': POSITIVE,
 }
 
 
