@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import re
+import sys
 import time
 import zipfile
 from collections import defaultdict, deque
@@ -319,6 +320,32 @@ def read_log(path, keys=()) -> list:
             continue
         records.append(record)
     return records
+
+
+def check_at_least(checks) -> None:
+    """UsageError for the first (flag, value, least) whose value is set and below least."""
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            raise UsageError(f'{flag} must be at least {least}, got {value}')
+
+
+def checked_script_args(get_args, check_args, argv=None):
+    """A script's arguments, checked by `check_args` (one line and exit 1 if it refuses them)."""
+    args = get_args(argv)
+    try:
+        check_args(args)
+    except UsageError as e:
+        sys.exit(f'error: {e}')
+    return args
+
+
+def script_device(text: str) -> torch.device:
+    """The device of a benchmark script; on the CPU float32 denormals are flushed, as main.py
+    does (they multiply about 10x slower there)."""
+    device = torch.device(text)
+    if device.type == 'cpu':
+        torch.set_flush_denormal(True)
+    return device
 
 
 def prepare_out(path, flag='--out'):

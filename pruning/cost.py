@@ -178,14 +178,15 @@ class LatencyTable(Cost):
         as_tensor, (a, h, b, c) = _as_float64(d_in, heads, head_dim, d_out)
         a, h, b, c = torch.broadcast_tensors(a, h, b, c)
         # measured with all heads (DAP's cut); fewer heads scale the time by their share
-        ms = _interpolate(self.attn_axes, self.attn_ms, (a, b, c)) * h / self.table['num_heads']
-        return _count(ms, (a, h, b, c), as_tensor) if as_tensor else float(_count(ms, (a, h, b, c), True))
+        ms = _count(_interpolate(self.attn_axes, self.attn_ms, (a, b, c)) * h / self.table['num_heads'],
+                    (a, h, b, c), True)
+        return ms if as_tensor else float(ms)
 
     def mlp(self, d_in, hidden, d_out):
         as_tensor, (a, b, c) = _as_float64(d_in, hidden, d_out)
         a, b, c = torch.broadcast_tensors(a, b, c)
-        ms = _interpolate(self.mlp_axes, self.mlp_ms, (a, b, c))
-        return _count(ms, (a, b, c), as_tensor) if as_tensor else float(_count(ms, (a, b, c), True))
+        ms = _count(_interpolate(self.mlp_axes, self.mlp_ms, (a, b, c)), (a, b, c), True)
+        return ms if as_tensor else float(ms)
 
     def non_block(self, model, dense_sub_blocks=None):
         return float(self.table['other_ms'])

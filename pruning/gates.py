@@ -69,8 +69,8 @@ class SubBlock:
     def dense_params(self) -> int:
         return int(self.params(self.gate_sizes))
 
-    def dense_cost(self, cost=None) -> float:
-        return self.dense_params if cost is None or cost.unit == 'params' else float(self.cost(self.gate_sizes, cost))
+    def dense_cost(self, cost=None):
+        return self.cost(self.gate_sizes, cost)
 
     def element_costs(self, cost=None) -> torch.Tensor:
         """What each gate element of the dense sub-block costs (in parameters: its rows /
@@ -81,10 +81,7 @@ class SubBlock:
         for g, size in enumerate(self.gate_sizes):
             fewer = list(self.gate_sizes)
             fewer[g] -= 1
-            if cost is None or cost.unit == 'params':
-                costs.append(torch.full((size,), float(self.dense_params - int(self.params(fewer)))))
-            else:
-                costs.append(torch.full((size,), max(dense - float(self.cost(fewer, cost)), 1e-12)))
+            costs.append(torch.full((size,), max(float(dense - self.cost(fewer, cost)), 1e-12)))
         return torch.cat(costs).double()
 
     @property
@@ -119,11 +116,9 @@ def kept_params(model, sbs: Sequence[SubBlock]) -> List[int]:
     return [int(sb.params(kept_counts(model, sb))) for sb in sbs]
 
 
-def kept_costs(model, sbs: Sequence[SubBlock], cost=None) -> List[float]:
+def kept_costs(model, sbs: Sequence[SubBlock], cost=None) -> list:
     """What each sub-block keeps under the current hard masks, in the budget's unit."""
-    if cost is None or cost.unit == 'params':
-        return kept_params(model, sbs)
-    return [float(sb.cost(kept_counts(model, sb), cost)) for sb in sbs]
+    return [sb.cost(kept_counts(model, sb), cost) for sb in sbs]
 
 
 def non_block_params(model, sbs: Sequence[SubBlock]) -> int:

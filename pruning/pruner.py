@@ -150,8 +150,7 @@ class DepthAwarePruner(Pruner):
         except ValueError as e:
             raise ConfigError('latency_table', str(e)) from None
         self.dense = torch.tensor([sb.dense_cost(self.cost) for sb in self.sbs], dtype=torch.float64)
-        dense_blocks = sum(sb.dense_cost(self.cost) for sb in self.sbs)
-        self.non_block = self.cost.non_block(model, dense_blocks)
+        self.non_block = self.cost.non_block(model, float(self.dense.sum()))
         self.non_params = non_block_params(model, self.sbs)  # for the records, in any unit
         self.budget = block_budget(self.dense.tolist(), self.non_block, config.prune_ratio,
                                    config.block_params_only)

@@ -30,7 +30,8 @@ import timm  # noqa: E402
 from pruning import BUDGET_UNITS, ConfigError, DepthAwarePruner, LatencyTable, PruneConfig, PruneSchedule  # noqa: E402
 from models import state_dict_mismatch  # noqa: E402
 from train.validate import check_device  # noqa: E402
-from utils import UsageError, count_flops, load_checkpoint_file, prepare_out, synchronize  # noqa: E402
+from utils import (UsageError, check_at_least, checked_script_args, count_flops, load_checkpoint_file,  # noqa: E402
+                   prepare_out, script_device, synchronize)
 
 
 def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr', round_to=None,
@@ -246,12 +247,10 @@ def check_args(args):
     """The numbers in their ranges and --json writable, before anything is built or timed."""
     if not 0 < args.prune_ratio < 1:
         raise UsageError(f'--prune-ratio must be in (0, 1), got {args.prune_ratio}')
-    for flag, value, least in (('--iters', args.iters, 1), ('--warmup', args.warmup, 0),
-                               ('--batch-size', args.batch_size, 1), ('--num-classes', args.num_classes, 1),
-                               ('--align', args.align, 0), ('--prune-round-to', args.prune_round_to, 1),
-                               ('--input-size', args.input_size, 1)):
-        if value is not None and value < least:
-            raise UsageError(f'{flag} must be at least {least}, got {value}')
+    check_at_least((('--iters', args.iters, 1), ('--warmup', args.warmup, 0),
+                    ('--batch-size', args.batch_size, 1), ('--num-classes', args.num_classes, 1),
+                    ('--align', args.align, 0), ('--prune-round-to', args.prune_round_to, 1),
+                    ('--input-size', args.input_size, 1)))
     if args.prune_budget == 'latency' and not args.latency_table:
         raise UsageError('--prune-budget latency needs --latency-table FILE (scripts/latency_table.py)')
     if args.prune_budget != 'params' and (args.checkpoint or args.prune_method == 'savit'):
@@ -268,14 +267,8 @@ def check_args(args):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        check_args(args)
-    except UsageError as e:
-        sys.exit(f'error: {e}')
-    device = torch.device(args.device)
-    if device.type == 'cpu':  # as main.py: float32 denormals multiply ~10x slower on CPUs
-        torch.set_flush_denormal(True)
+    args = checked_script_args(get_args, check_args, argv)
+    device = script_device(args.device)
     amp = device.type == 'cuda'
     try:
         source, variants, counted = build_variants(args)

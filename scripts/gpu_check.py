@@ -31,7 +31,7 @@ import latency_table  # noqa: E402
 import models  # noqa: E402
 import timm  # noqa: E402
 from train.validate import check_device  # noqa: E402
-from utils import UsageError, count_flops, prepare_out  # noqa: E402
+from utils import UsageError, count_flops, prepare_out, script_device  # noqa: E402
 
 FULL = {'model': 'deit_small_patch16_224', 'reference': 'deit_tiny_patch16_224', 'input_size': 224,
         'train_batch': 64, 'batches': [1, 256, 1024], 'table_batch': 256, 'warmup': 5, 'iters': 20,
@@ -150,11 +150,9 @@ def main(argv=None):
                 prepare_out(path, flag)
     except UsageError as e:
         sys.exit(f'error: {e}')
-    device = torch.device(device_name)
     started = time.perf_counter()
     rows = train_rows(cfg, device_name)  # fresh processes first: this one has not touched the GPU yet
-    if device.type == 'cpu':
-        torch.set_flush_denormal(True)
+    device = script_device(device_name)
     latency_table.main(['--model', cfg['model'], '--input-size', str(cfg['input_size']),
                         '--num-classes', str(cfg['num_classes']),
                         '--batch-size', str(cfg['table_batch']), '--device', device_name,

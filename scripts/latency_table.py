@@ -27,7 +27,7 @@ from models import median_seconds  # noqa: E402
 from models.vision_transformer import Block  # noqa: E402
 from pruning.cost import TABLE_FORMAT, LatencyTable  # noqa: E402
 from train.validate import check_device  # noqa: E402
-from utils import UsageError, prepare_out  # noqa: E402
+from utils import UsageError, check_at_least, checked_script_args, prepare_out, script_device  # noqa: E402
 
 
 def axis(size: int, points: int, step: int = 8):
@@ -138,11 +138,9 @@ def get_args(argv=None):
 def check_args(args):
     if args.model not in models.CONFIGS:
         raise UsageError(f'unknown --model {args.model!r}: one of {", ".join(sorted(models.CONFIGS))}')
-    for flag, value, least in (('--batch-size', args.batch_size, 1), ('--points', args.points, 2),
-                               ('--iters', args.iters, 1), ('--warmup', args.warmup, 0),
-                               ('--num-classes', args.num_classes, 1), ('--input-size', args.input_size, 1)):
-        if value is not None and value < least:
-            raise UsageError(f'{flag} must be at least {least}, got {value}')
+    check_at_least((('--batch-size', args.batch_size, 1), ('--points', args.points, 2),
+                    ('--iters', args.iters, 1), ('--warmup', args.warmup, 0),
+                    ('--num-classes', args.num_classes, 1), ('--input-size', args.input_size, 1)))
     if not all(0 < r < 1 for r in args.check_ratios):
         raise UsageError(f'--check-ratios must lie in (0, 1), got {args.check_ratios}')
     check_device(args.device)
@@ -152,14 +150,8 @@ def check_args(args):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        check_args(args)
-    except UsageError as e:
-        sys.exit(f'error: {e}')
-    device = torch.device(args.device)
-    if device.type == 'cpu':  # as main.py and benchmark.py
-        torch.set_flush_denormal(True)
+    args = checked_script_args(get_args, check_args, argv)
+    device = script_device(args.device)
     args.input_size = args.input_size or models.CONFIGS[args.model].img_size
     started = time.perf_counter()
     torch.manual_seed(args.seed)

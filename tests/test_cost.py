@@ -19,6 +19,7 @@ from conftest import REPO, check_ok, cli_env, micro, run_cli
 from pruning import DepthAwarePruner, PruneSchedule
 from pruning.cost import TABLE_FORMAT, FlopsCost, LatencyTable, ParamsCost, build_cost, sub_block_cost
 from pruning.gates import gates_of, kept_costs, kept_params
+from test_pruning import pruner_with_random_scores as random_pruner
 from utils import count_flops, read_log
 
 D, L, H, M, C, N = 64, 4, 4, 256, 10, 65  # the micro model: 64 patches and the class token
@@ -55,22 +56,6 @@ def write(tmp_path, table, name='table.json'):
     path = tmp_path / name
     path.write_text(json.dumps(table))
     return str(path)
-
-
-def random_pruner(method='block_pr', pr=0.5, seed=0, **config):
-    """A pruner whose Taylor sums and ΔΨ window are random, as after some training."""
-    model = micro(seed)
-    schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1,
-                             steps_update_mask=1)
-    pruner = DepthAwarePruner(model, C, PruneConfig(prune_ratio=pr, method=method, **config), schedule)
-    g = torch.Generator().manual_seed(seed)
-    pruner.performance.sum_c.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
-    pruner.performance.sum_p.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
-    pruner.performance.count.fill_(1)
-    for s in pruner.taylor.sum.values():
-        s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64) ** 4)
-    pruner.taylor.count = 1
-    return model, pruner
 
 
 def random_cuts():
