@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-output/compare}
-METHODS=${METHODS:-block_pr block_pr_cumulative block_pr_train_gates block_pr_latency uniform global wdprune savit}
+METHODS=${METHODS:-block_pr block_pr_cumulative block_pr_train_gates block_pr_latency block_pr_distill uniform global wdprune savit}
 RATIOS=${RATIOS:-0.5 0.75}
 SEEDS=${SEEDS:-0 1 2}
 PRUNE_EPOCHS=${PRUNE_EPOCHS:-10}
@@ -38,6 +38,7 @@ declare -A EXTRA=(
   [block_pr_cumulative]="--prune-method block_pr --prune-taylor-window cumulative $DAP_SCHEDULE"
   [block_pr_train_gates]="--prune-method block_pr --prune-train-gates $DAP_SCHEDULE"
   [block_pr_latency]="--prune-method block_pr --prune-budget latency --latency-table $OUT/latency_table.json $DAP_SCHEDULE"
+  [block_pr_distill]="--prune-method block_pr $DAP_SCHEDULE"
   [uniform]="--prune-method uniform $DAP_SCHEDULE"
   [global]="--prune-method global $DAP_SCHEDULE"
   [wdprune]="--prune-method wdprune --wdprune-lr 0.05 --classifiers 6 9"
@@ -75,17 +76,22 @@ for SEED in $SEEDS; do
     for PR in $RATIOS; do
       run=$base/${METHOD}_pr$PR
       ft_epochs=$FT_EPOCHS
+      # *_distill: the dense model fine-tuned on the target (this seed's dense row) is the teacher
+      # of both commands, soft, with DeiT's alpha and tau
+      teacher=()
+      [[ $METHOD == *_distill ]] && teacher=(--distillation-type soft --distillation-alpha 0.5
+        --distillation-tau 1.0 --teacher-model deit_micro12_patch4_32 --teacher-path "$base/dense/checkpoint.pth")
       [ "$METHOD" = savit ] && ft_epochs=$((PRUNE_EPOCHS + FT_EPOCHS))
       done_run "$run/finetune" "$ft_epochs" && continue
       echo "== seed $SEED: $METHOD pr=$PR -> $run"
       rm -rf "$run"; mkdir -p "$run"
       # shellcheck disable=SC2086
       python main.py "${COMMON[@]}" "${TARGET[@]}" --seed "$SEED" --output_dir "$run/prune" \
-        --epochs "$PRUNE_EPOCHS" --model-path "$PRETRAINED" --prune-ratio "$PR" ${EXTRA[$METHOD]} \
+        --epochs "$PRUNE_EPOCHS" --model-path "$PRETRAINED" --prune-ratio "$PR" ${EXTRA[$METHOD]} "${teacher[@]}" \
         > "$run/prune.log" 2>&1
       python main.py "${COMMON[@]}" "${TARGET[@]}" --seed "$SEED" --output_dir "$run/finetune" \
         --epochs "$ft_epochs" --warmup-epochs 1 --resize-model-by-checkpoint \
-        --model-path "$run/prune/first_sparse_checkpoint.pth" > "$run/finetune.log" 2>&1
+        --model-path "$run/prune/first_sparse_checkpoint.pth" "${teacher[@]}" > "$run/finetune.log" 2>&1
     done
   done
 done

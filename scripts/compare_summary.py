@@ -22,6 +22,7 @@ from utils import read_log  # noqa: E402
 NAMES = {'block_pr': 'DAP', 'block_pr_cumulative': 'DAP, cumulative Taylor',
          'block_pr_train_gates': 'DAP, gates trained (authors)',
          'block_pr_latency': 'DAP, latency budget',
+         'block_pr_distill': 'DAP, dense model as teacher (soft)',
          'uniform': 'DAP, uniform κ', 'global': 'DAP, global threshold',
          'wdprune': 'WD-Prune', 'savit': 'SaViT'}
 
