@@ -7,7 +7,10 @@ size and hidden width, or is gone. Everything needed to rebuild such a model is 
 a plain dict of ints and lists that `torch.load(weights_only=True)` accepts.
 
 The pruner attaches *gates* (soft masks) with `add_gates()`; the forward multiplies by them
-where they exist. The model owns this forward: nothing is patched at run time.
+where they exist. The model owns this forward: nothing is patched at run time. Every gate
+of a sub-block sits on one side of a linear layer, so it is folded into that layer's weight
+(`gated_linear`): the same function, with a multiply over the weight instead of over the
+activations, which are ~16x larger at DeiT's batch and token count.
 """
 import copy
 from typing import Dict, List, Optional
@@ -41,7 +44,9 @@ class Gate(nn.Module):
     """A soft mask m ∈ [0, 1]^n (METHOD.md §2) that multiplies one dimension of its input:
     the last, or the one `trailing` dimensions before the end. Its values are a parameter, so
     that they receive gradients (the Taylor scores read them), but pruners set them: no
-    optimizer holds them. A model without pruner has `nn.Identity()` in every gate slot."""
+    optimizer holds them. A model without pruner has `nn.Identity()` in every gate slot.
+    The sub-blocks fold their gates into a linear layer (`mask_of`, `gated_linear`); the
+    embedding gate (SaViT) is called on the residual stream."""
 
     def __init__(self, size: int, trailing: int = 0, device=None):
         super().__init__()
@@ -50,6 +55,28 @@ class Gate(nn.Module):
 
     def forward(self, x):
         return x * self.mask.view(self.view)
+
+
+def mask_of(slot: nn.Module) -> Optional[torch.Tensor]:
+    """The mask of a gate slot, or None where no gate is attached."""
+    return slot.mask if isinstance(slot, Gate) else None
+
+
+def gated_linear(x, linear: nn.Linear, in_mask: Optional[torch.Tensor] = None,
+                 out_mask: Optional[torch.Tensor] = None):
+    """linear(x ⊙ in_mask) ⊙ out_mask, computed as x·(W ⊙ out_maskᵀ ⊙ in_mask)ᵀ + b ⊙ out_mask.
+
+    The same function and the same gradients for any mask (the linear layer is linear in its
+    input and its output is scaled per row); with 0/1 masks the same numbers, since every
+    product is either kept whole or zero on both sides. Without masks: `linear(x)`.
+    """
+    w, b = linear.weight, linear.bias
+    if in_mask is not None:
+        w = w * in_mask
+    if out_mask is not None:
+        w = w * out_mask[:, None]
+        b = b * out_mask if b is not None else None
+    return F.linear(x, w, b)
 
 
 def is_gate(name: str) -> bool:
@@ -167,8 +194,9 @@ class Attention(nn.Module):
 
     `scale` stays the dense model's head_dim ** -0.5 after a cut, so that the cut model
     computes the same logits as the masked one. Gate slots: `qkv_gate` (one mask over the
-    head_dim channels, shared by q, k, v and all heads, §2) and `head_gate` (one value per
-    head on attention·V, the baselines').
+    head_dim channels, shared by q, k, v and all heads, §2; folded into the rows of qkv) and
+    `head_gate` (one value per head on attention·V, the baselines'; folded into the columns of
+    proj). `in_mask` / `out_mask` are the sub-block's read and write gates (Block's slots).
     """
 
     def __init__(self, dim_in, num_heads, head_dim, dim_out, scale, qkv_bias=True,
@@ -183,10 +211,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(num_heads * head_dim, dim_out)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
+    def forward(self, x, in_mask: Optional[torch.Tensor] = None, out_mask: Optional[torch.Tensor] = None):
         B, N, _ = x.shape
         # qkv rows are ordered q|k|v, then head, then channel (timm's layout)
-        qkv = self.qkv_gate(self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim))
+        rows = mask_of(self.qkv_gate)
+        rows = rows.repeat(3 * self.num_heads) if rows is not None else None
+        qkv = gated_linear(x, self.qkv, in_mask, rows).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
@@ -195,12 +225,16 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
-        x = self.head_gate(x).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(x))
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        heads = mask_of(self.head_gate)
+        cols = heads.repeat_interleave(self.head_dim) if heads is not None else None
+        # dropout scales elementwise, so it commutes with the write gate folded into proj
+        return self.proj_drop(gated_linear(x, self.proj, cols, out_mask))
 
 
 class Mlp(nn.Module):
-    """fc1, GELU, fc2; gate slot `hid_gate` on the activation (§2)."""
+    """fc1, GELU, fc2; gate slot `hid_gate` on the activation (§2), folded into the columns of
+    fc2; `in_mask` / `out_mask` (the read and write gates) into fc1's columns and fc2's rows."""
 
     def __init__(self, dim_in, hidden_features, dim_out, drop=0.):
         super().__init__()
@@ -211,9 +245,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, dim_out)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x):
-        x = self.hid_gate(self.act(self.fc1(x)))
-        return self.drop2(self.fc2(self.drop1(x)))
+    def forward(self, x, in_mask: Optional[torch.Tensor] = None, out_mask: Optional[torch.Tensor] = None):
+        x = self.drop1(self.act(gated_linear(x, self.fc1, in_mask)))
+        return self.drop2(gated_linear(x, self.fc2, mask_of(self.hid_gate), out_mask))
 
 
 def dense_block_arch(embed_dim: int, num_heads: int, mlp_ratio: float) -> Dict:
@@ -259,13 +293,13 @@ class Block(nn.Module):
     def forward_attn(self, x):
         if self.attn is None:
             return x
-        h = self.attn_out_gate(self.attn(self.attn_in_gate(self.norm1(x))))
+        h = self.attn(self.norm1(x), mask_of(self.attn_in_gate), mask_of(self.attn_out_gate))
         return self.attn_write(x, h)
 
     def forward_mlp(self, x):
         if self.mlp is None:
             return x
-        h = self.mlp_out_gate(self.mlp(self.mlp_in_gate(self.norm2(x))))
+        h = self.mlp(self.norm2(x), mask_of(self.mlp_in_gate), mask_of(self.mlp_out_gate))
         return self.mlp_write(x, h)
 
     def forward(self, x):

@@ -168,6 +168,74 @@ def test_zero_output_gate_removes_sub_block(gate, sub_block):
         assert torch.equal(cut(x), logits)
 
 
+def activation_gated_stream(model, x):
+    """The gated forward as METHOD.md §2 writes it, each gate multiplying the activations it
+    sits on (the model folds them into the weights instead): the reference of the fold."""
+    import torch.nn.functional as F
+    from models.vision_transformer import mask_of
+
+    def gate(slot, t, view=(-1,)):
+        m = mask_of(slot)
+        return t if m is None else t * m.view(view)
+
+    x = model.forward_embed(x)
+    stream = [x]
+    for blk in model.blocks:
+        a = blk.attn
+        h = gate(blk.attn_in_gate, blk.norm1(x))
+        B, N, _ = h.shape
+        qkv = gate(a.qkv_gate, a.qkv(h).reshape(B, N, 3, a.num_heads, a.head_dim))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if a.fused_attn:
+            h = F.scaled_dot_product_attention(q, k, v, scale=a.scale)
+        else:
+            h = ((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        h = gate(a.head_gate, h, (-1, 1, 1))
+        h = gate(blk.attn_out_gate, a.proj(h.transpose(1, 2).reshape(B, N, -1)))
+        x = x + h
+        stream.append(x)
+        m = blk.mlp
+        h = gate(blk.mlp_in_gate, blk.norm2(x))
+        h = gate(blk.mlp_out_gate, m.fc2(gate(m.hid_gate, m.act(m.fc1(h)))))
+        x = x + h
+        stream.append(x)
+    return model.forward_head(x), stream
+
+
+@pytest.mark.parametrize('masks', ['binary', 'soft'])
+def test_gates_folded_into_weights_compute_the_activation_gated_model(masks):
+    """Every gate of a sub-block is folded into its linear layer (models.gated_linear): the
+    stream, the logits and the gate gradients the Taylor scores read are those of the gates
+    multiplying the activations, bit for bit with 0/1 masks, to rounding with soft ones."""
+    model = micro().eval()
+    model.add_gates(models.ALL_GATE_NAMES)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.gate_parameters():
+            r = torch.rand(p.shape, generator=g)
+            p.copy_((r > 0.3).float() if masks == 'binary' else r)
+    x = images(4)
+
+    def run(forward):
+        model.zero_grad(set_to_none=True)
+        logits, stream = forward(x)
+        (logits.square().sum() + sum(s.square().mean() for s in stream)).backward()
+        return logits, stream, [p.grad.clone() for p in model.gate_parameters()]
+
+    logits, stream, grads = run(model.forward_stream)
+    ref_logits, ref_stream, ref_grads = run(lambda t: activation_gated_stream(model, t))
+    if masks == 'binary':
+        assert torch.equal(logits, ref_logits)
+        assert all(torch.equal(s, r) for s, r in zip(stream, ref_stream))
+    else:
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        for s, r in zip(stream, ref_stream):
+            torch.testing.assert_close(s, r, rtol=1e-5, atol=1e-5)
+    assert all(gr.abs().sum() > 0 for gr in grads)
+    for gr, r in zip(grads, ref_grads):
+        torch.testing.assert_close(gr, r, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- pretrained_state_dict
 
 def test_pretrained_wrapped_bare_and_ddp_prefixed():
