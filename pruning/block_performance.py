@@ -34,11 +34,31 @@ class PatchHead(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.fc = nn.Linear(width, num_classes)
 
-    def forward(self, x):
+    def patch_map(self, x):
+        """The tokens x (B, 1 + h·w, D) as the map the convolutions read: (B, D, h, w), pooled
+        in fast mode. Every head of one `HeadShape` makes the same map of the same x."""
         patches = x[:, 1:]  # drop the class token
         B, N, D = patches.shape
         fmap = patches.transpose(1, 2).reshape(B, D, *self.grid)
-        return self.fc(self.convs(fmap).mean(dim=(2, 3)))
+        pool = self.convs[0]
+        return pool(fmap) if isinstance(pool, nn.AdaptiveAvgPool2d) else fmap
+
+    def forward_map(self, fmap, groups: int = 1):
+        """Logits of `groups` applications stacked along the batch of `fmap` (a `patch_map`):
+        one convolution call for all of them, BatchNorm statistics per application (in
+        training mode each group is normalised, and updates the running statistics, as if
+        it were called alone, in order)."""
+        for layer in self.convs:
+            if isinstance(layer, nn.AdaptiveAvgPool2d):
+                continue  # patch_map pooled
+            if isinstance(layer, nn.BatchNorm2d) and groups > 1:
+                fmap = torch.cat([layer(g) for g in fmap.chunk(groups)])
+            else:
+                fmap = layer(fmap)
+        return self.fc(fmap.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.forward_map(self.patch_map(x))
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,11 @@ class BlockPerformanceHeads(nn.Module):
         k = math.ceil(self.fraction * stream[0].shape[0])
         cls = [torch.stack([h(stream[i][:, 0]), h(stream[i + 1][:, 0])])
                for i, h in enumerate(self.cls)]
-        patch = [torch.stack([h(stream[i][:k]), h(stream[i + 1][:k])]) for i, h in enumerate(self.patch)]
+        # x_i is read by patch head i - 1 (as its output) and i (as its input): its map is made
+        # once; each head runs on its input and output in one call, as a batch of 2k
+        maps = [self.patch[0].patch_map(x[:k]) for x in stream]
+        patch = [h.forward_map(torch.cat([maps[i], maps[i + 1]]), groups=2).unflatten(0, (2, k))
+                 for i, h in enumerate(self.patch)]
         return torch.stack(cls), torch.stack(patch)
 
     def forward_eval(self, stream: List[torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -1,5 +1,7 @@
 """`--bpi-mode fast` (pruning/block_performance.py HeadShape): cheaper ΔΨ heads for the same §4
 pipeline. Faithful stays the authors' heads (every other test runs it)."""
+import copy
+import math
 import re
 import sys
 
@@ -37,6 +39,52 @@ def test_fast_patch_heads_are_narrower_and_pooled():
     assert cf.shape == cq.shape == pf.shape == pq.shape == (4, 2, 3, 10)
 
 
+def one_call_per_application(heads, stream):
+    """The heads as METHOD.md §3 writes them, one call per head and per x: the reference of the
+    stacked forward (each x_i's map made once, each patch head on its input and output at once)."""
+    stream = [x.detach() for x in stream]
+    k = math.ceil(heads.fraction * stream[0].shape[0])
+
+    def patch(h, x):
+        p = x[:k, 1:]
+        return h.fc(h.convs(p.transpose(1, 2).reshape(k, p.shape[2], *h.grid)).mean(dim=(2, 3)))
+
+    cls = torch.stack([torch.stack([h(stream[i][:, 0]), h(stream[i + 1][:, 0])]) for i, h in enumerate(heads.cls)])
+    return cls, torch.stack([torch.stack([patch(h, stream[i]), patch(h, stream[i + 1])])
+                             for i, h in enumerate(heads.patch)])
+
+
+@pytest.mark.parametrize('mode', ['faithful', 'fast'])
+@pytest.mark.parametrize('train', [True, False])
+def test_stacked_heads_give_the_same_delta_psi(mode, train):
+    """ΔΨ, the head losses' gradients and the BatchNorm running statistics are those of one call
+    per head and application, in training mode (statistics per application) and in eval mode."""
+    model = micro(img_size=16)
+    pruner = DepthAwarePruner(model, 10, PruneConfig(prune_ratio=0.5, bpi_mode=mode, bpi_fraction=0.75),
+                              PruneSchedule(steps_per_epoch=2, start_epoch=0, sparse_epoch=1, finalize_epoch=2))
+    heads, ref = pruner.heads.train(train), copy.deepcopy(pruner.heads).train(train)
+    criterion = torch.nn.CrossEntropyLoss()
+    torch.manual_seed(5)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    for _ in range(2):  # the second step sees the running statistics the first one left
+        with torch.no_grad():
+            _, stream = model.forward_stream(x)
+        perf = BlockPerformance(8, 'cpu')
+        lc, lp = perf.head_losses(heads(stream), y, criterion)
+        rc, rp = perf.head_losses(one_call_per_application(ref, stream), y, criterion)
+        torch.testing.assert_close(lc, rc, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lp, rp, rtol=1e-6, atol=1e-6)
+        (lc.sum() + lp.sum()).backward()
+        (rc.sum() + rp.sum()).backward()
+        for (name, a), b in zip(heads.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+        for (name, a), b in zip(heads.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    assert not torch.equal(lp[:, 0], lp[:, 1])  # the heads' input and output differ
+    if train:
+        assert heads.patch[0].convs[-2].num_batches_tracked == 4  # two applications per step
+
+
 def test_a_batch_fraction_is_the_same_estimator_on_a_random_half():
     """With fixed heads (BatchNorm on its statistics), ΔΨ on the first half of a batch and on the
     second half average to ΔΨ on the whole batch: over the random order of a shuffled batch,
@@ -68,18 +116,19 @@ def test_evaluation_runs_only_the_reported_heads():
     model = micro(img_size=16)
     pruner = DepthAwarePruner(model, 10, PruneConfig(prune_ratio=0.5, bpi_mode='fast'),
                               PruneSchedule(steps_per_epoch=2, start_epoch=0, sparse_epoch=1, finalize_epoch=2))
-    ran = []
+    ran = []  # (head, sub-block, rows its classifier saw)
     for i, (c, p) in enumerate(zip(pruner.heads.cls, pruner.heads.patch)):
-        c.register_forward_hook(lambda *a, i=i: ran.append(('cls', i)))
-        p.register_forward_hook(lambda *a, i=i: ran.append(('patch', i)))
+        c.register_forward_hook(lambda m, inp, out, i=i: ran.append(('cls', i, len(out))))
+        p.fc.register_forward_hook(lambda m, inp, out, i=i: ran.append(('patch', i, len(out))))
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         logits, heads = pruner.module.forward_eval(x)
-        assert ran == [('cls', 7), ('patch', 7)] and set(heads) == {'cls_head', 'patch_head'}
+        assert ran == [('cls', 7, 2), ('patch', 7, 2)] and set(heads) == {'cls_head', 'patch_head'}
         torch.testing.assert_close(logits, model(x))
         ran.clear()
         pruner.module(x)
-    assert len(ran) == 2 * 2 * 8  # training: every head, on input and output
+    # training: every class head on input and output; every patch head once on both, stacked
+    assert sorted(ran) == sorted([('cls', i, 2) for i in range(8)] * 2 + [('patch', i, 4) for i in range(8)])
 
 
 def test_fast_resume_in_the_middle_of_pruning_is_exact(tmp_path):
