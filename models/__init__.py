@@ -9,13 +9,20 @@ from .vision_transformer import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, GATE_SL
                                  dense_block_arch, is_gate, masked_layer_norm)
 from .checkpoint import check_arch, pretrained_state_dict, state_dict_mismatch
 from .deploy import align_widths, apply_forms, deploy, median_seconds, plan_forms
-from .hub import read_safetensors, read_timm_folder, write_timm_folder
+from .hub import (read_safetensors, read_safetensors_checkpoint, read_timm_folder, write_safetensors_checkpoint,
+                  write_timm_folder)
 
 # The official DeiT ImageNet checkpoints (facebookresearch/deit), for --model-path.
 DEIT_URLS = {
     'deit_tiny_patch16_224': 'https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth',
     'deit_small_patch16_224': 'https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth',
     'deit_base_patch16_224': 'https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth',
+    'deit_tiny_distilled_patch16_224':
+        'https://dl.fbaipublicfiles.com/deit/deit_tiny_distilled_patch16_224-b40b3cf7.pth',
+    'deit_small_distilled_patch16_224':
+        'https://dl.fbaipublicfiles.com/deit/deit_small_distilled_patch16_224-649709d9.pth',
+    'deit_base_distilled_patch16_224':
+        'https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth',
 }
 
 class ViTConfig(NamedTuple):
@@ -24,17 +31,22 @@ class ViTConfig(NamedTuple):
     depth: int
     num_heads: int
     img_size: int
+    distilled: bool = False  # DeiT's distilled family: a distillation token and a second head
 
 
 CONFIGS = {
     'deit_tiny_patch16_224': ViTConfig(16, 192, 12, 3, 224),
     'deit_small_patch16_224': ViTConfig(16, 384, 12, 6, 224),
     'deit_base_patch16_224': ViTConfig(16, 768, 12, 12, 224),
+    'deit_tiny_distilled_patch16_224': ViTConfig(16, 192, 12, 3, 224, distilled=True),
+    'deit_small_distilled_patch16_224': ViTConfig(16, 384, 12, 6, 224, distilled=True),
+    'deit_base_distilled_patch16_224': ViTConfig(16, 768, 12, 12, 224, distilled=True),
     'vit_tiny_patch16_224': ViTConfig(16, 192, 12, 3, 224),
     'vit_small_patch16_224': ViTConfig(16, 384, 12, 6, 224),
     'vit_base_patch16_224': ViTConfig(16, 768, 12, 12, 224),
     # Sized for CPU tests and the DIGITS demo: 32x32 input, 8x8 patches grid, 4 layers.
     'deit_micro_patch4_32': ViTConfig(4, 64, 4, 4, 32),
+    'deit_micro_distilled_patch4_32': ViTConfig(4, 64, 4, 4, 32, distilled=True),
     # The same width with DeiT's 12 layers: the transfer comparison and the ΔΨ estimator check.
     'deit_micro12_patch4_32': ViTConfig(4, 64, 12, 4, 32),
 }
@@ -51,7 +63,7 @@ def _entrypoint(name):
         kwargs.setdefault('img_size', cfg.img_size)
         return VisionTransformer(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
                                  num_heads=cfg.num_heads, mlp_ratio=4., qkv_bias=True, family=name,
-                                 **kwargs)
+                                 distilled=cfg.distilled, **kwargs)
 
     create.__name__ = name
     create.__qualname__ = name

@@ -36,13 +36,14 @@ def pretrained_state_dict(model: torch.nn.Module, checkpoint: Dict) -> Tuple[Dic
     if 'head.weight' in sd and 'head.weight' in own and sd['head.weight'].shape != own['head.weight'].shape:
         notes.append(f'classifier reset: checkpoint has {sd["head.weight"].shape[0]} classes, '
                      f'model has {own["head.weight"].shape[0]}')
-        sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
-        sd.update({k: v for k, v in own.items() if k.startswith('head.')})
+        heads = tuple(f'{name}.' for name in getattr(model, 'classifiers', lambda: ['head'])())
+        sd = {k: v for k, v in sd.items() if not k.startswith(heads)}
+        sd.update({k: v for k, v in own.items() if k.startswith(heads)})
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape \
             and sd['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
         old = sd['pos_embed'].shape[1]
         sd['pos_embed'] = resample_abs_pos_embed(sd['pos_embed'], list(model.patch_embed.grid_size),
-                                                 num_prefix_tokens=1)
+                                                 num_prefix_tokens=getattr(model, 'num_prefix_tokens', 1))
         notes.append(f'pos_embed resampled from {old} to {sd["pos_embed"].shape[1]} tokens')
     problem = state_dict_mismatch(model, sd)
     if problem:
@@ -105,6 +106,8 @@ def check_arch(arch) -> None:
                              f'got {arch.get(key)!r}')
     if arch.get('dense_depth', cfg.depth) != cfg.depth:
         raise ValueError(f'arch dense_depth must be {cfg.depth} for {family}, got {arch.get("dense_depth")!r}')
+    if arch.get('distilled', False) is not cfg.distilled:
+        raise ValueError(f'arch distilled must be {cfg.distilled} for {family}, got {arch.get("distilled")!r}')
     if arch.get('mlp_ratio') != 4 or not isinstance(arch.get('qkv_bias'), bool):
         raise ValueError(f'arch mlp_ratio must be 4 and qkv_bias true or false, got '
                          f'{arch.get("mlp_ratio")!r} and {arch.get("qkv_bias")!r}')

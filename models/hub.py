@@ -27,7 +27,8 @@ def pretrained_cfg(model, mean, std, crop_pct: float, interpolation: str,
                    label_names: Optional[Sequence[str]] = None) -> Dict:
     cfg = {'input_size': [model.in_chans, model.img_size, model.img_size], 'mean': list(mean),
            'std': list(std), 'crop_pct': crop_pct, 'interpolation': interpolation,
-           'num_classes': model.num_classes, 'classifier': 'head', 'first_conv': 'patch_embed.proj'}
+           'num_classes': model.num_classes,
+           'classifier': model.classifiers() if model.distilled else 'head', 'first_conv': 'patch_embed.proj'}
     if label_names is not None:
         cfg['label_names'] = list(label_names)
     return cfg
@@ -47,6 +48,37 @@ def write_timm_folder(model, folder: str, cfg: Dict) -> None:
         tmp = os.path.join(folder, name + '.tmp')
         write(tmp)
         os.replace(tmp, os.path.join(folder, name))
+
+
+# what a checkpoint of this project keeps beside its weights in a .safetensors file (--save-format)
+CHECKPOINT_META = ('arch', 'epoch', 'acc1', 'summary')
+
+
+def write_safetensors_checkpoint(path: str, checkpoint: Dict) -> None:
+    """A checkpoint's model weights as safetensors, with its `arch`, epoch, accuracy and cut
+    summary as JSON metadata; written to a temporary name first, then renamed."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous().cpu() for k, v in checkpoint['model'].items()}
+    meta = {k: checkpoint[k] for k in CHECKPOINT_META if checkpoint.get(k) is not None}
+    tmp = f'{path}.tmp.{os.getpid()}'
+    save_file(state, tmp, metadata={'format': 'pt', 'dap_checkpoint': json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_safetensors_checkpoint(path: str) -> Dict:
+    """{'model': tensors, and what `write_safetensors_checkpoint` kept ('arch', ...)} of a
+    .safetensors file; a file from elsewhere gives its tensors only. ValueError (one line)."""
+    from safetensors import SafetensorError, safe_open
+    state = read_safetensors(path)
+    try:
+        with safe_open(path, framework='pt') as f:
+            text = (f.metadata() or {}).get('dap_checkpoint')
+        meta = json.loads(text) if text else {}
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise ValueError(f'{path}: its metadata is not readable: {str(e).splitlines()[0][:160]}') from None
+    if not isinstance(meta, dict):
+        raise ValueError(f'{path}: its dap_checkpoint metadata is not a JSON object')
+    return {'model': state, **{k: meta[k] for k in CHECKPOINT_META if k in meta}}
 
 
 def read_safetensors(path: str) -> Dict[str, torch.Tensor]:

@@ -20,80 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, trunc_normal_, use_fused_attn
 
-# Names of the six gates of one layer that DAP uses, in METHOD.md §2's order.
-ATTN_GATES = ('attn_in', 'attn_qkv', 'attn_out')
-MLP_GATES = ('mlp_in', 'mlp_hid', 'mlp_out')
-GATE_NAMES = ATTN_GATES + MLP_GATES
-# The baselines (BASELINES.md) also gate whole heads, after attention·V; SaViT also gates the
-# embedding channels with one gate shared by all layers (`VisionTransformer.embed_gate`).
-HEAD_GATE = 'attn_head'
-ALL_GATE_NAMES = GATE_NAMES + (HEAD_GATE,)
-# Where each gate sits in a Block: the path of its slot.
-GATE_SLOTS = {'attn_in': 'attn_in_gate', 'attn_qkv': 'attn.qkv_gate', 'attn_head': 'attn.head_gate',
-              'attn_out': 'attn_out_gate', 'mlp_in': 'mlp_in_gate', 'mlp_hid': 'mlp.hid_gate',
-              'mlp_out': 'mlp_out_gate'}
-
-
-def binarize(mask: torch.Tensor) -> torch.Tensor:
-    """The hard mask of a gate, m ≥ 0.5 (METHOD.md §5): the one rule by which every pruner,
-    the cut and the masked LayerNorm decide what a gate keeps."""
-    return mask.detach() >= 0.5
-
-
-class Gate(nn.Module):
-    """A soft mask m ∈ [0, 1]^n (METHOD.md §2) that multiplies one dimension of its input:
-    the last, or the one `trailing` dimensions before the end. Its values are a parameter, so
-    that they receive gradients (the Taylor scores read them), but pruners set them: no
-    optimizer holds them. A model without pruner has `nn.Identity()` in every gate slot.
-    The sub-blocks fold their gates into a linear layer (`mask_of`, `gated_linear`); the
-    embedding gate (SaViT) is called on the residual stream."""
-
-    def __init__(self, size: int, trailing: int = 0, device=None):
-        super().__init__()
-        self.mask = nn.Parameter(torch.ones(size, device=device))
-        self.view = (-1,) + (1,) * trailing
-
-    def forward(self, x):
-        return x * self.mask.view(self.view)
-
-
-def mask_of(slot: nn.Module) -> Optional[torch.Tensor]:
-    """The mask of a gate slot, or None where no gate is attached."""
-    return slot.mask if isinstance(slot, Gate) else None
-
-
-def gated_linear(x, linear: nn.Linear, in_mask: Optional[torch.Tensor] = None,
-                 out_mask: Optional[torch.Tensor] = None):
-    """linear(x ⊙ in_mask) ⊙ out_mask, computed as x·(W ⊙ out_maskᵀ ⊙ in_mask)ᵀ + b ⊙ out_mask.
-
-    The same function and the same gradients for any mask (the linear layer is linear in its
-    input and its output is scaled per row); with 0/1 masks the same numbers, since every
-    product is either kept whole or zero on both sides. Without masks: `linear(x)`.
-    """
-    w, b = linear.weight, linear.bias
-    if in_mask is not None:
-        w = w * in_mask
-    if out_mask is not None:
-        w = w * out_mask[:, None]
-        b = b * out_mask if b is not None else None
-    return F.linear(x, w, b)
-
-
-def is_gate(name: str) -> bool:
-    """Whether a parameter or state-dict name is a gate's: the one name filter."""
-    return name == 'embed_gate.mask' or name.endswith('_gate.mask')
-
-
-def masked_layer_norm(x, keep, weight, bias, eps):
-    """LayerNorm over the channels where `keep` is 1 only; the others come out 0.
-
-    With an embedding gate the pruned channels of the residual stream are 0; a cut model that
-    drops them normalises over the kept ones, so the gated model must do the same (§7 exactness).
-    """
-    n = keep.sum().clamp_min(1)
-    mean = (x * keep).sum(-1, keepdim=True) / n
-    var = (((x - mean) * keep) ** 2).sum(-1, keepdim=True) / n
-    return ((x - mean) * torch.rsqrt(var + eps) * weight + bias) * keep
+from .gates import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, GATE_SLOTS, HEAD_GATE, MLP_GATES,
+                    Gate, binarize, gated_linear, is_gate, mask_of, masked_layer_norm)  # noqa: F401
 
 
 class _EmbedGateRef:
@@ -334,6 +262,9 @@ class VisionTransformer(nn.Module):
     builds the dense model. A cut may also narrow the shared `embed_dim` (SaViT) or keep only
     the first `depth` of the `dense_depth` layers (WD-Prune); `attn_scale` then keeps the dense
     model's head_dim ** -0.5. `embed_gate` is the slot of SaViT's shared embedding gate.
+    `distilled` is DeiT's distilled family (timm's VisionTransformerDistilled): a distillation
+    token after the class token and a second head `head_dist` on it; the logits are the mean of
+    both heads, or both apart while training with `set_distilled_training()` (DeiT's loss).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
@@ -341,7 +272,7 @@ class VisionTransformer(nn.Module):
                  proj_drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,
                  blocks_arch: Optional[List[Dict]] = None, family: Optional[str] = None,
                  attn_scale: Optional[float] = None, dense_depth: Optional[int] = None,
-                 cut: bool = False):
+                 cut: bool = False, distilled: bool = False):
         super().__init__()
         if blocks_arch is None:
             blocks_arch = [dense_block_arch(embed_dim, num_heads, mlp_ratio) for _ in range(depth)]
@@ -354,12 +285,15 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.depth, self.num_heads, self.mlp_ratio, self.qkv_bias = depth, num_heads, mlp_ratio, qkv_bias
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.distilled, self.distilled_training = distilled, False
+        self.num_prefix_tokens = 2 if distilled else 1
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_drop = nn.Dropout(drop_rate)
         self.embed_gate = nn.Identity()
         self.inplace_writes = False
@@ -371,11 +305,15 @@ class VisionTransformer(nn.Module):
         self.norm = ReadNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if distilled:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
 
     def _init_weights(self):
         trunc_normal_(self.pos_embed, std=.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.distilled:
+            trunc_normal_(self.dist_token, std=.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=.02)
@@ -384,14 +322,25 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {'pos_embed', 'cls_token'}
+        return {'pos_embed', 'cls_token', 'dist_token'} if self.distilled else {'pos_embed', 'cls_token'}
+
+    def classifiers(self) -> List[str]:
+        """The names of the classifier layers: `head`, and `head_dist` in the distilled family."""
+        return ['head', 'head_dist'] if self.distilled else ['head']
 
     def reset_classifier(self, num_classes: int):
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            trunc_normal_(self.head.weight, std=.02)
-            nn.init.zeros_(self.head.bias)
+        for name in self.classifiers():
+            head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            if num_classes > 0:
+                trunc_normal_(head.weight, std=.02)
+                nn.init.zeros_(head.bias)
+            setattr(self, name, head)
+
+    def set_distilled_training(self, enable: bool = True):
+        """The distilled family in training returns (class logits, distillation logits), for
+        DeiT's loss, instead of their mean (timm's switch of the same name)."""
+        self.distilled_training = enable
 
     # ---- architecture ----------------------------------------------------------------
     def arch(self) -> Dict:
@@ -402,7 +351,7 @@ class VisionTransformer(nn.Module):
             'embed_dim': self.embed_dim, 'depth': self.depth, 'num_heads': self.num_heads,
             'mlp_ratio': self.mlp_ratio, 'qkv_bias': self.qkv_bias,
             'attn_scale': self.attn_scale, 'dense_depth': self.dense_depth, 'cut': self.is_cut,
-            'blocks': [copy.deepcopy(b.arch) for b in self.blocks],
+            'distilled': self.distilled, 'blocks': [copy.deepcopy(b.arch) for b in self.blocks],
         }
 
     @property
@@ -461,12 +410,19 @@ class VisionTransformer(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward_embed(self, x):
         x = self.patch_embed(x)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        prefix = [self.cls_token] + ([self.dist_token] if self.distilled else [])
+        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
         return self.embed_gate(self.pos_drop(x + self.pos_embed))
 
     def forward_head(self, x):
-        x = self.norm(x)[:, 0]
-        return self.head(self.head_drop(x))
+        x = self.norm(x)
+        logits = self.head(self.head_drop(x[:, 0]))
+        if not self.distilled:
+            return logits
+        dist = self.head_dist(self.head_drop(x[:, 1]))
+        if self.distilled_training and self.training:
+            return logits, dist
+        return (logits + dist) / 2
 
     def forward_stream(self, x):
         """Logits and the residual stream x_0 … x_{2L} around every sub-block (METHOD.md §3)."""
@@ -504,4 +460,4 @@ def build_from_arch(arch: Dict, **kwargs) -> VisionTransformer:
         depth=arch['depth'], num_heads=arch['num_heads'], mlp_ratio=arch['mlp_ratio'],
         qkv_bias=arch['qkv_bias'], blocks_arch=arch['blocks'], family=arch['family'],
         attn_scale=arch.get('attn_scale'), dense_depth=arch.get('dense_depth'),
-        cut=arch.get('cut', True), **kwargs)
+        cut=arch.get('cut', True), distilled=arch.get('distilled', False), **kwargs)

@@ -35,9 +35,9 @@ class PatchHead(nn.Module):
         self.fc = nn.Linear(width, num_classes)
 
     def patch_map(self, x):
-        """The tokens x (B, 1 + h·w, D) as the map the convolutions read: (B, D, h, w), pooled
-        in fast mode. Every head of one `HeadShape` makes the same map of the same x."""
-        patches = x[:, 1:]  # drop the class token
+        """The tokens x (B, prefix + h·w, D) as the map the convolutions read: (B, D, h, w),
+        pooled in fast mode. Every head of one `HeadShape` makes the same map of the same x."""
+        patches = x[:, x.shape[1] - self.grid[0] * self.grid[1]:]  # drop the class (and distillation) token
         B, N, D = patches.shape
         fmap = patches.transpose(1, 2).reshape(B, D, *self.grid)
         pool = self.convs[0]

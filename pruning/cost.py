@@ -76,10 +76,11 @@ class FlopsCost(Cost):
         return _count(2 * self.tokens * (a * b + b * c), (a, b, c), as_tensor)
 
     def non_block(self, model, dense_sub_blocks=None):
-        """The patch embedding's convolution and the head on the class token."""
+        """The patch embedding's convolution and the head on the class token (and the
+        distillation head on its token)."""
         pe = model.patch_embed
         per_patch = model.in_chans * math.prod(pe.patch_size) * model.embed_dim
-        head = model.embed_dim * model.num_classes if model.num_classes > 0 else 0
+        head = model.embed_dim * model.num_classes * len(model.classifiers()) if model.num_classes > 0 else 0
         return float(2 * pe.num_patches * per_patch + 2 * head)
 
 
@@ -168,7 +169,7 @@ class LatencyTable(Cost):
         want = {'embed_dim': model.embed_dim, 'num_heads': model.num_heads,
                 'head_dim': model.embed_dim // model.num_heads,
                 'mlp_hidden': int(model.embed_dim * model.mlp_ratio),
-                'tokens': model.patch_embed.num_patches + 1}
+                'tokens': model.patch_embed.num_patches + model.num_prefix_tokens}
         wrong = [f'{k} {self.table[k]} (the model: {v})' for k, v in want.items() if self.table[k] != v]
         if wrong:
             raise ValueError(f'{self.source} was measured for another model ({self.table["model"]}, '
@@ -217,7 +218,7 @@ def build_cost(unit: str, model, latency_table: Optional[str] = None) -> Cost:
     if unit == 'params':
         return ParamsCost()
     if unit == 'flops':
-        return FlopsCost(model.patch_embed.num_patches + 1)
+        return FlopsCost(model.patch_embed.num_patches + model.num_prefix_tokens)
     if unit == 'latency':
         if latency_table is None:
             raise ValueError('the latency budget needs a table (--latency-table FILE, made by '

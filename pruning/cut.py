@@ -111,12 +111,14 @@ def cut_model(model: VisionTransformer, depth: Optional[int] = None,
     if classifier is not None:
         state.update(classifier)
     if embed_idx is not None:  # a narrower residual stream: every tensor that touches it
-        for k in ('cls_token', 'pos_embed'):
-            state[k] = _take(state[k], 2, embed_idx)
+        for k in ('cls_token', 'dist_token', 'pos_embed'):
+            if k in state:
+                state[k] = _take(state[k], 2, embed_idx)
         for k in ('patch_embed.proj.weight', 'patch_embed.proj.bias', 'norm.weight', 'norm.bias'):
             state[k] = _take(state[k], 0, embed_idx)
-        if 'head.weight' in state:
-            state['head.weight'] = _take(state['head.weight'], 1, embed_idx)
+        for k in ('head.weight', 'head_dist.weight'):
+            if k in state:
+                state[k] = _take(state[k], 1, embed_idx)
     state.update(weights)
 
     arch = model.arch()

@@ -157,7 +157,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     dense = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.input_size).to(device).eval()
     D, H = dense.embed_dim, dense.num_heads
-    hidden, tokens = int(D * dense.mlp_ratio), dense.patch_embed.num_patches + 1
+    hidden, tokens = int(D * dense.mlp_ratio), dense.patch_embed.num_patches + dense.num_prefix_tokens
     x = torch.randn(args.batch_size, tokens, D, device=device)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     axes = {'attn': [axis(D, args.points), axis(D // H, max(2, args.points - 1)), axis(D, args.points)],

@@ -9,6 +9,7 @@ from timm.utils import ModelEmaV3, NativeScaler
 import utils
 from utils import UsageError, first_line
 from engine import accumulate_scores, evaluate, train_one_epoch
+from losses import DistillationLoss
 from pruning import format_summary
 from train import methods
 from train.recipe import build_criterion, build_optimizer, build_scheduler, scaled_lr, wrap
@@ -47,6 +48,8 @@ class Trainer:
         well as weights: it starts after the cut)."""
         args = self.args
         self.model, self.pruner = model, pruner
+        if model.distilled:  # DeiT's loss reads both heads apart; without a teacher, their mean
+            model.set_distilled_training(isinstance(self.criterion, DistillationLoss))
         self.net = wrap(args, self.device, pruner.module if pruner is not None else model)
         self.n_parameters = model.num_parameters()
         print('number of params:', self.n_parameters)
