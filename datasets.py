@@ -5,7 +5,7 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
@@ -297,22 +297,62 @@ def build_dataset(is_train, args):
     return _ifood(root, is_train, transform, skip_bad)
 
 
-def eval_preprocessing(input_size: int, data_set: str = None) -> dict:
+def eval_crop_ratio(input_size: int, ratio=None) -> float:
+    """--eval-crop-ratio, or its default: DeiT's 0.875 (224 of 256), 1 at CIFAR scale and below,
+    where no margin is cropped away."""
+    if ratio is not None:
+        return ratio
+    return 1.0 if input_size <= 32 else 224 / 256
+
+
+def eval_preprocessing(input_size: int, data_set: str = None, crop_ratio=None) -> dict:
     """What the evaluation transform below does, in timm's pretrained_cfg terms."""
-    return {'crop_pct': 1.0 if input_size <= 32 else 224 / 256, 'interpolation': 'bicubic',
+    return {'crop_pct': eval_crop_ratio(input_size, crop_ratio), 'interpolation': 'bicubic',
             'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
             'label_names': [str(i) for i in range(10)] if data_set in DIGITS_DOMAINS else None}
+
+
+class RandomGaussianBlur:
+    """PIL's Gaussian blur with a radius drawn uniformly from [low, high] for every image."""
+
+    def __init__(self, low=0.1, high=2.0):
+        self.low, self.high = low, high
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(self.low, self.high)))
+
+
+def three_augment(args, hflip: float):
+    """DeiT III's 3-Augment (--ThreeAugment): a crop (RandomResizedCrop, or with --src resize,
+    reflect-pad 4 and crop) and a flip, then one of grayscale, solarization and Gaussian blur,
+    then color jitter; no AutoAugment, no random erasing."""
+    size = args.input_size
+    if args.src:
+        crop = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomCrop(size, padding=4, padding_mode='reflect')]
+    else:
+        crop = [transforms.RandomResizedCrop(size, scale=(0.08, 1.0),
+                                             interpolation=transforms.InterpolationMode.BICUBIC)]
+    steps = crop + [transforms.RandomHorizontalFlip(hflip),
+                    transforms.RandomChoice([transforms.Grayscale(3), ImageOps.solarize, RandomGaussianBlur()])]
+    if args.color_jitter:
+        steps.append(transforms.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
 def build_transform(is_train, args):
     size = args.input_size
     small = size <= 32
+    # A flipped digit is a different (or no) digit.
+    hflip = 0.0 if args.data_set in DIGITS_DOMAINS else 0.5
+    if is_train and getattr(args, 'ThreeAugment', False):
+        return three_augment(args, hflip)
     if is_train:
         transform = create_transform(
             input_size=size,
             is_training=True,
-            # A flipped digit is a different (or no) digit.
-            hflip=0.0 if args.data_set in DIGITS_DOMAINS else 0.5,
+            hflip=hflip,
             color_jitter=args.color_jitter,
             auto_augment=None if str(args.aa).lower() in ('', 'none') else args.aa,
             interpolation=args.train_interpolation,
@@ -331,8 +371,8 @@ def build_transform(is_train, args):
             ])
         return transform
 
-    # Same 224 -> 256 resize ratio as DeiT/ImageNet; at CIFAR scale no margin is cropped away.
-    resize = size if small else int((256 / 224) * size)
+    # DeiT: resize to size / --eval-crop-ratio (256 for 224 by default), center-crop size
+    resize = int(size / eval_crop_ratio(size, getattr(args, 'eval_crop_ratio', None)))
     return transforms.Compose([
         transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(size),

@@ -419,13 +419,13 @@ def load_checkpoint_file(path_or_url: str, what: str = 'checkpoint') -> dict:
     with its `arch`); UsageError if it is not one."""
     path_or_url = str(path_or_url)
     if path_or_url.startswith('local-dir:') or (path_or_url.endswith('.safetensors') and not is_url(path_or_url)):
-        from models import read_safetensors, read_timm_folder
+        from models import read_safetensors_checkpoint, read_timm_folder
         try:
             if path_or_url.startswith('local-dir:'):
                 return read_timm_folder(path_or_url[len('local-dir:'):])
             if not os.path.isfile(path_or_url):
                 raise ValueError('does not exist')
-            return {'model': read_safetensors(path_or_url)}
+            return read_safetensors_checkpoint(path_or_url)
         except ValueError as e:
             raise UsageError(f'{what} {path_or_url}: {e}') from None
     path = path_or_url

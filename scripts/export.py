@@ -69,7 +69,7 @@ def export_timm(model, ckpt, folder, label_names=None):
     returns max |Δlogit| between `model` and timm.create_model('local-dir:folder')."""
     from datasets import eval_preprocessing
     run = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
-    pre = eval_preprocessing(model.img_size, run.get('data_set'))
+    pre = eval_preprocessing(model.img_size, run.get('data_set'), run.get('eval_crop_ratio'))
     names = label_names if label_names is not None else pre['label_names']
     if names is not None and len(names) != model.num_classes:
         raise UsageError(f'{len(names)} class names for a model of {model.num_classes} classes')

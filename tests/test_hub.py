@@ -78,3 +78,26 @@ def test_main_evaluates_a_timm_folder_and_a_safetensors_file_as_the_checkpoint(t
     assert lines['folder'] == lines['cut'] and lines['safetensors'] == lines['dense'] and lines['cut']
     bad = run_cli(['--eval', '--model-path', f'local-dir:{tmp_path}'], tmp_path)
     assert bad.returncode == 2 and 'has no config.json: not a timm model folder' in bad.stderr
+
+
+def test_save_format_safetensors_writes_each_checkpoint_model_with_its_arch_and_main_reads_it(tmp_path):
+    out = tmp_path / 'prune'
+    check_ok(run_cli(['--save-format', 'safetensors', '--prune-method', 'block_pr', '--prune-ratio', '0.5',
+                      '--epochs', '2', '--prune-start-epoch', '0', '--prune-sparse-epoch', '1',
+                      '--output_dir', out], tmp_path))
+    for name in ('first_sparse_checkpoint', 'checkpoint'):
+        pth = torch.load(out / f'{name}.pth', weights_only=True)
+        st = models.read_safetensors_checkpoint(str(out / f'{name}.safetensors'))
+        assert st['arch'] == json.loads(json.dumps(pth['arch'])) and st['epoch'] == pth['epoch']
+        assert st['model'].keys() == pth['model'].keys()
+        assert all(torch.equal(st['model'][k], v) for k, v in pth['model'].items())
+    runs = [run_cli(['--eval', '--resize-model-by-checkpoint', '--model-path', out / f'first_sparse_checkpoint.{ext}'],
+                    tmp_path) for ext in ('pth', 'safetensors')]
+    pth_lines, st_lines = (eval_lines(check_ok(p).stdout) for p in runs)
+    assert st_lines == pth_lines and st_lines
+    # the same validation as a .pth: an arch beyond its family is refused in one line
+    st = models.read_safetensors_checkpoint(str(out / 'first_sparse_checkpoint.safetensors'))
+    st['arch']['blocks'][0]['attn']['num_heads'] = 99
+    models.write_safetensors_checkpoint(str(tmp_path / 'bad.safetensors'), st)
+    bad = run_cli(['--eval', '--resize-model-by-checkpoint', '--model-path', tmp_path / 'bad.safetensors'], tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and 'num_heads must be' in bad.stderr

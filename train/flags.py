@@ -91,6 +91,9 @@ def add_deit_flags(parser):
                         help='micro-batches per optimizer step')
     parser.add_argument('--unscale-lr', action='store_true',
                         help='do not scale --lr by batch * world * accum / 512')
+    parser.add_argument('--bce-loss', action='store_true',
+                        help='binary cross-entropy on the targets thresholded at 0, as DeiT (III): '
+                             'with mixup, every class mixed in is a positive; needs --smoothing 0')
 
     # Model parameters
     parser.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
@@ -136,6 +139,12 @@ def add_deit_flags(parser):
            'default, as in DeiT',
            'model and ΔΨ heads in eval mode while training, as the authors\' runs were (METHOD.md §8 v2)')
     on_off(parser, 'repeated-aug', True)
+    parser.add_argument('--ThreeAugment', action='store_true',
+                        help='DeiT III\'s 3-Augment: a random crop and flip, then one of grayscale, '
+                             'solarization or Gaussian blur, and color jitter (replaces --aa and --reprob)')
+    parser.add_argument('--src', action='store_true',
+                        help='with --ThreeAugment: simple random crop (resize, pad 4, crop) instead of '
+                             'RandomResizedCrop')
 
     # Distillation parameters (DeiT's names and defaults; losses.py)
     parser.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL',
@@ -146,11 +155,17 @@ def add_deit_flags(parser):
     parser.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'], type=str)
     parser.add_argument('--distillation-alpha', default=0.5, type=real)
     parser.add_argument('--distillation-tau', default=1.0, type=real)
+    parser.add_argument('--cosub', action='store_true',
+                        help='DeiT III\'s co-training of two sub-models: refused (one forward per '
+                             'batch is what the ΔΨ heads and the Taylor scores read)')
 
     # * Random Erase params
     parser.add_argument('--reprob', type=real, default=0.25, metavar='PCT')
     parser.add_argument('--remode', type=str, default='pixel')
     parser.add_argument('--recount', type=int, default=1)
+    parser.add_argument('--resplit', action='store_true', default=False,
+                        help='DeiT\'s flag for timm\'s augmentation splits, which neither DeiT nor '
+                             'this project makes: refused')
 
     # * Mixup params
     parser.add_argument('--mixup', type=real, default=0.8)
@@ -167,6 +182,9 @@ def add_deit_flags(parser):
     parser.add_argument('--resize-model-by-checkpoint', '--model-resize-by-checkpoint',
                         action='store_true', dest='resize_model_by_checkpoint',
                         help='build the cut architecture stored in --model-path (first_sparse_checkpoint.pth)')
+    parser.add_argument('--attn-only', action='store_true',
+                        help='train the attention layers, the head and the position embedding only, '
+                             'as DeiT (the pruner\'s gates are scored as usual)')
 
     # Dataset parameters
     parser.add_argument('--data-path', default=None, type=str, help='dataset path')
@@ -178,6 +196,9 @@ def add_deit_flags(parser):
                         help='skip images that cannot be read (each named on stderr, counted as '
                              'train_ / test_unreadable_images in log.txt) instead of stopping')
     parser.add_argument('--output_dir', default='', help='path where to save, empty for no saving')
+    parser.add_argument('--save-format', default='pth', choices=('pth', 'safetensors'),
+                        help='safetensors: every checkpoint\'s model also as NAME.safetensors, with its arch '
+                             '(for --model-path, export, the hub); the .pth keeps what --resume needs')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace the run in --output_dir: its checkpoints, logs and TensorBoard '
                              'files are deleted first (without it, a folder holding a run is refused '
@@ -194,6 +215,9 @@ def add_deit_flags(parser):
     parser.add_argument('--resume', default='', help='resume from checkpoint (path or URL)')
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
     parser.add_argument('--eval', action='store_true', help='perform evaluation only')
+    parser.add_argument('--eval-crop-ratio', '--crop-pct', dest='eval_crop_ratio', type=real, default=None,
+                        help='evaluation: resize to input-size / ratio, then center-crop (DeiT\'s flag, '
+                             'the authors\' --crop-pct, timm\'s crop_pct; default 0.875, 1 at 32 px and below)')
     parser.add_argument('--dist-eval', action='store_true', default=False,
                         help='enable distributed evaluation')
     parser.add_argument('--num_workers', default=10, type=int)
@@ -201,6 +225,8 @@ def add_deit_flags(parser):
     parser.add_argument('--print-freq', default=10, type=int, help='iterations between log lines')
 
     # distributed training parameters
+    parser.add_argument('--distributed', action='store_true', default=False,
+                        help='accepted as in DeiT, where the launcher\'s environment decides too')
     parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
     parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
     parser.add_argument('--dist-timeout', default=600, type=real, metavar='SECONDS',

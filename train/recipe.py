@@ -5,7 +5,7 @@ import timm
 import torch
 import torch.backends.cudnn as cudnn
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 
@@ -149,7 +149,17 @@ def _optimizer(args, param_groups, lr):
                                momentum=args.momentum, **kwargs)
 
 
+def attn_only(model):
+    """DeiT's --attn-only: only the attention layers, the head and the position embedding
+    train; the gates keep their gradients (the pruner scores them)."""
+    for name, p in model.named_parameters():
+        if not models.is_gate(name):
+            p.requires_grad_('.attn.' in name or name.startswith(('head.', 'head_dist.')) or name == 'pos_embed')
+
+
 def build_optimizer(args, model, lr, extra_param_groups=()):
+    if args.attn_only:
+        attn_only(model)
     # gates (METHOD.md §2) receive gradients but are set by the pruner only
     gates = {id(p) for p in model.gate_parameters()}
     groups = param_groups_weight_decay(model, args.weight_decay, model.no_weight_decay())
@@ -234,11 +244,15 @@ def build_criterion(args, nb_classes, device=None):
 
 
 def _label_criterion(args, nb_classes):
-    if not (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None):
+    mixup = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=nb_classes) if mixup else None
+    if args.bce_loss:
+        # DeiT: targets.gt(0.0) after mixup; class indices become one-hot (--smoothing is 0)
+        return BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0), mixup_fn
+    if not mixup:
         if args.smoothing > 0.:
             return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
         return torch.nn.CrossEntropyLoss(), None
-    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                     label_smoothing=args.smoothing, num_classes=nb_classes)
     return SoftTargetCrossEntropy(), mixup_fn  # smoothing is folded into the mixup targets

@@ -21,7 +21,8 @@ import utils
 from utils import UsageError
 
 # what a run writes into --output_dir: a folder holding any of them holds a run ...
-RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'first_sparse_checkpoint.pth', 'log.txt')
+RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'first_sparse_checkpoint.pth', 'log.txt',
+             'checkpoint.safetensors', 'best_checkpoint.safetensors', 'first_sparse_checkpoint.safetensors')
 # ... and what a start writes before its first epoch ends: alone, these are the leftovers of a
 # start that failed (a loss that went NaN, an unreadable image), replaced by the next start
 START_FILES = ('args.json', 'tensorboard', 'pruning_log.jsonl')
@@ -224,7 +225,8 @@ def open_run(args, checkpoint, steps_per_epoch):
     continued = checkpoint if continues_run(args) else None
     resumed_step = (checkpoint['epoch'] + 1) * steps_per_epoch \
         if continued is not None and 'optimizer' in checkpoint else None
-    run = RunDir(args.output_dir, overwrite=args.overwrite, continued=continued, purge_step=resumed_step)
+    run = RunDir(args.output_dir, overwrite=args.overwrite, continued=continued, purge_step=resumed_step,
+                 save_format=args.save_format)
     run.write_args(args)
     return run
 
@@ -238,8 +240,9 @@ class RunDir:
     is now repeated appear once, and TensorBoard hides its events from the repeated steps on
     (`purge_step`)."""
 
-    def __init__(self, output_dir, overwrite=False, continued=None, purge_step=None):
+    def __init__(self, output_dir, overwrite=False, continued=None, purge_step=None, save_format='pth'):
         self.dir = Path(output_dir) if output_dir else None
+        self.save_format = save_format
         self.writer = None
         self.lines = dict.fromkeys(LOGS, 0)  # lines in each log, saved with every checkpoint
         if self.dir is None or not utils.is_main_process():
@@ -283,8 +286,13 @@ class RunDir:
                 print(f'{name}: removed {len(lines) - n} line(s) written after the --resume checkpoint')
 
     def save(self, name, obj):
-        if self.dir is not None:
-            utils.save_on_master(obj, self.dir / name)
+        """NAME.pth; with --save-format safetensors also its model as NAME.safetensors (the
+        .pth keeps what --resume needs: optimizer, schedule, pruner, RNG)."""
+        if self.dir is None:
+            return
+        utils.save_on_master(obj, self.dir / name)
+        if self.save_format == 'safetensors' and utils.is_main_process():
+            models.write_safetensors_checkpoint(str(self.dir / Path(name).with_suffix(".safetensors")), obj)
 
     def log(self, stats, epoch):
         if self.dir is None or not utils.is_main_process():

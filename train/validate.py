@@ -22,6 +22,7 @@ def validate(args):
     if args.input_size is None:
         args.input_size = config.img_size
     check_ranges(args)
+    check_deit_flags(args)
     check_device(args.device)
     check_recipe(args)
     if args.input_size % config.patch_size:
@@ -57,7 +58,29 @@ RANGES = {
     '--mixup-switch-prob': SHARE, '--cutmix-minmax': SHARE, '--clip-grad': POSITIVE,
     '--decay-epochs': POSITIVE, '--decay-rate': POSITIVE, '--dist-timeout': POSITIVE,
     '--distillation-alpha': SHARE, '--distillation-tau': POSITIVE,
+    '--eval-crop-ratio': (lambda v: 0 < v <= 1, 'is a share in (0, 1]'),
 }
+
+# DeiT flags that this project accepts and refuses, each with the reason
+REFUSED = {
+    'resplit': '--resplit keeps the first of timm\'s augmentation splits clean of random erasing; '
+               'neither DeiT nor this project makes such splits, so it would change nothing',
+    'cosub': '--cosub (DeiT III\'s co-training of two sub-models on halves of each batch) is not '
+             'supported: the ΔΨ heads and the Taylor scores read one forward of the whole batch',
+}
+
+
+def check_deit_flags(args):
+    """The DeiT flags that make no sense here, or not together, refused in one line."""
+    for name, why in REFUSED.items():
+        if getattr(args, name):
+            raise UsageError(why)
+    if args.src and not args.ThreeAugment:
+        raise UsageError('--src changes the crop of --ThreeAugment (as in DeiT) and does nothing '
+                         'without it: add --ThreeAugment')
+    if args.bce_loss and args.smoothing > 0:
+        raise UsageError(f'--bce-loss thresholds every target at 0 (DeiT), so --smoothing {args.smoothing:g} '
+                         'would make every class a positive: use --smoothing 0, as DeiT III does')
 
 
 def check_ranges(args):
