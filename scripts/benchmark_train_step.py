@@ -27,6 +27,7 @@ import models  # noqa: E402,F401  (registers the models with timm)
 import timm  # noqa: E402
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
 from engine import autocast  # noqa: E402
+from losses import DistillationLoss, base_of, training_loss  # noqa: E402
 from utils import synchronize  # noqa: E402
 
 
@@ -53,15 +54,29 @@ def build(args, prune, device):
     return model, pruner, torch.optim.AdamW([{'params': params}] + extra, lr=1e-4)
 
 
+def make_criterion(args, device):
+    """Cross-entropy, or with --teacher-model DeiT's soft distillation loss (α 0.5, τ 1) with a
+    teacher of that name (random weights: only its cost is measured)."""
+    criterion = torch.nn.CrossEntropyLoss()
+    if not args.teacher_model:
+        return criterion
+    torch.manual_seed(1)
+    extra = {'img_size': args.size} if args.teacher_model in models.CONFIGS else {}
+    teacher = timm.create_model(args.teacher_model, num_classes=args.num_classes, **extra).to(device)
+    return DistillationLoss(criterion, teacher, 'soft', 0.5, 1.0)
+
+
 def make_step(model, pruner, optimizer, x, y, criterion, amp):
     net = pruner.module if pruner is not None else model
+    if getattr(model, 'distilled', False):
+        model.set_distilled_training(isinstance(criterion, DistillationLoss))
 
     def step():
         with autocast(x.device, amp):
             logits, aux = net(x) if pruner is not None else (net(x), None)
-            loss = criterion(logits, y)
+            loss = training_loss(criterion, x, logits, y)
             if pruner is not None:
-                loss = loss + pruner.aux_loss(aux, y, criterion)
+                loss = loss + pruner.aux_loss(aux, y, base_of(criterion))
         loss.backward()
         optimizer.step()
         if pruner is not None:
@@ -106,7 +121,7 @@ def measure(args, prune, queue):
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     model, pruner, opt = build(args, prune, device)
-    step = make_step(model, pruner, opt, x, y, torch.nn.CrossEntropyLoss(), amp)
+    step = make_step(model, pruner, opt, x, y, make_criterion(args, device), amp)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -146,6 +161,8 @@ def get_args(argv=None):
                    help='pairs of fresh-process measurements, fine-tuning and DAP alternating')
     p.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'],
                    help='autocast dtype as main.py\'s flag: on CUDA either; on the CPU bfloat16 turns it on')
+    p.add_argument('--teacher-model', default='',
+                   help='both steps distil from a teacher of this timm name (soft, DeiT\'s alpha and tau)')
     p.add_argument('--bpi-mode', default='faithful', choices=['faithful', 'fast'])
     p.add_argument('--bpi-fast-width', type=int, default=2)
     p.add_argument('--bpi-fast-grid', type=int, default=7)
@@ -177,7 +194,7 @@ def main(argv=None):
     result = {
         'model': args.model, 'input_size': args.size, 'batch_size': args.batch_size,
         'device': args.device if not args.device.startswith('cuda') else torch.cuda.get_device_name(0),
-        'threads': torch.get_num_threads(), 'bpi_mode': args.bpi_mode,
+        'threads': torch.get_num_threads(), 'bpi_mode': args.bpi_mode, 'teacher': args.teacher_model or None,
         'autocast': str(amp_dtype(args, torch.device(args.device))).replace('torch.', ''),
         'bpi_fast': {'width_div': args.bpi_fast_width, 'grid': args.bpi_fast_grid,
                      'fraction': args.bpi_fast_fraction} if args.bpi_mode == 'fast' else None,
@@ -192,7 +209,8 @@ def main(argv=None):
     }
     mib = 2 ** 20
     print(f'{args.model} @ {args.size}px, batch {args.batch_size}, {result["device"]}, '
-          f'ΔΨ heads: {args.bpi_mode}' + (f' {result["bpi_fast"]}' if result['bpi_fast'] else ''))
+          f'ΔΨ heads: {args.bpi_mode}' + (f' {result["bpi_fast"]}' if result['bpi_fast'] else '')
+          + (f', teacher {args.teacher_model} (soft distillation in both steps)' if args.teacher_model else ''))
     print(f'  fine-tuning step : {result["finetune_step_s"] * 1e3:9.1f} ms (median of {args.rounds})   '
           f'peak memory +{ft["peak_mem_bytes"] / mib:7.0f} MiB')
     print(f'  DAP pruning step : {result["dap_step_s"] * 1e3:9.1f} ms (median of {args.rounds})   '

@@ -232,3 +232,27 @@ def test_gpu_check_smoke_runs_the_whole_check_on_the_cpu(tmp_path):
     assert all(r['flops_ideal'] > 1 for r in rows if r['model'] in cuts)
     assert os.path.isfile(res['latency_table'])
     assert proc.stdout.count('GPU check (smoke): cpu') == 1 and 'FLOPs-ideal' in proc.stdout
+
+
+def test_benchmark_train_step_with_a_teacher_runs_it_in_both_steps():
+    """--teacher-model: the fine-tuning and the DAP step both distil (the teacher's forward is
+    part of the measured step), and the ΔΨ heads still see the label loss only."""
+    import benchmark_train_step as bts
+    from losses import DistillationLoss
+    args = bts.get_args(['--model', 'deit_micro_patch4_32', '--batch-size', '4', '--teacher-model',
+                         'deit_micro_patch4_32', '--bpi-mode', 'fast'])
+    device = torch.device('cpu')
+    criterion = bts.make_criterion(args, device)
+    assert isinstance(criterion, DistillationLoss) and not criterion.teacher.training
+    calls = []
+    criterion.teacher.register_forward_hook(lambda *a: calls.append(1))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for prune in (False, True):
+        model, pruner, opt = bts.build(args, prune, device)
+        seen = []
+        if pruner is not None:
+            aux_loss = pruner.aux_loss
+            pruner.aux_loss = lambda aux, t, c: seen.append(c) or aux_loss(aux, t, c)
+        bts.make_step(model, pruner, opt, x, y, criterion, None)()
+        assert seen == ([criterion.base_criterion] if prune else [])
+    assert len(calls) == 2
