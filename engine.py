@@ -6,7 +6,6 @@ from typing import Iterable, Optional
 import torch
 from timm.utils import accuracy
 
-import utils
 from datasets import UNREADABLE, UnreadableImageError
 from losses import base_of, training_loss
 from pruning import PrunerModule
@@ -19,6 +18,17 @@ def autocast(device: torch.device, amp):
     if not amp:
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if amp is True else amp)
+
+
+def loss_scale(loss_scaler):
+    """The scale that this step's gradients will carry (1.0 without a scaler), read before the
+    step updates it and without waiting for the device: a copy of the GradScaler's own scale
+    tensor (`get_scale()` and `state_dict()` would synchronise), or its initial scale before
+    its first step. `loss_scaler` is timm's NativeScaler."""
+    scaler = getattr(loss_scaler, '_scaler', None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler._init_scale) if scaler._scale is None else scaler._scale.clone()
 
 
 def _backward_and_step(loss, optimizer, loss_scaler, clip_grad, update):
@@ -117,8 +127,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
                 raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, iteration {i}: '
                                          'stopping training')
             # the scale this step's gradients carry (the scaler updates it in the step)
-            grad_scale = loss_scaler.state_dict()['scale'] if loss_scaler is not None and update \
-                and pruner is not None else 1.0
+            grad_scale = loss_scale(loss_scaler) if update and pruner is not None else 1.0
             _backward_and_step(loss / accum_steps, optimizer, loss_scaler, max_norm, update)
         if update:
             if pruner is not None:
@@ -127,7 +136,6 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable,
             if model_ema is not None:
                 model_ema.update(model)
             global_step += 1
-        utils.synchronize(device)
         metric_logger.update(loss=loss_value)
         metric_logger.update(lr=optimizer.param_groups[0]['lr'])
         if count_unreadable:

@@ -19,15 +19,10 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .gates import _count, attn_params, mlp_params
+from .gates import _count, attn_params, mlp_params, widths_as_tensors
 
 BUDGET_UNITS = ('params', 'flops', 'latency')
 TABLE_FORMAT = 'dap-latency-table/1'
-
-
-def _as_float64(*widths):
-    return any(isinstance(w, torch.Tensor) for w in widths), \
-        [torch.as_tensor(w, dtype=torch.float64) for w in widths]
 
 
 class Cost:
@@ -66,13 +61,13 @@ class FlopsCost(Cost):
         self.tokens = tokens
 
     def attn(self, d_in, heads, head_dim, d_out):
-        as_tensor, (a, h, b, c) = _as_float64(d_in, heads, head_dim, d_out)
+        as_tensor, (a, h, b, c) = widths_as_tensors(d_in, heads, head_dim, d_out)
         n, inner = self.tokens, h * b
         flops = 2 * n * (3 * a * inner + inner * c) + 4 * n * n * inner  # qkv, proj; q·kᵀ, attn·v
         return _count(flops, (a, h, b, c), as_tensor)
 
     def mlp(self, d_in, hidden, d_out):
-        as_tensor, (a, b, c) = _as_float64(d_in, hidden, d_out)
+        as_tensor, (a, b, c) = widths_as_tensors(d_in, hidden, d_out)
         return _count(2 * self.tokens * (a * b + b * c), (a, b, c), as_tensor)
 
     def non_block(self, model, dense_sub_blocks=None):
@@ -86,10 +81,12 @@ class FlopsCost(Cost):
 
 def _interpolate(axes: Sequence[torch.Tensor], values: torch.Tensor, points: Sequence[torch.Tensor]):
     """Multilinear interpolation of `values` (a grid over `axes`) at `points` (broadcast
-    tensors), each point clamped into the grid."""
+    tensors), each point clamped into the grid; on the points' device."""
+    device = points[0].device
+    axes, values = [ax.to(device) for ax in axes], values.to(device)
     idx, frac = [], []
     for ax, p in zip(axes, points):
-        p = p.clamp(float(ax[0]), float(ax[-1]))
+        p = torch.maximum(torch.minimum(p, ax[-1]), ax[0])
         i = (torch.searchsorted(ax, p.contiguous(), right=True) - 1).clamp(0, len(ax) - 2)
         idx.append(i)
         frac.append((p - ax[i]) / (ax[i + 1] - ax[i]))
@@ -176,7 +173,7 @@ class LatencyTable(Cost):
                              f'{self.table["input_size"]} px): ' + '; '.join(wrong))
 
     def attn(self, d_in, heads, head_dim, d_out):
-        as_tensor, (a, h, b, c) = _as_float64(d_in, heads, head_dim, d_out)
+        as_tensor, (a, h, b, c) = widths_as_tensors(d_in, heads, head_dim, d_out)
         a, h, b, c = torch.broadcast_tensors(a, h, b, c)
         # measured with all heads (DAP's cut); fewer heads scale the time by their share
         ms = _count(_interpolate(self.attn_axes, self.attn_ms, (a, b, c)) * h / self.table['num_heads'],
@@ -184,7 +181,7 @@ class LatencyTable(Cost):
         return ms if as_tensor else float(ms)
 
     def mlp(self, d_in, hidden, d_out):
-        as_tensor, (a, b, c) = _as_float64(d_in, hidden, d_out)
+        as_tensor, (a, b, c) = widths_as_tensors(d_in, hidden, d_out)
         a, b, c = torch.broadcast_tensors(a, b, c)
         ms = _count(_interpolate(self.mlp_axes, self.mlp_ms, (a, b, c)), (a, b, c), True)
         return ms if as_tensor else float(ms)

@@ -12,6 +12,15 @@ import torch
 from models import ATTN_GATES, MLP_GATES, binarize
 
 
+def widths_as_tensors(*widths):
+    """(as_tensor, widths): each width as a float64 tensor on the device of those given as
+    tensors (the kept counts of a mask update live where the gates do; a Python int beside them
+    must not become a CPU tensor, which CUDA refuses to stack with them); `as_tensor` says
+    whether any was a tensor."""
+    device = next((w.device for w in widths if isinstance(w, torch.Tensor)), None)
+    return device is not None, [torch.as_tensor(w, dtype=torch.float64, device=device) for w in widths]
+
+
 def _count(n: torch.Tensor, widths, as_tensor: bool):
     """0 where a width is 0 (the cut removes a sub-block with an empty gate: only a constant
     bias would be left); an int unless a width was given as a tensor."""
@@ -23,8 +32,7 @@ def attn_params(d_in, heads, head_dim, d_out, qkv_bias: bool = True):
     """Parameters of an attention sub-block (METHOD.md §2): its LayerNorm on the d_in dims it
     reads (2·d_in), qkv (d_in → 3·heads·head_dim) and proj (heads·head_dim → d_out), with
     biases. The one count for every method's attention; elementwise on tensors."""
-    as_tensor = any(isinstance(w, torch.Tensor) for w in (d_in, heads, head_dim, d_out))
-    a, h, b, c = (torch.as_tensor(w, dtype=torch.float64) for w in (d_in, heads, head_dim, d_out))
+    as_tensor, (a, h, b, c) = widths_as_tensors(d_in, heads, head_dim, d_out)
     inner = h * b
     n = 2 * a + (a * 3 * inner + 3 * inner * qkv_bias) + (inner * c + c)
     return _count(n, (a, h, b, c), as_tensor)
@@ -33,8 +41,7 @@ def attn_params(d_in, heads, head_dim, d_out, qkv_bias: bool = True):
 def mlp_params(d_in, hidden, d_out):
     """Parameters of an MLP sub-block (§2): LayerNorm on d_in, fc1 (d_in → hidden), fc2
     (hidden → d_out), with biases. The one count for every method's MLP."""
-    as_tensor = any(isinstance(w, torch.Tensor) for w in (d_in, hidden, d_out))
-    a, b, c = (torch.as_tensor(w, dtype=torch.float64) for w in (d_in, hidden, d_out))
+    as_tensor, (a, b, c) = widths_as_tensors(d_in, hidden, d_out)
     n = 2 * a + (a * b + b) + (b * c + c)
     return _count(n, (a, b, c), as_tensor)
 

@@ -193,12 +193,18 @@ class DepthAwarePruner(Pruner):
             self.performance.add(lc, lp)
         return lc.sum() + lp.sum()
 
-    def step(self, grad_scale: float = 1.0) -> Optional[Record]:
+    def step(self, grad_scale=1.0) -> Optional[Record]:
         """After each optimizer step (gate gradients still present): Taylor scores, and the
         mask update when one is due; then clears the gate gradients (the optimizer does not
-        hold the gates, so its zero_grad does not). Returns the update's record, if any."""
+        hold the gates, so its zero_grad does not). Returns the update's record, if any.
+
+        `grad_scale` is the loss scale of the step (AMP's GradScaler; a number or a 0-dim
+        tensor). A GradScaler's step unscales, in place, the gradients of what the optimizer
+        holds: with `train_gates` that includes the gates, whose gradients then carry no scale."""
         step, record = self.step_count, None
         gates = self._gates()
+        if self.cfg.train_gates:
+            grad_scale = 1.0
         if self.schedule.is_active(step):
             self.taylor.accumulate(gates, grad_scale)
             if self.schedule.is_update(step):

@@ -24,24 +24,39 @@ class TaylorScore:
 
     def __init__(self, gates: Dict[str, torch.nn.Parameter]):
         self.sum = {k: torch.zeros_like(g, dtype=torch.float64) for k, g in gates.items()}
-        self.count = 0
         self.previous_sum = {k: torch.zeros_like(v) for k, v in self.sum.items()}
-        self.previous_count = 0
+        # the counts live beside the sums: a step adds to them without waiting for the device
+        device = next(iter(self.sum.values())).device
+        self._count = torch.zeros((), dtype=torch.long, device=device)
+        self._previous_count = torch.zeros_like(self._count)
+
+    @property
+    def count(self) -> int:
+        """Steps in the current window (a host synchronisation: not for the training step)."""
+        return int(self._count)
+
+    @count.setter
+    def count(self, n: int):
+        self._count.fill_(n)
+
+    @property
+    def previous_count(self) -> int:
+        return int(self._previous_count)
 
     @torch.no_grad()
-    def accumulate(self, gates: Dict[str, torch.nn.Parameter], grad_scale: float = 1.0) -> bool:
-        """Add one step's scores; `grad_scale` undoes AMP's loss scaling. Returns False (and
-        adds nothing) when a gradient is missing or not finite, as AMP's skipped steps are."""
+    def accumulate(self, gates: Dict[str, torch.nn.Parameter], grad_scale=1.0):
+        """Add one step's scores; `grad_scale` (a number or a 0-dim tensor) undoes AMP's loss
+        scaling. A step with a missing gradient adds nothing and returns False; one with a
+        gradient that is not finite (AMP's skipped steps) adds nothing either, decided on the
+        device: the result is then a 0-dim bool tensor, False for such a step."""
         if any(g.grad is None for g in gates.values()):
             return False
         scores = {k: (g.detach() * g.grad.detach() / grad_scale).double() ** 2 for k, g in gates.items()}
-        # one device synchronisation per step, not one per gate
-        if not bool(torch.stack([torch.isfinite(s).all() for s in scores.values()]).all()):
-            return False
+        finite = torch.stack([torch.isfinite(s).all() for s in scores.values()]).all()
         for k, s in scores.items():
-            self.sum[k] += s
-        self.count += 1
-        return True
+            self.sum[k] += torch.where(finite, s, torch.zeros_like(s))
+        self._count += finite
+        return finite
 
     def all_reduce(self):
         """Mean over processes of the current window (the gate gradients are already
@@ -56,15 +71,16 @@ class TaylorScore:
     def mean(self, key: str, with_previous: bool = False) -> torch.Tensor:
         """S/n of the current window, or of the current and the previous window together."""
         if with_previous:
-            return (self.sum[key] + self.previous_sum[key]) / max(self.count + self.previous_count, 1)
-        return self.sum[key] / max(self.count, 1)
+            return (self.sum[key] + self.previous_sum[key]) / (self._count + self._previous_count).clamp(min=1)
+        return self.sum[key] / self._count.clamp(min=1)
 
     def next_window(self):
         """After a mask update: the current window becomes the previous one; a new one starts."""
         for k, s in self.sum.items():
             self.previous_sum[k].copy_(s)
             s.zero_()
-        self.previous_count, self.count = self.count, 0
+        self._previous_count.copy_(self._count)
+        self._count.zero_()
 
     def state_dict(self):
         return {'sum': {k: v.clone() for k, v in self.sum.items()}, 'count': self.count,
@@ -76,7 +92,8 @@ class TaylorScore:
             self.sum[k].copy_(v)
         for k, v in sd['previous_sum'].items():
             self.previous_sum[k].copy_(v)
-        self.count, self.previous_count = int(sd['count']), int(sd['previous_count'])
+        self._count.fill_(int(sd['count']))
+        self._previous_count.fill_(int(sd['previous_count']))
 
 
 def rank_percentile(score: torch.Tensor) -> torch.Tensor:

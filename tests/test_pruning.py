@@ -438,14 +438,14 @@ def test_taylor_scores_accumulate():
     backward(0)
     first = {k: (p.detach().double() * p.grad.double()) ** 2 for k, p in gates.items()}
     assert all(v.sum() > 0 for v in first.values())
-    assert score.accumulate(gates) is True
+    assert bool(score.accumulate(gates)) is True
     for k in gates:
         assert torch.allclose(score.sum[k], first[k], rtol=1e-6, atol=0)
     assert score.count == 1
 
     backward(1, scale=64.0)  # as AMP's loss scaling; grad_scale undoes it
     second = {k: (p.detach().double() * p.grad.double() / 64.0) ** 2 for k, p in gates.items()}
-    assert score.accumulate(gates, grad_scale=64.0) is True
+    assert bool(score.accumulate(gates, grad_scale=torch.tensor(64.0))) is True  # a scaler's tensor
     for k in gates:
         assert torch.allclose(score.sum[k], first[k] + second[k], rtol=1e-6, atol=0)
         assert torch.allclose(score.mean(k), (first[k] + second[k]) / 2, rtol=1e-6, atol=0)
@@ -455,7 +455,7 @@ def test_taylor_scores_accumulate():
     backward(2)
     next(iter(gates.values())).grad[3] = float('inf')
     list(gates.values())[-1].grad[0] = float('nan')
-    assert score.accumulate(gates) is False
+    assert bool(score.accumulate(gates)) is False  # decided on the device: nothing added
     assert score.count == 2 and all(torch.equal(score.sum[k], before[k]) for k in gates)
     model.zero_grad(set_to_none=True)
     assert score.accumulate(gates) is False and score.count == 2
