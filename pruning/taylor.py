@@ -23,11 +23,17 @@ class TaylorScore:
     """
 
     def __init__(self, gates: Dict[str, torch.nn.Parameter]):
-        self.sum = {k: torch.zeros_like(g, dtype=torch.float64) for k, g in gates.items()}
-        self.previous_sum = {k: torch.zeros_like(v) for k, v in self.sum.items()}
+        # one flat buffer per window, `sum[key]` a view of each gate's part: a step's scores are
+        # a handful of kernels and a window's all-reduce one collective, whatever the depth
+        sizes = [g.numel() for g in gates.values()]
+        first = next(iter(gates.values()))
+        self._flat = torch.zeros(sum(sizes), dtype=torch.float64, device=first.device)
+        self._previous_flat = torch.zeros_like(self._flat)
+        self.sum = dict(zip(gates, (v.view_as(g) for v, g in zip(self._flat.split(sizes), gates.values()))))
+        self.previous_sum = dict(zip(gates, (v.view_as(g) for v, g in
+                                             zip(self._previous_flat.split(sizes), gates.values()))))
         # the counts live beside the sums: a step adds to them without waiting for the device
-        device = next(iter(self.sum.values())).device
-        self._count = torch.zeros((), dtype=torch.long, device=device)
+        self._count = torch.zeros((), dtype=torch.long, device=first.device)
         self._previous_count = torch.zeros_like(self._count)
 
     @property
@@ -51,10 +57,11 @@ class TaylorScore:
         device: the result is then a 0-dim bool tensor, False for such a step."""
         if any(g.grad is None for g in gates.values()):
             return False
-        scores = {k: (g.detach() * g.grad.detach() / grad_scale).double() ** 2 for k, g in gates.items()}
-        finite = torch.stack([torch.isfinite(s).all() for s in scores.values()]).all()
-        for k, s in scores.items():
-            self.sum[k] += torch.where(finite, s, torch.zeros_like(s))
+        mask = torch.cat([g.detach().flatten() for g in gates.values()])
+        grad = torch.cat([g.grad.detach().flatten() for g in gates.values()])
+        scores = (mask * grad / grad_scale).double() ** 2
+        finite = torch.isfinite(scores).all()
+        self._flat += torch.where(finite, scores, torch.zeros_like(scores))
         self._count += finite
         return finite
 
@@ -63,10 +70,8 @@ class TaylorScore:
         DDP-averaged; this keeps the scores identical even where they are not). The previous
         window was reduced when it was current."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            for s in self.sum.values():
-                torch.distributed.all_reduce(s)
-                s /= world
+            torch.distributed.all_reduce(self._flat)
+            self._flat /= torch.distributed.get_world_size()
 
     def mean(self, key: str, with_previous: bool = False) -> torch.Tensor:
         """S/n of the current window, or of the current and the previous window together."""
@@ -76,9 +81,8 @@ class TaylorScore:
 
     def next_window(self):
         """After a mask update: the current window becomes the previous one; a new one starts."""
-        for k, s in self.sum.items():
-            self.previous_sum[k].copy_(s)
-            s.zero_()
+        self._previous_flat.copy_(self._flat)
+        self._flat.zero_()
         self._previous_count.copy_(self._count)
         self._count.zero_()
 
