@@ -2,7 +2,7 @@
 
 DeiT's students have a distillation token and return (class logits, distillation logits); the
 distillation term reads the second. The ViTs here have a class token only: both terms read the
-class-token logits, blended by α as DeiT blends its two heads (README, departures).
+class-token logits, blended by α as DeiT blends its two heads (docs/METHOD.md §10).
 
     soft: KL(softmax(z_t / τ) ‖ softmax(z_s / τ)) · τ², summed and divided by the logits' count
     hard: cross-entropy of the student against the teacher's argmax

@@ -62,11 +62,11 @@ class PruneConfig:
     bpi_grid: int = 7              # ... on the patch map pooled to at most bpi_grid²
     bpi_fraction: float = 1.0      # ... for the first bpi_fraction of each batch
     # kept widths of every gate a multiple of this (or whole): 8 keeps GPU tensor cores busy
-    # (README, "Benchmarks"); 1 is the paper's method
+    # (docs/BENCHMARKS.md, "On a GPU"); 1 is the paper's method
     round_to: int = 8
     # the authors' optimizer also trains the gates (AdamW, no weight decay, the backbone's
-    # learning rate) between mask updates, through a flag read on the wrong object (README,
-    # departures); METHOD.md §2 sets them by the pruner only, the default here
+    # learning rate) between mask updates, through a flag read on the wrong object
+    # (docs/METHOD.md §10); METHOD.md §2 sets them by the pruner only, the default here
     train_gates: bool = False
     # what the prune ratio removes a share of (pruning/cost.py): parameters (the paper's), FLOPs,
     # or the latency measured on one device, from the table in `latency_table`

@@ -17,7 +17,7 @@ estimator with its own momentum), and writes OUTPUT_DIR/bpi_agreement.json:
 - the same for every fast configuration under `configs`, and the per-update values.
 
 It takes main.py's data, model, schedule and pruning flags (--prune-method block_pr), e.g. the
-12-layer transfer run of the README:
+12-layer transfer run of docs/RESULTS.md:
 
     python scripts/compare_bpi.py --model deit_micro12_patch4_32 --input-size 16 \
         --data-set DIGITS_TARGET --model-path output/compare/source/checkpoint.pth \

@@ -890,7 +890,7 @@ def test_round_to_keeps_widths_in_multiples_and_the_budget(method, round_to):
     assert plain.update_masks(step=0, tau=0.1)['kept_params'] != record['kept_params']
 
 
-# ---------------------------------------------------------------- the authors' drifting gates (README, departures)
+# ---------------------------------------------------------------- the authors' drifting gates (docs/METHOD.md §10)
 
 @pytest.mark.parametrize('train_gates', [False, True])
 def test_train_gates_moves_the_gates_between_updates_only_when_asked(train_gates):
