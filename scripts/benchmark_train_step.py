@@ -8,27 +8,34 @@ fresh process, fine-tuning and pruning alternating, `--rounds` pairs of them (de
 ratio reported is the median over the pairs of each pair's DAP / fine-tune ratio, with its min
 and max, so that one noisy process cannot set the figure. JSON too.
 
+A fresh process is this script again (`--child`, a new interpreter, never a fork: CUDA cannot
+start in a forked child), with a time limit (`--timeout`) and its exit code checked: a
+measurement that dies or hangs ends the script with one line that names it.
+
     python scripts/benchmark_train_step.py --model deit_tiny_patch16_224 --batch-size 16 \
         --input-size 224 --bpi-mode fast
 """
 import argparse
 import json
-import multiprocessing
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fresh_process  # noqa: E402
 import models  # noqa: E402,F401  (registers the models with timm)
 import timm  # noqa: E402
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
 from engine import autocast  # noqa: E402
 from losses import DistillationLoss, base_of, training_loss  # noqa: E402
-from utils import synchronize  # noqa: E402
+from train.validate import check_device  # noqa: E402
+from utils import UsageError, synchronize  # noqa: E402
 
 
 def amp_dtype(args, device):
@@ -111,7 +118,7 @@ def rss_peak_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def measure(args, prune, queue):
+def measure(args, prune):
     """In a fresh process: one configuration's step time, peak memory of its steps, eval time
     and (pruning) one mask update."""
     device = torch.device(args.device)
@@ -135,17 +142,21 @@ def measure(args, prune, queue):
     if pruner is not None:
         out['mask_update_s'] = time_it(lambda: pruner.update_masks(pruner.schedule.step_start),
                                        device, 1, max(args.iters // 2, 1))
-    queue.put(out)
-
-
-def run_fresh(args, prune):
-    ctx = multiprocessing.get_context('fork')  # the parent never touched the device
-    queue = ctx.Queue()
-    proc = ctx.Process(target=measure, args=(args, prune, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
+    if device.type == 'cuda':
+        out['device_name'] = torch.cuda.get_device_name(device)
     return out
+
+
+def run_fresh(args, prune, what):
+    """`measure` in a fresh process (this script with --child); ChildFailed (one line naming
+    `what`) if it dies or takes longer than --timeout."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, 'result.json')
+        fresh_process.run(fresh_process.python(os.path.basename(__file__), *args.argv, '--child',
+                                               'prune' if prune else 'finetune', '--child-out', result),
+                          what, args.timeout)
+        with open(result) as f:
+            return json.load(f)
 
 
 def get_args(argv=None):
@@ -154,6 +165,7 @@ def get_args(argv=None):
     p.add_argument('--input-size', type=int, default=None)
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--num-classes', type=int, default=10)
+    # the parent only reads this answer: every measurement starts CUDA in a new interpreter
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--iters', type=int, default=10)
@@ -171,20 +183,43 @@ def get_args(argv=None):
                    help='optimizer steps per epoch, for the mask-update share (default: iFood 2019, '
                         '118,475 images / (64 x 4 GPUs x 2 accumulation))')
     p.add_argument('--json', default=None, help='write the figures here as JSON')
+    p.add_argument('--timeout', type=float, default=600, help='seconds one fresh-process measurement may take')
+    # a fresh process runs this script again with these two: measure one step, write its JSON
+    p.add_argument('--child', choices=['finetune', 'prune'], help=argparse.SUPPRESS)
+    p.add_argument('--child-out', help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    args.argv = argv
     for flag, value in (('--rounds', args.rounds), ('--iters', args.iters), ('--batch-size', args.batch_size)):
         if value < 1:
             p.exit(2, f'error: {flag} must be at least 1, got {value}\n')
+    if args.input_size is None and args.model not in models.CONFIGS:
+        p.exit(2, f'error: --model {args.model}: give its --input-size (not one of models.CONFIGS)\n')
     args.size = args.input_size or models.CONFIGS[args.model].img_size
     return args
 
 
+def measure_rounds(args):
+    """{'finetune': [...], 'prune': [...]}: --rounds pairs of fresh-process measurements."""
+    runs = {'finetune': [], 'prune': []}
+    for i in range(args.rounds):
+        for name in runs:
+            what = f'{name} measurement, round {i + 1} of {args.rounds}'
+            runs[name].append(run_fresh(args, name == 'prune', what))
+    return runs
+
+
 def main(argv=None):
     args = get_args(argv)
-    runs = {'finetune': [], 'prune': []}
-    for _ in range(args.rounds):
-        for name in runs:
-            runs[name].append(run_fresh(args, name == 'prune'))
+    if args.child:
+        with open(args.child_out, 'w') as f:
+            json.dump(measure(args, args.child == 'prune'), f)
+        return None
+    try:
+        check_device(args.device)
+        runs = measure_rounds(args)
+    except (UsageError, fresh_process.ChildFailed) as e:
+        sys.exit(f'error: {e}')
     # each round's pair saw the same machine state: the ratio is taken per pair, then the median
     ratios = sorted(p['step_s'] / f['step_s'] for f, p in zip(runs['finetune'], runs['prune']))
     median = statistics.median(ratios)
@@ -193,7 +228,7 @@ def main(argv=None):
     update = min(o['mask_update_s'] for o in runs['prune'])
     result = {
         'model': args.model, 'input_size': args.size, 'batch_size': args.batch_size,
-        'device': args.device if not args.device.startswith('cuda') else torch.cuda.get_device_name(0),
+        'device': ft.get('device_name', args.device),
         'threads': torch.get_num_threads(), 'bpi_mode': args.bpi_mode, 'teacher': args.teacher_model or None,
         'autocast': str(amp_dtype(args, torch.device(args.device))).replace('torch.', ''),
         'bpi_fast': {'width_div': args.bpi_fast_width, 'grid': args.bpi_fast_grid,

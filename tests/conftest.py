@@ -126,3 +126,17 @@ def eval_lines(stdout):
 def cli(tmp_path):
     """`cli(args)` runs main.py on DIGITS with the micro model; TORCH_HOME under tmp_path."""
     return lambda args, **kw: run_cli(args, tmp_path, **kw)
+
+
+# ---- tests that need a CUDA GPU (tests/test_cuda.py) -------------------------------------------
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU; skipped (and counted as skipped) without one')
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker('cuda') is not None]
+    # asked only when a cuda test was collected: it starts the CUDA driver in this process
+    if marked and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason='needs a CUDA GPU: torch.cuda.is_available() is False here')
+        for item in marked:
+            item.add_marker(skip)
