@@ -7,7 +7,7 @@ from timm.models import register_model
 from .vision_transformer import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, GATE_SLOTS, HEAD_GATE,
                                  MLP_GATES, Gate, VisionTransformer, binarize, build_from_arch,
                                  dense_block_arch, is_gate, masked_layer_norm)
-from .checkpoint import check_arch, pretrained_state_dict, state_dict_mismatch
+from .checkpoint import check_arch, load_model, pretrained_state_dict, state_dict_mismatch
 from .deploy import align_widths, apply_forms, deploy, median_seconds, plan_forms
 from .hub import (read_safetensors, read_safetensors_checkpoint, read_timm_folder, write_safetensors_checkpoint,
                   write_timm_folder)

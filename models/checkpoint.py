@@ -2,6 +2,7 @@
 DeiT / timm checkpoint (classifier reset, pos_embed resampled) to start training from."""
 from typing import Dict, List, Optional, Tuple
 
+import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
@@ -125,3 +126,37 @@ def check_arch(arch) -> None:
                                          cfg.num_heads, hidden)
             if problem:
                 raise ValueError(f'arch blocks[{i}].{kind} {problem}')
+
+
+def load_model(checkpoint: Optional[Dict] = None, name: Optional[str] = None, weights: bool = True,
+               **kwargs) -> torch.nn.Module:
+    """The one way from a checkpoint to a model: the dense or cut model that its `arch`
+    describes (checked first: it is read from a file), or, without an `arch`, the model `name`
+    (any timm name; the classes from the weights' head unless `num_classes` is given); with its
+    weights (`checkpoint['model']`, or a bare state dict), loaded strictly, unless `weights` is
+    False. `kwargs` go to the constructor (num_classes, img_size, drop_rate, drop_path_rate).
+    `checkpoint` is what `utils.load_checkpoint_file` returns for any format it reads
+    (torch.save, .safetensors, a timm folder). ValueError (one line) naming the problem."""
+    from .vision_transformer import build_from_arch
+    checkpoint = {} if checkpoint is None else checkpoint
+    arch = checkpoint.get('arch')
+    state = checkpoint.get('model', checkpoint if arch is None else None) if weights else None
+    if weights and not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError('holds no weights (expected {"model": state_dict} or a bare state dict)')
+    if arch is not None:
+        model = build_from_arch(arch, **kwargs)
+    elif name is None:
+        raise ValueError('has no "arch": name its model')
+    else:
+        if 'num_classes' not in kwargs and state is not None and 'head.weight' in state:
+            kwargs['num_classes'] = state['head.weight'].shape[0]
+        try:
+            model = timm.create_model(name, **kwargs)
+        except RuntimeError as e:  # timm's "Unknown model (...)"
+            raise ValueError(str(e).splitlines()[0]) from None
+    if state is not None:
+        problem = state_dict_mismatch(model, state)
+        if problem:
+            raise ValueError(f'its weights do not fit {"its arch" if arch is not None else name}: {problem}')
+        model.load_state_dict(state)
+    return model

@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 import timm  # noqa: E402
 from pruning import BUDGET_UNITS, ConfigError, DepthAwarePruner, LatencyTable, PruneConfig, PruneSchedule  # noqa: E402
-from models import state_dict_mismatch  # noqa: E402
 from train.validate import check_device  # noqa: E402
 from utils import (UsageError, check_at_least, checked_script_args, count_flops, load_checkpoint_file,  # noqa: E402
                    prepare_out, script_device, synchronize)
@@ -70,15 +69,11 @@ def from_checkpoint(path):
     if ckpt.get('arch') is None or not isinstance(ckpt.get('model'), dict):
         raise UsageError(f'--checkpoint {path} has no "arch" and "model": it is not a cut model '
                          '(first_sparse_checkpoint.pth)')
-    arch = ckpt['arch']
     try:
-        cut = models.build_from_arch(arch)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f'--checkpoint {path}: its "arch" does not describe a model ({type(e).__name__}: {e})')
-    problem = state_dict_mismatch(cut, ckpt['model'])
-    if problem:
-        raise UsageError(f'--checkpoint {path}: its weights do not fit its "arch": {problem}')
-    cut.load_state_dict(ckpt['model'])
+        cut = models.load_model(ckpt)
+    except ValueError as e:
+        raise UsageError(f'--checkpoint {path}: {e}') from None
+    arch = ckpt['arch']
     dense = timm.create_model(arch['family'], num_classes=arch['num_classes'], img_size=arch['img_size'])
     return dense, cut
 

@@ -24,33 +24,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 import timm  # noqa: E402
-from models import state_dict_mismatch  # noqa: E402
 from utils import UsageError, load_checkpoint_file, prepare_out  # noqa: E402
 
 
 def load_model(path, model_name=None):
     """The model of a checkpoint; UsageError (one line) if it holds none this code can rebuild."""
     ckpt = load_checkpoint_file(path, 'checkpoint')
-    state = ckpt.get('model')
-    if not isinstance(state, dict):
-        raise UsageError(f'checkpoint {path} has no "model" entry: not a checkpoint of main.py')
-    if ckpt.get('arch') is not None:
-        try:
-            model = models.build_from_arch(ckpt['arch'])
-        except (KeyError, TypeError, ValueError) as e:
-            raise UsageError(f'checkpoint {path}: its "arch" does not describe a model ({type(e).__name__}: {e})')
-    elif model_name is None:
-        raise UsageError(f'checkpoint {path} has no "arch": name the dense model with --model')
-    elif model_name not in models.CONFIGS:
+    if ckpt.get('arch') is None and model_name is not None and model_name not in models.CONFIGS:
         raise UsageError(f'unknown --model {model_name!r} (available: {", ".join(models.CONFIGS)})')
-    else:
-        head = state.get('head.weight')
-        model = timm.create_model(model_name, num_classes=head.shape[0] if head is not None else 1000)
-    problem = state_dict_mismatch(model, state)
-    if problem:
-        raise UsageError(f'checkpoint {path}: its weights do not fit the model: {problem}')
-    model.load_state_dict(state)
-    return model
+    try:
+        return models.load_model(ckpt, model_name)
+    except ValueError as e:
+        hint = ' (--model)' if ckpt.get('arch') is None and model_name is None else ''
+        raise UsageError(f'checkpoint {path}: {e}{hint}') from None
 
 
 def export(model, path, batch_size=2):
