@@ -14,7 +14,7 @@ from datasets import UnreadableImageError
 from train import methods, recipe, run_dir
 from train.flags import ArgumentParser, add_deit_flags
 from train.trainer import Trainer
-from train.validate import validate
+from train.check_args import check_args
 from utils import UsageError
 
 
@@ -32,7 +32,7 @@ def main(args):
 
 
 def run(args):
-    args = validate(args)
+    args = check_args(args)
     run_dir.check_run_dir(args)
     utils.init_distributed_mode(args)
     print(args)

@@ -8,7 +8,7 @@ submitit's job environment and meets the others through a rendezvous file next t
 folder (dist_url file://..., as DeiT does), so nothing has to be set by hand. The run writes
 into --job_dir (%j is the job id) unless --output_dir names another folder; both must be on a
 filesystem every node sees. When SLURM preempts the job or its time is about to run out, it
-signals the job; submitit then calls Trainer.checkpoint, which requeues the same command with
+signals the job; submitit then calls SlurmJob.checkpoint, which requeues the same command with
 --resume OUTPUT_DIR/checkpoint.pth: the run goes on from its last finished epoch, pruning state
 included (main.py refuses a resume with other processes, batch size or accumulation).
 
@@ -28,7 +28,7 @@ import submitit
 import main as classification
 from train.flags import ArgumentParser
 from train.run_dir import check_run_dir
-from train.validate import validate
+from train.check_args import check_args
 from utils import UsageError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +63,7 @@ def init_file_uri(job_dir) -> str:
     return (folder.resolve() / f'{uuid.uuid4().hex}_init').as_uri()
 
 
-class Trainer:
+class SlurmJob:
     """The job: main.main(args) in every task; `checkpoint` is submitit's requeue hook."""
 
     def __init__(self, args):
@@ -122,7 +122,7 @@ def submit(args):
     args.output_dir = str(Path(args.output_dir).absolute()) if args.output_dir else args.job_dir
     # the job checks again where it runs; here, so that a bad flag fails before the queue, the
     # same checks on the CPU (this machine may have no GPU)
-    checked = validate(argparse_copy(args, device='cpu'))
+    checked = check_args(argparse_copy(args, device='cpu'))
     if '%j' not in checked.output_dir:
         check_run_dir(checked)
     if args.cluster == 'slurm' and shutil.which('srun') is None:
@@ -142,7 +142,7 @@ def submit(args):
         slurm_signal_delay_s=120, **({'slurm_partition': args.partition} if args.partition else {}))
     args.dist_url = init_file_uri(args.job_dir)
     with repo_on_pythonpath():
-        job = executor.submit(Trainer(args))
+        job = executor.submit(SlurmJob(args))
     return job
 
 

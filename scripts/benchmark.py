@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 import timm  # noqa: E402
 from pruning import BUDGET_UNITS, ConfigError, DepthAwarePruner, LatencyTable, PruneConfig, PruneSchedule  # noqa: E402
-from train.validate import check_device  # noqa: E402
+from train.check_args import check_device  # noqa: E402
 from utils import (UsageError, check_at_least, checked_script_args, count_flops, load_checkpoint_file,  # noqa: E402
                    prepare_out, script_device, synchronize)
 

@@ -34,7 +34,7 @@ import timm  # noqa: E402
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
 from engine import autocast  # noqa: E402
 from losses import DistillationLoss, base_of, training_loss  # noqa: E402
-from train.validate import check_device  # noqa: E402
+from train.check_args import check_device  # noqa: E402
 from utils import UsageError, synchronize  # noqa: E402
 
 

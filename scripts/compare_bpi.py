@@ -43,7 +43,7 @@ from pruning.block_performance import BlockPerformance, BlockPerformanceHeads, H
 from pruning.gates import kept_params  # noqa: E402
 from pruning.keep_ratio import KeepRatioFromDeltaPsi  # noqa: E402
 from train import methods, recipe  # noqa: E402
-from train.validate import validate  # noqa: E402
+from train.check_args import check_args  # noqa: E402
 
 
 def spearman(a, b) -> float:
@@ -140,7 +140,7 @@ def main(argv=None):
     parser.add_argument('--fast', nargs='+', default=['2:7:1'], metavar='W:G:F',
                         help='fast configurations (width divisor:pooled grid side:batch fraction), or copy')
     parser.set_defaults(prune_method='block_pr')
-    args = validate(parser.parse_args(argv))
+    args = check_args(parser.parse_args(argv))
     if not args.output_dir:
         sys.exit('error: --output_dir is required')
     if args.grad_accum_steps != 1 or args.prune_method != 'block_pr':

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fresh_process  # noqa: E402
 import gpu_check_runs  # noqa: E402
 from fresh_process import ChildFailed  # noqa: E402
-from train.validate import check_device  # noqa: E402
+from train.check_args import check_device  # noqa: E402
 from utils import UsageError, prepare_out  # noqa: E402
 
 FULL = {'model': 'deit_small_patch16_224', 'reference': 'deit_tiny_patch16_224', 'input_size': 224,

@@ -26,7 +26,7 @@ import timm  # noqa: E402
 from models import median_seconds  # noqa: E402
 from models.vision_transformer import Block  # noqa: E402
 from pruning.cost import TABLE_FORMAT, LatencyTable  # noqa: E402
-from train.validate import check_device  # noqa: E402
+from train.check_args import check_device  # noqa: E402
 from utils import UsageError, check_at_least, checked_script_args, prepare_out, script_device  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from datasets import build_transform
 from test_reliability import each_case, one_line
 from train.flags import ArgumentParser
 from train.recipe import build_criterion, build_optimizer
-from train.validate import validate
+from train.check_args import check_args
 from utils import read_log
 
 # every flag of facebookresearch/deit's get_args_parser (main.py at 7e160fe), and the authors' --crop-pct
@@ -33,7 +33,7 @@ DEIT_FLAGS = """--batch-size --epochs --bce-loss --unscale-lr --model --input-si
 
 def parse(*flags):
     parser = ArgumentParser('test', parents=[main.get_args_parser()])
-    return validate(parser.parse_args(['--model', 'deit_micro_patch4_32', '--data-set', 'DIGITS',
+    return check_args(parser.parse_args(['--model', 'deit_micro_patch4_32', '--data-set', 'DIGITS',
                                        '--device', 'cpu', *map(str, flags)]))
 
 

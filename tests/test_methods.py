@@ -10,7 +10,7 @@ import main
 from conftest import check_ok, run_cli
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule, SaViTConfig, WDPruneConfig
 from train.methods import registry
-from train.validate import validate
+from train.check_args import check_args
 from utils import UsageError
 
 MICRO = ['--model', 'deit_micro_patch4_32', '--device', 'cpu']
@@ -58,13 +58,13 @@ def test_a_method_flag_given_under_another_method_is_refused(family, action):
         args = parse([*(['--prune-method', method] if method else []), flag, *other_value(action)])
         assert getattr(args, action.dest) != action.default
         with pytest.raises(UsageError) as e:
-            validate(args)
+            check_args(args)
         assert str(e.value) == f'{flag} belongs to --prune-method {" / ".join(family.methods)}, ' \
                                f'not {method or "none"}'
     # and its own method takes it (or names the flag of the value it refuses)
     args = parse(['--prune-method', family.methods[0], flag, *other_value(action)])
     try:
-        validate(args)
+        check_args(args)
     except UsageError as e:
         assert str(e).startswith(flag), e
 
@@ -77,7 +77,7 @@ def test_a_method_flag_given_under_another_method_is_refused(family, action):
 ])
 def test_a_flag_defaults_to_its_configuration_field(method, expected):
     """One default per setting: the flags' defaults build the library's default configuration."""
-    args = validate(parse(['--prune-method', method]))
+    args = check_args(parse(['--prune-method', method]))
     assert registry.family_of(method).config(args) == expected
 
 
@@ -92,7 +92,7 @@ def test_a_flag_defaults_to_its_configuration_field(method, expected):
 ])
 def test_a_configuration_error_names_the_flag_of_its_own_method(argv, message):
     with pytest.raises(UsageError) as e:
-        validate(parse(argv))
+        check_args(parse(argv))
     assert str(e.value).startswith(message), e.value
 
 
@@ -124,12 +124,12 @@ def dummy(monkeypatch):
 
 def test_a_registered_method_gets_its_flags_checks_and_a_run(dummy, tmp_path):
     with pytest.raises(UsageError, match=r'^--dummy-keep belongs to --prune-method dummy, not block_pr$'):
-        validate(parse(['--prune-method', 'block_pr', '--dummy-keep', '0.3']))
+        check_args(parse(['--prune-method', 'block_pr', '--dummy-keep', '0.3']))
     with pytest.raises(UsageError, match=r'^--prune-kr-handcraft belongs to --prune-method block_pr / '
                                          r'uniform / global, not dummy$'):
-        validate(parse(['--prune-method', 'dummy', '--prune-kr-handcraft', *['0.5'] * 8]))
+        check_args(parse(['--prune-method', 'dummy', '--prune-kr-handcraft', *['0.5'] * 8]))
     with pytest.raises(UsageError, match=r'^--dummy-keep must be in \(0, 1\)'):  # prune_ratio = 1 - 2
-        validate(parse(['--prune-method', 'dummy', '--dummy-keep', '2']))
+        check_args(parse(['--prune-method', 'dummy', '--dummy-keep', '2']))
     # the run: main.py's command line in a process of its own, with the dummy registered there
     out = tmp_path / 'out'
     code = ('import sys; sys.path.insert(0, "tests"); import main, test_methods; '

@@ -2,7 +2,7 @@
 
 flags.py     the one-line-error parser, argparse types, DeiT's flags
 methods/     the pruning methods, one module a family, and the registry that derives the rest
-validate.py  the one validation of a command line, before anything is read or written
+check_args.py  the one check of a command line, before anything is read or written
 recipe.py    datasets, loaders, model and its starting weights, optimizer, scheduler, loss, device
 run_dir.py   the run folder: refusal, overwrite, resume checks, log cut-back, TensorBoard
 trainer.py   the epoch loop, the cut, the one-shot path

@@ -1,4 +1,5 @@
-"""The one validation of a command line, before anything is read or written."""
+"""The one check of a command line, before anything is read or written (timm's validate.py
+evaluates a model: this module checks arguments)."""
 import copy
 import difflib
 
@@ -10,7 +11,7 @@ from train.recipe import check_recipe
 from utils import UsageError
 
 
-def validate(args):
+def check_args(args):
     """A checked copy of `args` with the defaults that depend on other flags filled in
     (--input-size, --prune-finalize-epoch); UsageError names the flag of the first problem."""
     args = copy.copy(args)
