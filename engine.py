@@ -182,6 +182,15 @@ def evaluate(data_loader, model, device, amp=None, print_freq: int = 10,
         metric_logger.update(n=n, loss=loss.item(), acc1=acc1.item(), acc5=acc5.item())
         metric_logger.update(n=n, **{f'acc1_{name}': accuracy(logits, target)[0].item()
                                      for name, logits in heads.items()})
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # one all-reduce per meter: every process holds the same ones, in the same order. A
+        # process that updated none (its --dist-eval shard had no readable image) made fewer
+        # all-reduces than the others, and the run hung; the heads' names come from a forward
+        names = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(names, list(metric_logger.meters))
+        meters = metric_logger.meters
+        for name in dict.fromkeys(n for each in names for n in each):  # moved to the end, in this order
+            meters[name] = meters.pop(name) if name in meters else SmoothedValue()
     metric_logger.synchronize_between_processes()
     m = metric_logger.meters
     print(f'* Acc@1 {m["acc1"].global_avg:.3f} Acc@5 {m["acc5"].global_avg:.3f} '
@@ -197,7 +206,9 @@ def evaluate(data_loader, model, device, amp=None, print_freq: int = 10,
 def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int, amp=None,
                       mixup_fn=None, print_freq: int = 10, set_training_mode: bool = True):
     """Forward and backward on `steps` training batches without updating any weight; after
-    each, a one-shot pruner's `step` reads its gates' gradients (SaViT's Taylor scores)."""
+    each, a one-shot pruner's `step` reads its gates' gradients (SaViT's Taylor scores). Under
+    DDP the backward runs in `no_sync`: only the gates' gradients are read, and the pruner
+    averages those over processes itself, rather than DDP all-reducing every weight's."""
     model.train(set_training_mode)
     metric_logger = MetricLogger(delimiter='  ')
     # without a GradScaler, a fixed loss scale keeps float16 gradients from underflowing
@@ -205,9 +216,10 @@ def accumulate_scores(model, criterion, data_loader, device, pruner, steps: int,
     scale = 2. ** 12 if amp is True or amp == torch.float16 else 1.
     for _, samples, targets, _ in _training_batches(data_loader, device, mixup_fn, steps, print_freq,
                                                     'Scores:', metric_logger):
-        with autocast(device, amp):
-            loss = _loss(model, criterion, samples, targets, pruner)
-        (loss * scale).backward()
+        with model.no_sync() if hasattr(model, 'no_sync') else nullcontext():
+            with autocast(device, amp):
+                loss = _loss(model, criterion, samples, targets, pruner)
+            (loss * scale).backward()
         pruner.step(grad_scale=scale)
         model.zero_grad(set_to_none=True)
         metric_logger.update(loss=loss.item())

@@ -55,13 +55,14 @@ def run(args):
     if checkpoint is not None:
         run_dir.restore_weights(args, checkpoint, model, pruner)
     trainer = Trainer(args, device, amp, model, pruner)
+    del model, pruner  # the trainer's from here on: the cut lets go of the gated model and the pruner
 
     if args.eval:
-        print('number of params:', model.num_parameters())
+        print('number of params:', trainer.model.num_parameters())
         test_stats = trainer.evaluate_only(loader_val)
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
         return test_stats
-    one_shot = pruner is not None and pruner.one_shot
+    one_shot = trainer.pruner is not None and trainer.pruner.one_shot
     start_epoch = None if one_shot else trainer.start(checkpoint)
 
     # fit, cut, save: from here on the run writes into --output_dir

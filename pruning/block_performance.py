@@ -118,6 +118,7 @@ class BlockPerformance:
     the last update at finalize reads both (`mean(with_previous=True)`, METHOD.md §5 v2).
     """
     FIELDS = ('sum_c', 'sum_p', 'count', 'previous_sum_c', 'previous_sum_p', 'previous_count')
+    PER_PROCESS = ('sum_c', 'sum_p', 'count')  # the current window, before its all-reduce
 
     def __init__(self, num_sub_blocks: int, device):
         self.sum_c = torch.zeros(num_sub_blocks, dtype=torch.float64, device=device)
@@ -141,9 +142,9 @@ class BlockPerformance:
 
     def all_reduce(self):
         """Sum the current window over processes (the previous one was summed when current)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for t in (self.sum_c, self.sum_p, self.count):
-                torch.distributed.all_reduce(t)
+        if _distributed():
+            for k in self.PER_PROCESS:
+                torch.distributed.all_reduce(getattr(self, k))
 
     def _window(self, with_previous: bool):
         if not with_previous:
@@ -166,8 +167,38 @@ class BlockPerformance:
             getattr(self, name).zero_()
 
     def state_dict(self):
-        return {k: getattr(self, k).clone() for k in self.FIELDS}
+        """The window sums. In a distributed run also every process's current window
+        (`per_process`, one row per rank): each process sums ΔΨ over its own batches until the
+        mask update all-reduces them, so a resumed run goes on from each one's own sums (with
+        rank 0's alone, rank 1's steps since the last update were lost and rank 0's counted
+        twice). A collective: every process calls it, as the trainer does for each checkpoint."""
+        sd = {k: getattr(self, k).clone() for k in self.FIELDS}
+        if _distributed():
+            sd['per_process'] = {k: _gather(getattr(self, k)) for k in self.PER_PROCESS}
+        return sd
 
     def load_state_dict(self, sd):
         for k in self.FIELDS:
             getattr(self, k).copy_(sd[k])
+        rows = sd.get('per_process')
+        if rows is None:  # written by one process
+            return
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if _distributed() else (1, 0)
+        for k in self.PER_PROCESS:
+            if len(rows[k]) == world:
+                getattr(self, k).copy_(rows[k][rank])
+            else:
+                # another number of processes (a pruning run refuses to resume so, --eval reads
+                # no window): the sum of all on the first one, counted once by the all-reduce
+                getattr(self, k).copy_(rows[k].sum(0) if rank == 0 else torch.zeros_like(rows[k][0]))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """`t` of every process, stacked by rank."""
+    rows = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(rows, t)
+    return torch.stack(rows)

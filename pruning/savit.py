@@ -370,8 +370,11 @@ class SaViTPruner(Pruner):
 
     def step(self, grad_scale: float = 1.0) -> None:
         """After a backward pass: add (g·∂L/∂g)² of every gate (Taylor FO), then clear the
-        gate gradients (no optimizer holds the gates, so nothing else would)."""
+        gate gradients (no optimizer holds the gates, so nothing else would). In a distributed
+        run the gate gradients are first averaged over processes, as DDP averages gradients
+        (the scoring pass runs outside DDP's all-reduce: engine.accumulate_scores)."""
         gates = self._gates()
+        _average_over_processes([g.grad for g in gates.values()])
         self.taylor.accumulate(gates, grad_scale)
         for g in gates.values():
             g.grad = None
@@ -498,3 +501,17 @@ class SaViTPruner(Pruner):
         self.taylor.load_state_dict(sd['taylor'])
         self.interaction = sd.get('interaction')
         self.search_result = sd.get('search_result')
+
+
+@torch.no_grad()
+def _average_over_processes(grads: List[Optional[torch.Tensor]]):
+    """The mean of `grads` over processes, in place and in one all-reduce, computed as DDP does
+    (each scaled by 1 / world, then summed), so that the scores equal those of gradients that
+    DDP averaged. Nothing when one is missing (TaylorScore.accumulate skips that step)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+            any(g is None for g in grads):
+        return
+    flat = torch.cat([g.flatten() for g in grads]).mul_(1 / torch.distributed.get_world_size())
+    torch.distributed.all_reduce(flat)
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))

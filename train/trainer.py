@@ -1,6 +1,7 @@
 """The trainer of one run: the epoch loop (DeiT's), the cut inside it when a pruner's schedule
 says so (METHOD.md §7), and the one-shot path of a one-shot pruner (SaViT)."""
 import datetime
+import gc
 import time
 
 import torch
@@ -8,7 +9,7 @@ from timm.utils import ModelEmaV3, NativeScaler
 
 import utils
 from utils import UsageError, first_line
-from engine import accumulate_scores, evaluate, train_one_epoch
+from engine import _readable, accumulate_scores, evaluate, train_one_epoch
 from losses import DistillationLoss
 from pruning import format_summary
 from train import methods
@@ -50,11 +51,15 @@ class Trainer:
         self.model, self.pruner = model, pruner
         if model.distilled:  # DeiT's loss reads both heads apart; without a teacher, their mean
             model.set_distilled_training(isinstance(self.criterion, DistillationLoss))
-        self.net = wrap(args, self.device, pruner.module if pruner is not None else model)
         self.n_parameters = model.num_parameters()
         print('number of params:', self.n_parameters)
         extra = pruner.param_groups(self.lr, args.weight_decay) if pruner is not None else ()
+        # the optimizer recipe decides which parameters train (--attn-only turns requires_grad
+        # off); DDP expects a gradient for every parameter that requires one when it wraps the
+        # module, so it wraps after (before, the second step failed: "Expected to have finished
+        # reduction in the prior iteration")
         self.optimizer = build_optimizer(args, model, self.lr, extra)
+        self.net = wrap(args, self.device, pruner.module if pruner is not None else model)
         self.lr_scheduler = None
         if not self.constant_lr:  # a timm scheduler sets the optimizer's rate when it is built
             self.lr_scheduler = build_scheduler(args, self.optimizer)
@@ -199,13 +204,20 @@ class Trainer:
     def cut(self, loader_val, epoch):
         """METHOD.md §7: binarise, cut, report, measure the cut model and write
         first_sparse_checkpoint.pth; (cut model, its test stats)."""
-        args, model = self.args, self.model
-        params_before = model.num_parameters()
-        flops_before = utils.count_flops(model, args.input_size, self.device)
+        args = self.args
+        params_before = self.model.num_parameters()
+        flops_before = utils.count_flops(self.model, args.input_size, self.device)
+        # the cut model is built while the gated one still exists: not also beside the DDP
+        # wrapper (its gradient buckets) and the optimizer (AdamW: twice the trained weights)
+        self.net = self.optimizer = self.lr_scheduler = self.model_ema = None
+        self.release_memory()
         cut, rows = self.pruner.finalize()
+        budget = self.pruner.final_budget
+        # nor the new optimizer and wrapper beside the gated model and the pruner's heads
+        self.model, self.pruner = cut, None
+        self.release_memory()
         params_after = cut.num_parameters()
         flops_after = utils.count_flops(cut, args.input_size, self.device)
-        budget = self.pruner.final_budget
         print(format_summary(rows, flops_before, flops_after, params_before, params_after, budget))
         summary = {'event': 'finalize', 'method': args.prune_method, 'epoch': epoch, 'sub_blocks': rows,
                    'params_dense': params_before, 'params_cut': params_after,
@@ -219,6 +231,13 @@ class Trainer:
             'acc1': test_stats['acc1'], 'summary': summary})
         return cut, test_stats
 
+    def release_memory(self):
+        """Collect what was just let go of (modules hold reference cycles) and, on CUDA, hand
+        its cached blocks back, so the next allocation finds them free."""
+        gc.collect()
+        if self.device.type == 'cuda':
+            torch.cuda.empty_cache()
+
     def prune_one_shot(self, loader_train, loader_val, run):
         """A one-shot pruner (SaViT, docs/BASELINES.md): scores over a share of an epoch without
         weight updates, its calibration, the cut. Fine-tuning is the second command."""
@@ -228,17 +247,28 @@ class Trainer:
             e.where = f'while {self.args.prune_method} scored and cut (one shot): start it again'
             raise
 
+    def readable_batches(self, loader):
+        """(images, targets) of `loader` on the device without the rows of unreadable images
+        (--skip-bad-images marks them with the target UNREADABLE, -1: a device-side assert in
+        the loss on CUDA); a batch with none left is skipped."""
+        for images, targets in loader:
+            images, targets, _ = _readable(images, targets, fill=False)
+            if len(targets):
+                yield images.to(self.device), targets.to(self.device)
+
     def _prune_one_shot(self, loader_train, loader_val, run):
         args, pruner = self.args, self.pruner
         self.attach(run)
         steps = pruner.score_batches(len(loader_train))
         print(f'{args.prune_method}: scores over {steps} of {len(loader_train)} training batches')
         loader_train.sampler.set_epoch(0)
+        # DDP gives every process rank 0's weights; the scores skip its all-reduce of the weight
+        # gradients (accumulate_scores)
         accumulate_scores(wrap(args, self.device, pruner.module), self.criterion, loader_train, self.device,
                           pruner, steps, amp=self.amp, mixup_fn=self.mixup_fn, print_freq=args.print_freq,
                           set_training_mode=args.train_mode)
-        batches = ((x.to(self.device), y.to(self.device)) for x, y in loader_train)
-        pruner.calibrate(batches, torch.nn.CrossEntropyLoss())
+        pruner.calibrate(self.readable_batches(loader_train), torch.nn.CrossEntropyLoss())
+        del pruner  # the cut lets go of it
         cut, test_stats = self.cut(loader_val, 0)
         run.log({**{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': 0,
                  'n_parameters': cut.num_parameters()}, 0)
