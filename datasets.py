@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
 from timm.data import create_transform
@@ -379,3 +379,17 @@ def build_transform(is_train, args):
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
+
+
+class ShardSampler(Sampler):
+    """Every rank takes indices rank, rank + world, ...: no padding, so that metrics summed
+    over ranks are exactly those of a single process (DistributedSampler repeats samples)."""
+
+    def __init__(self, dataset, num_replicas, rank):
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)

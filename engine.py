@@ -9,7 +9,8 @@ from timm.utils import accuracy
 from datasets import UNREADABLE, UnreadableImageError
 from losses import base_of, training_loss
 from pruning import PrunerModule
-from utils import MetricLogger, NonFiniteLossError, SmoothedValue
+from errors import NonFiniteLossError
+from utils import MetricLogger, SmoothedValue
 
 
 def autocast(device: torch.device, amp):

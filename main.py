@@ -15,7 +15,7 @@ from train import methods, recipe, run_dir
 from train.flags import ArgumentParser, add_deit_flags
 from train.trainer import Trainer
 from train.check_args import check_args
-from utils import UsageError
+from errors import DiskFullError, NonFiniteLossError, RunStopped, UsageError
 
 
 def get_args_parser():
@@ -73,7 +73,7 @@ def run(args):
 
 
 def stop(signum, frame):
-    raise utils.RunStopped(signum)
+    raise RunStopped(signum)
 
 
 def cli(argv=None):
@@ -88,13 +88,13 @@ def cli(argv=None):
         main(args)
     except UsageError as e:
         fail(f'error: {e}', 2)
-    except (utils.NonFiniteLossError, UnreadableImageError, utils.DiskFullError) as e:
+    except (NonFiniteLossError, UnreadableImageError, DiskFullError) as e:
         fail(f'error: {e}', 1, every_process=True)  # may happen on one process only
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         fail(f'error: the disk is full: {e.filename or "a file"} could not be written', 1)
-    except utils.RunStopped as e:
+    except RunStopped as e:
         fail(f'stopped by {signal.Signals(e.signum).name}' + (f' {e.where}' if e.where else ''), 128 + e.signum)
 
 

@@ -29,7 +29,7 @@ import main as classification
 from train.flags import ArgumentParser
 from train.run_dir import check_run_dir
 from train.check_args import check_args
-from utils import UsageError
+from errors import UsageError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,47 +1,19 @@
-"""Distributed set-up, metric logging and checkpoint input / output (DeiT's utils.py, device-agnostic)."""
+"""Distributed set-up and metric logging (DeiT's utils.py, device-agnostic): the process
+group, seeds, the console's MetricLogger, atomic checkpoint saves, and reading log.txt back."""
 import datetime
 import errno
 import glob
 import hashlib
 import os
 import random
-import re
-import sys
 import time
-import zipfile
 from collections import defaultdict, deque
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-
-def first_line(e: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message (its type when it has none), cut to `limit`."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit] or type(e).__name__
-
-
-class UsageError(Exception):
-    """Bad input from the command line: main.py prints it as one line and exits non-zero."""
-
-
-class NonFiniteLossError(Exception):
-    """The training loss became NaN or infinite."""
-
-
-class DiskFullError(Exception):
-    """A checkpoint or log could not be written: the disk is full or over quota."""
-
-
-class RunStopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived: the run stops where it is. A KeyboardInterrupt, so that
-    DataLoader workers (which inherit the handler) stop as quietly as on Ctrl-C; `where` is
-    filled in by whoever knows where the run stood."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum, self.where = signum, None
+from errors import DiskFullError, UsageError, first_line
 
 
 # ---- distributed --------------------------------------------------------------------------
@@ -296,7 +268,7 @@ def save_on_master(obj, path):
             pass
 
 
-# ---- what scripts read and write ---------------------------------------------------------
+# ---- logs read back ----------------------------------------------------------------------
 def read_log(path, keys=()) -> list:
     """The records of a log.txt or pruning_log.jsonl (a JSON object a line). A line that is not
     one (the last line of a killed run is often cut short) or that lacks one of `keys` is
@@ -320,174 +292,3 @@ def read_log(path, keys=()) -> list:
             continue
         records.append(record)
     return records
-
-
-def check_at_least(checks) -> None:
-    """UsageError for the first (flag, value, least) whose value is set and below least."""
-    for flag, value, least in checks:
-        if value is not None and value < least:
-            raise UsageError(f'{flag} must be at least {least}, got {value}')
-
-
-def checked_script_args(get_args, check_args, argv=None):
-    """A script's arguments, checked by `check_args` (one line and exit 1 if it refuses them)."""
-    args = get_args(argv)
-    try:
-        check_args(args)
-    except UsageError as e:
-        sys.exit(f'error: {e}')
-    return args
-
-
-def script_device(text: str) -> torch.device:
-    """The device of a benchmark script; on the CPU float32 denormals are flushed, as main.py
-    does (they multiply about 10x slower there)."""
-    device = torch.device(text)
-    if device.type == 'cpu':
-        torch.set_flush_denormal(True)
-    return device
-
-
-def prepare_out(path, flag='--out'):
-    """The folder of an output file exists (made if needed); UsageError if it cannot be."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f'{flag} {path}: cannot write there: {e.strerror or e}') from None
-    if os.path.isdir(path):
-        raise UsageError(f'{flag} {path} is a folder, not a file name')
-
-
-def is_url(path: str) -> bool:
-    return urlparse(str(path)).scheme in ('http', 'https', 'file', 'ftp')
-
-
-# DeiT's published checkpoints end in the first 8 hex digits of their sha256
-# (deit_small_patch16_224-cd65a155.pth); torch.hub's own pattern also matches names like
-# 'run-2.pth', so ours asks for at least 8 hex digits right before the extension
-HASH_SUFFIX = re.compile(r'-([0-9a-f]{8,64})\.[A-Za-z0-9]+$')
-
-
-def cached_download(url: str) -> str:
-    """The local copy of `url` under TORCH_HOME/hub/checkpoints/<sha256 of the whole URL>/<name>.
-
-    torch.hub keys its cache by file name only, so two URLs ending in the same name would share
-    one file. A name with DeiT's hash suffix is checked against the download's sha256."""
-    name = os.path.basename(urlparse(url).path) or 'checkpoint.pth'
-    key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    folder = os.path.join(torch.hub.get_dir(), 'checkpoints', key)
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        os.makedirs(folder, exist_ok=True)
-        match = HASH_SUFFIX.search(name)
-        print(f'Downloading {url} to {path}', flush=True)
-        # a temporary file, moved into place only when complete (and its hash checked)
-        torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None,
-                                       progress=False)
-    return path
-
-
-def _unreadable_reason(path: str, error: Exception) -> str:
-    """One line on why torch.load(weights_only=True) refused or failed on `path`."""
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    if not head.startswith(b'PK') and not head.startswith(b'\x80'):
-        # neither torch.save's zip archive nor a pickle (protocol 2 and later start with 0x80)
-        return 'it is not a file written by torch.save'
-    text = str(error)
-    lines = text.strip().splitlines()
-    first = lines[0][:160] if lines else type(error).__name__
-    if head.startswith(b'PK') and not zipfile.is_zipfile(path):
-        return f'a damaged or truncated torch.save archive ({first})'
-    unsafe = re.search(r'GLOBAL (\S+) (was not an allowed global|whose module \S+ is blocked)', text)
-    if unsafe:
-        return (f'it would call {unsafe.group(1)} while loading, and only tensors and plain '
-                'containers are loaded (weights_only=True: a pickle can run code)')
-    if 'Weights only load failed' in text:
-        detail = [line.strip() for line in text.split('WeightsUnpickler error:')[-1].splitlines()
-                  if line.strip() and 'Weights only load failed' not in line
-                  and not line.strip().startswith(('Check the documentation', '(1)', '(2)'))]
-        return ('it holds objects other than tensors and plain containers, which are not loaded '
-                f'(weights_only=True: a pickle can run code){": " + detail[0] if detail else ""}')
-    return first
-
-
-def load_checkpoint_file(path_or_url: str, what: str = 'checkpoint') -> dict:
-    """Load a checkpoint with weights_only=True from a file or a URL, or the weights of a
-    `.safetensors` file, or a timm folder written by scripts/export.py (`local-dir:FOLDER`,
-    with its `arch`); UsageError if it is not one."""
-    path_or_url = str(path_or_url)
-    if path_or_url.startswith('local-dir:') or (path_or_url.endswith('.safetensors') and not is_url(path_or_url)):
-        from models import read_safetensors_checkpoint, read_timm_folder
-        try:
-            if path_or_url.startswith('local-dir:'):
-                return read_timm_folder(path_or_url[len('local-dir:'):])
-            if not os.path.isfile(path_or_url):
-                raise ValueError('does not exist')
-            return read_safetensors_checkpoint(path_or_url)
-        except ValueError as e:
-            raise UsageError(f'{what} {path_or_url}: {e}') from None
-    path = path_or_url
-    try:
-        if is_url(path_or_url):
-            path = cached_download(path_or_url)
-        elif os.path.isdir(path_or_url):
-            hint = os.path.join(path_or_url, 'checkpoint.pth')
-            raise UsageError(f'{what} {path_or_url} is a folder, not a checkpoint file'
-                             + (f' (did you mean {hint}?)' if os.path.isfile(hint) else ''))
-        elif not os.path.isfile(path_or_url):
-            raise UsageError(f'{what} {path_or_url} does not exist')
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except UsageError:
-        raise
-    except Exception as e:  # a failed download or hash, a damaged file, a refused pickle, ...
-        digest = re.match(r'invalid hash value \(expected "\w+", got "(\w{8})', str(e))
-        if digest:
-            raise UsageError(f'{what} {path_or_url}: the download\'s sha256 begins {digest.group(1)}, '
-                             'not with the hash its name ends in: a damaged or another file (not kept)')
-        reason = _unreadable_reason(path, e) if os.path.isfile(path) else \
-            (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UsageError(f'{what} {path_or_url} is not a readable PyTorch checkpoint: {reason}')
-    if not isinstance(ckpt, dict):
-        raise UsageError(f'{what} {path_or_url} holds a {type(ckpt).__name__}, not a dict')
-    return ckpt
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Every rank takes indices rank, rank + world, ...: no padding, so that metrics summed
-    over ranks are exactly those of a single process (DistributedSampler repeats samples)."""
-
-    def __init__(self, dataset, num_replicas, rank):
-        self.indices = list(range(rank, len(dataset), num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-@torch.no_grad()
-def count_flops(model: torch.nn.Module, img_size: int, device='cpu') -> int:
-    """FLOPs of one image's forward, counted by torch.utils.flop_counter (matmuls and
-    convolutions, a multiply-add counted as 2; norms, softmax and GELU are not counted).
-
-    Attention runs unfused while counting: the counter has no formula for the CPU kernel of
-    scaled_dot_product_attention and would leave out q·kᵀ and attn·v.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = model.training
-    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
-    model.eval()
-    for m in fused:
-        m.fused_attn = False
-    x = torch.zeros(1, 3, img_size, img_size, device=device)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        for m, f in fused.items():
-            m.fused_attn = f
-        model.train(was_training)
-    return counter.get_total_flops()

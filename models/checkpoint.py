@@ -135,7 +135,7 @@ def load_model(checkpoint: Optional[Dict] = None, name: Optional[str] = None, we
     (any timm name; the classes from the weights' head unless `num_classes` is given); with its
     weights (`checkpoint['model']`, or a bare state dict), loaded strictly, unless `weights` is
     False. `kwargs` go to the constructor (num_classes, img_size, drop_rate, drop_path_rate).
-    `checkpoint` is what `utils.load_checkpoint_file` returns for any format it reads
+    `checkpoint` is what `checkpoint_io.read_checkpoint` returns for any format it reads
     (torch.save, .safetensors, a timm folder). ValueError (one line) naming the problem."""
     from .vision_transformer import build_from_arch
     checkpoint = {} if checkpoint is None else checkpoint

@@ -4,7 +4,7 @@ the element counts its three gates keep, in one of three units (`--prune-budget`
 params   §2's coupled parameter count (`gates.attn_params`, `gates.mlp_params`): the paper's
 flops    FLOPs of one image's forward as torch.utils.flop_counter counts them: a multiply-add
          is 2; qkv, q·kᵀ, attn·v and proj, fc1 and fc2 count; norms, softmax, GELU, gathers
-         and adds do not (`utils.count_flops`)
+         and adds do not (`count_flops`)
 latency  milliseconds of one batch's forward on one device, interpolated in a table measured
          there by `scripts/latency_table.py` (`LatencyTable`)
 
@@ -15,6 +15,7 @@ of a sub-block at once) and 0 where a width is 0: the cut removes such a sub-blo
 """
 import json
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -53,6 +54,74 @@ class ParamsCost(Cost):
         return model.num_parameters() - dense_sub_blocks
 
 
+@dataclass(frozen=True)
+class ViTShape:
+    """The sizes of a dense `models.VisionTransformer` that its cost depends on, and the cost of
+    a model of its family with per-layer kept heads and hidden neurons and a kept residual
+    width (SaViT's candidates; the dense model with every count whole). Built from the same
+    sub-block formulas as DAP's budget; the rest of the model counts every prefix token (the
+    class token, and the distillation token of DeiT's distilled family) and every classifier."""
+    depth: int
+    num_heads: int
+    head_dim: int
+    mlp_hidden: int
+    embed_dim: int
+    num_patches: int
+    num_classes: int
+    patch_in: int        # c·p², the inputs of one patch-embedding channel
+    patch_bias: bool
+    qkv_bias: bool
+    num_prefix_tokens: int = 1
+    num_classifiers: int = 1
+
+    @classmethod
+    def from_model(cls, model) -> 'ViTShape':
+        proj = model.patch_embed.proj
+        return cls(depth=model.depth, num_heads=model.num_heads,
+                   head_dim=model.embed_dim // model.num_heads,
+                   mlp_hidden=int(model.embed_dim * model.mlp_ratio), embed_dim=model.embed_dim,
+                   num_patches=model.patch_embed.num_patches, num_classes=model.num_classes,
+                   patch_in=proj.weight[0].numel(), patch_bias=proj.bias is not None,
+                   qkv_bias=model.qkv_bias, num_prefix_tokens=model.num_prefix_tokens,
+                   num_classifiers=len(model.classifiers()))
+
+    @property
+    def tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    def rest_params(self, embed):
+        """Parameters outside the blocks at residual width `embed`: patch embedding, prefix
+        tokens, position embedding, final LayerNorm, classifiers."""
+        C = self.num_classes
+        head = self.num_classifiers * (embed * C + C) if C > 0 else 0 * embed
+        return embed * (self.patch_in + self.patch_bias) + (self.num_prefix_tokens + self.tokens + 2) * embed + head
+
+    def rest_flops(self, embed):
+        """FLOPs outside the blocks: the patch convolution and each classifier on its token."""
+        return 2 * self.num_patches * embed * self.patch_in + 2 * self.num_classifiers * embed * self.num_classes
+
+    def parts(self, unit: str, heads, hidden, embed):
+        """(attention (..., L), MLP (..., L), the rest (...)) in `unit` ('params' or 'flops') for
+        kept heads and hidden neurons per layer (..., L) and a kept width `embed` (...). A
+        layer with no head (no hidden neuron) loses its sub-block, as `cut_model` drops it."""
+        h, m, e = heads.double(), hidden.double(), embed.double()
+        E = e.unsqueeze(-1).expand_as(h)
+        d = torch.full_like(h, self.head_dim)
+        if unit == 'params':
+            return (attn_params(E, h, d, E, self.qkv_bias), mlp_params(E, m, E), self.rest_params(e))
+        flops = FlopsCost(self.tokens)
+        return flops.attn(E, h, d, E), flops.mlp(E, m, E), self.rest_flops(e)
+
+    def cost(self, unit: str, heads, hidden, embed) -> torch.Tensor:
+        attn, mlp, rest = self.parts(unit, heads, hidden, embed)
+        return attn.sum(-1) + mlp.sum(-1) + rest
+
+    def dense_counts(self):
+        L = self.depth
+        return (torch.full((L,), self.num_heads), torch.full((L,), self.mlp_hidden),
+                torch.tensor(self.embed_dim))
+
+
 class FlopsCost(Cost):
     """FLOPs of one image through a sub-block that sees `tokens` tokens (patches + class)."""
     unit = 'flops'
@@ -73,10 +142,7 @@ class FlopsCost(Cost):
     def non_block(self, model, dense_sub_blocks=None):
         """The patch embedding's convolution and the head on the class token (and the
         distillation head on its token)."""
-        pe = model.patch_embed
-        per_patch = model.in_chans * math.prod(pe.patch_size) * model.embed_dim
-        head = model.embed_dim * model.num_classes * len(model.classifiers()) if model.num_classes > 0 else 0
-        return float(2 * pe.num_patches * per_patch + 2 * head)
+        return float(ViTShape.from_model(model).rest_flops(model.embed_dim))
 
 
 def _interpolate(axes: Sequence[torch.Tensor], values: torch.Tensor, points: Sequence[torch.Tensor]):
@@ -224,3 +290,29 @@ def build_cost(unit: str, model, latency_table: Optional[str] = None) -> Cost:
         table.check_model(model)
         return table
     raise ValueError(f'unknown budget unit {unit!r}; units are {", ".join(BUDGET_UNITS)}')
+
+
+@torch.no_grad()
+def count_flops(model: torch.nn.Module, img_size: int, device='cpu') -> int:
+    """FLOPs of one image's forward, counted by torch.utils.flop_counter (matmuls and
+    convolutions, a multiply-add counted as 2; norms, softmax and GELU are not counted): the
+    measurement that `FlopsCost` and `ViTShape` must equal.
+
+    Attention runs unfused while counting: the counter has no formula for the CPU kernel of
+    scaled_dot_product_attention and would leave out q·kᵀ and attn·v.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
+    model.eval()
+    for m in fused:
+        m.fused_attn = False
+    x = torch.zeros(1, 3, img_size, img_size, device=device)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m, f in fused.items():
+            m.fused_attn = f
+        model.train(was_training)
+    return counter.get_total_flops()

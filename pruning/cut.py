@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
-from models import HEAD_GATE, Gate, is_gate, VisionTransformer, binarize, build_from_arch
+from models import HEAD_GATE, Gate, is_gate, VisionTransformer, binarize, load_model
 
 
 def _index(mask: Optional[torch.Tensor]) -> Optional[list]:
@@ -126,9 +126,8 @@ def cut_model(model: VisionTransformer, depth: Optional[int] = None,
                 embed_dim=D if embed_idx is None else len(embed_idx))
     # the source's dropout rates (drop-path is copied below, per block)
     blk = model.blocks[0]
-    cut = build_from_arch(arch, drop_rate=model.pos_drop.p, attn_drop_rate=blk.attn.attn_drop.p,
-                          proj_drop_rate=blk.attn.proj_drop.p)
-    cut.load_state_dict(state)
+    cut = load_model({'arch': arch, 'model': state}, drop_rate=model.pos_drop.p,
+                     attn_drop_rate=blk.attn.attn_drop.p, proj_drop_rate=blk.attn.proj_drop.p)
     # carry the drop-path modules of the source, so training can continue as configured
     for src, dst in zip(model.blocks, cut.blocks):
         for s_write, d_write in ((src.attn_write, dst.attn_write), (src.mlp_write, dst.mlp_write)):

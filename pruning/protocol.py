@@ -17,7 +17,8 @@ A pruner's records (returned by `step`, and passed to `on_update`) are plain dic
 pruning_log.jsonl that also carry the scalars they want in TensorBoard (`Record.scalars`).
 """
 import abc
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+import dataclasses
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,20 @@ class ConfigError(ValueError):
     def __init__(self, field: str, reason: str):
         super().__init__(f'{field} {reason}')
         self.field, self.reason = field, reason
+
+
+def setting(default=dataclasses.MISSING, *, flag: str, help: Optional[str] = None, kind: str = 'text',
+            choices: Optional[Sequence] = None, default_factory=dataclasses.MISSING,
+            flag_default=dataclasses.MISSING):
+    """A configuration field that a command line sets, declared once: the dataclass field with its
+    default, and in its metadata the flag's name, help and `kind` of value ('int', 'real',
+    'switch', 'numbers', ...; train/methods/registry.py turns a kind into an argparse argument,
+    the library knows no argparse). The flag defaults to the field's default, or to
+    `flag_default`, a value only the command line resolves (such as 'auto')."""
+    metadata = {'flag': flag, 'help': help, 'kind': kind, 'choices': choices}
+    if flag_default is not dataclasses.MISSING:
+        metadata['flag_default'] = flag_default
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 class Record(dict):

@@ -18,18 +18,18 @@ how many parameters each sub-block keeps (`keep_ratio`: κ from ΔΨ, §4; unifo
 handcrafted) and which elements (`place`: a threshold per sub-block, §5; or one global
 threshold, the `global` ablation).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from models import GATE_NAMES, binarize
-from .block_performance import BlockPerformance, BlockPerformanceHeads, HeadShape
+from .delta_psi import DeltaPsi, DeltaPsiHeads, HeadShape
 from .cost import BUDGET_UNITS, build_cost
 from .cut import cut_model
 from .gates import check_masks_consistent, gates_of, kept_costs, kept_params, non_block_params, sub_blocks
 from .keep_ratio import KeepRatioFromDeltaPsi, block_budget, ramp, uniform_keep_ratio
-from .protocol import ConfigError, Pruner, PrunerModule, Record, summary_row
+from .protocol import ConfigError, Pruner, PrunerModule, Record, setting, summary_row
 from .schedule import PruneSchedule
 from .taylor import DEFAULT_GATE_SCALE, TaylorScore, element_importance, global_masks, sub_block_masks
 
@@ -42,36 +42,57 @@ BUDGET_POLICIES = ('block_pr', 'uniform', 'global')
 # authors' code); cumulative: summed from the prune start on (v1 of the spec; an ablation)
 TAYLOR_WINDOWS = ('update', 'cumulative')
 # faithful: the authors' ΔΨ heads (METHOD.md §3); fast: cheaper patch heads (HeadShape)
-BPI_MODES = ('faithful', 'fast')
+DELTA_PSI_MODES = ('faithful', 'fast')
 
 
 @dataclass
 class PruneConfig:
     prune_ratio: float
     method: str = 'block_pr'
-    keep_ratio_handcraft: Optional[Sequence[float]] = None  # 2L values of κ: skips ΔΨ (ablation)
-    gate_scale: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GATE_SCALE))
-    gamma: float = 0.2
-    alpha: float = 0.5
-    block_imp_scale: float = 10.
+    # each setting below is a flag of --prune-method block_pr / uniform / global (train/methods/dap.py)
+    taylor_window: str = setting('update', flag='--prune-taylor-window', choices=TAYLOR_WINDOWS,
+                                 help='Taylor scores since the last mask update (METHOD.md §5 v2), or since '
+                                      'the prune start (ablation)')
+    keep_ratio_handcraft: Optional[Sequence[float]] = setting(  # 2L values of κ: skips ΔΨ (ablation)
+        None, flag='--prune-kr-handcraft', kind='numbers',
+        help='block_pr: 2 x depth keep ratios, one per sub-block, spaces or commas between (ablation: skips ΔΨ)')
+    gate_scale: Dict[str, float] = setting(default_factory=lambda: dict(DEFAULT_GATE_SCALE),
+                                           flag='--prune-scale-gate-imp', kind='gate_scale',
+                                           help='per-gate factors on the Taylor percentiles (others 1.0)')
+    gamma: float = setting(0.2, flag='--pr-gamma', kind='real', help='momentum of the block importance')
+    alpha: float = setting(0.5, flag='--pr-alpha', kind='real', help='weight of class vs patch ΔΨ')
+    block_imp_scale: float = setting(10., flag='--pr-block-imp-scale', kind='real', help='soft-clip range s of §4')
     block_params_only: bool = False
-    taylor_window: str = 'update'
-    head_lr: float = 5e-4          # learning rate of the ΔΨ heads (§3), used as given
-    bpi_mode: str = 'faithful'     # how ΔΨ is estimated: the authors' heads, or fast ones
-    bpi_width_div: int = 2         # fast: patch heads of width D // bpi_width_div ...
-    bpi_grid: int = 7              # ... on the patch map pooled to at most bpi_grid²
-    bpi_fraction: float = 1.0      # ... for the first bpi_fraction of each batch
-    # kept widths of every gate a multiple of this (or whole): 8 keeps GPU tensor cores busy
-    # (docs/BENCHMARKS.md, "On a GPU"); 1 is the paper's method
-    round_to: int = 8
-    # the authors' optimizer also trains the gates (AdamW, no weight decay, the backbone's
-    # learning rate) between mask updates, through a flag read on the wrong object
-    # (docs/METHOD.md §10); METHOD.md §2 sets them by the pruner only, the default here
-    train_gates: bool = False
-    # what the prune ratio removes a share of (pruning/cost.py): parameters (the paper's), FLOPs,
-    # or the latency measured on one device, from the table in `latency_table`
-    budget: str = 'params'
-    latency_table: Optional[str] = None
+    # the measurement behind 8: docs/BENCHMARKS.md, "On a GPU"
+    round_to: int = setting(8, flag='--prune-round-to', kind='int',
+                            help='kept widths (read / written dims, head_dim, hidden) multiples of this '
+                                 '(or whole): 8 keeps GPU tensor cores busy; 1 is the paper\'s method')
+    # pruning/cost.py; the latency budget reads its table of sub-block times from `latency_table`
+    budget: str = setting('params', flag='--prune-budget', choices=BUDGET_UNITS,
+                          help='what --prune-ratio removes a share of: parameters (the paper\'s), FLOPs '
+                               '(torch.utils.flop_counter\'s count), or latency measured on one device '
+                               '(--latency-table)')
+    latency_table: Optional[str] = setting(None, flag='--latency-table', kind='file',
+                                           help='--prune-budget latency: the table of sub-block times that '
+                                                'scripts/latency_table.py measured on the target device')
+    # the authors' optimizer trains the gates through a flag read on the wrong object (docs/METHOD.md
+    # §10); METHOD.md §2 sets them by the pruner only, the default here
+    train_gates: bool = setting(False, flag='--prune-train-gates', kind='switch',
+                                help='the optimizer also moves the gates between mask updates (AdamW, no weight '
+                                     'decay, the backbone\'s rate), as the authors\' runs did')
+    head_lr: float = setting(5e-4, flag='--lr-soft-head', kind='real',  # §3
+                             help='learning rate of the ΔΨ heads, used as given (not scaled like --lr)')
+    # how ΔΨ is estimated: the authors' heads, or fast ones (HeadShape): patch heads of width
+    # D // delta_psi_width_div on the patch map pooled to at most delta_psi_grid², for the first
+    # delta_psi_fraction of each batch
+    delta_psi_mode: str = setting('faithful', flag='--bpi-mode', choices=DELTA_PSI_MODES,
+                                  help='ΔΨ heads: the authors\' (faithful) or cheaper patch heads (fast)')
+    delta_psi_width_div: int = setting(2, flag='--bpi-fast-width', kind='int',
+                                       help='fast: patch heads of width D / this')
+    delta_psi_grid: int = setting(7, flag='--bpi-fast-grid', kind='int',
+                                  help='fast: patch maps average-pooled to at most this many tokens a side')
+    delta_psi_fraction: float = setting(1.0, flag='--bpi-fast-fraction', kind='real',
+                                        help='fast: share of each batch the patch heads see')
 
     def __post_init__(self):
         if not 0 < self.prune_ratio < 1:
@@ -80,9 +101,9 @@ class PruneConfig:
             raise ConfigError('method', f'{self.method!r} is not one of {", ".join(BUDGET_POLICIES)}')
         if self.taylor_window not in TAYLOR_WINDOWS:
             raise ConfigError('taylor_window', f'{self.taylor_window!r} is not one of {", ".join(TAYLOR_WINDOWS)}')
-        if self.bpi_mode not in BPI_MODES:
-            raise ConfigError('bpi_mode', f'{self.bpi_mode!r} is not one of {", ".join(BPI_MODES)}')
-        for name in ('bpi_width_div', 'bpi_grid'):
+        if self.delta_psi_mode not in DELTA_PSI_MODES:
+            raise ConfigError('delta_psi_mode', f'{self.delta_psi_mode!r} is not one of {", ".join(DELTA_PSI_MODES)}')
+        for name in ('delta_psi_width_div', 'delta_psi_grid'):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f'must be at least 1, got {getattr(self, name)}')
         for name in ('gamma', 'alpha'):
@@ -94,8 +115,8 @@ class PruneConfig:
             raise ConfigError('head_lr', f'must not be negative, got {self.head_lr}')
         if self.round_to < 1:
             raise ConfigError('round_to', f'must be at least 1, got {self.round_to}')
-        if not 0 < self.bpi_fraction <= 1:
-            raise ConfigError('bpi_fraction', f'must be in (0, 1], got {self.bpi_fraction}')
+        if not 0 < self.delta_psi_fraction <= 1:
+            raise ConfigError('delta_psi_fraction', f'must be in (0, 1], got {self.delta_psi_fraction}')
         unknown = [n for n in self.gate_scale if n not in GATE_NAMES]
         if unknown:
             raise ConfigError('gate_scale', f'names unknown gates {unknown}; gates are {", ".join(GATE_NAMES)}')
@@ -139,11 +160,12 @@ class DepthAwarePruner(Pruner):
         self._gate_params = {f'{sb.index}.{n}': g for sb in self.sbs
                              for n, g in zip(sb.gate_names, gates_of(model, sb))}
         # handcrafted κ needs no ΔΨ: no heads are built or trained (as in the authors' code)
-        shape = HeadShape(config.bpi_mode, config.bpi_width_div, config.bpi_grid, config.bpi_fraction)
-        self.heads = None if handcraft is not None else BlockPerformanceHeads(
+        shape = HeadShape(config.delta_psi_mode, config.delta_psi_width_div, config.delta_psi_grid,
+                          config.delta_psi_fraction)
+        self.heads = None if handcraft is not None else DeltaPsiHeads(
             n_sb, model.embed_dim, num_classes, tuple(model.patch_embed.grid_size), shape).to(device)
         self.module = PrunerModule(model, self.heads)
-        self.performance = BlockPerformance(n_sb, device)
+        self.performance = DeltaPsi(n_sb, device)
         self.taylor = TaylorScore(self._gates())
         try:  # the unit of κ, the budget and every target below (METHOD.md §4 step 4)
             self.cost = build_cost(config.budget, model, config.latency_table)

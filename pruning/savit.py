@@ -25,11 +25,8 @@ Departures from the official code (BASELINES.md):
   without C (`use_interaction=False`) it is the first-order search;
 - min_keep keeps each layer's best units (at least one), which the cut needs to stay exact.
 
-FLOPs are counted as `utils.count_flops` does (torch.utils.flop_counter): matmuls and the
-patch convolution, a multiply-add counted as 2, for one image of N = patches + 1 tokens:
-patch embed 2·(N−1)·E·c·p², per layer qkv 2·N·E·3·h·d, q·kᵀ and attn·v 2·2·h·N²·d, proj
-2·N·h·d·E, fc1 + fc2 2·2·N·E·m, head 2·E·C (the class token only); norms, softmax, GELU and
-biases are not counted. E embedding channels, h heads of size d, m hidden neurons, C classes.
+Parameters and FLOPs of a candidate come from the one cost model, `pruning.cost.ViTShape`
+(the same formulas as DAP's budget and `count_flops`, distillation token and head included).
 """
 import math
 from dataclasses import dataclass
@@ -38,9 +35,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from models import HEAD_GATE
+from .cost import ViTShape
 from .cut import cut_model
-from .gates import attn_params, check_masks_consistent, mlp_params
-from .protocol import ConfigError, Pruner, PrunerModule, Record, summary_row
+from .gates import check_masks_consistent
+from .protocol import ConfigError, Pruner, PrunerModule, Record, setting, summary_row
 from .taylor import TaylorScore
 
 SAVIT_GATES = (HEAD_GATE, 'mlp_hid')
@@ -51,13 +49,18 @@ COMPONENTS = ('head', 'mlp', 'embed')  # the order of x and of the rows / column
 @dataclass
 class SaViTConfig:
     prune_ratio: float
-    budget: str = 'params'      # the paper's table is in parameters; the official code uses FLOPs
-    population: int = 100       # the official search's sizes
-    children: int = 50
-    generations: int = 100
-    min_keep: float = 0.05      # at least this share of each layer's units of each type (≥ 1)
-    use_interaction: bool = False
-    score_fraction: float = 0.1     # of a training epoch, over which Taylor scores are averaged
+    score_fraction: float = setting(0.1, flag='--savit-fraction', kind='real', help='SaViT: fraction of a '
+                                    'training epoch over which Taylor scores are averaged')
+    # the paper's table is in parameters; the official code uses FLOPs
+    budget: str = setting('params', flag='--savit-budget', choices=BUDGETS, help='SaViT: what --prune-ratio removes')
+    use_interaction: bool = setting(False, flag='--need-hessian', kind='switch',
+                                    help='SaViT: estimate the interaction matrix of the component types')
+    population: int = setting(100, flag='--savit-population', kind='int')  # the official search's sizes
+    children: int = setting(50, flag='--savit-children', kind='int')
+    generations: int = setting(100, flag='--savit-generations', kind='int')
+    # at least this share of each layer's units of each type (≥ 1)
+    min_keep: float = setting(0.05, flag='--savit-min-keep', kind='real',
+                              help='SaViT: fraction of each layer\'s units always kept')
     seed: int = 0
 
     def __post_init__(self):
@@ -72,66 +75,6 @@ class SaViTConfig:
             raise ConfigError('min_keep', f'must be in [0, 1), got {self.min_keep}')
         if not 0 < self.score_fraction <= 1:
             raise ConfigError('score_fraction', f'must be in (0, 1], got {self.score_fraction}')
-
-
-# ---- exact kept parameters and FLOPs --------------------------------------------------------
-@dataclass(frozen=True)
-class ViTShape:
-    """The sizes of a dense `models.VisionTransformer` that its cost depends on."""
-    depth: int
-    num_heads: int
-    head_dim: int
-    mlp_hidden: int
-    embed_dim: int
-    num_patches: int
-    num_classes: int
-    patch_in: int        # c·p², the inputs of one patch-embedding channel
-    patch_bias: bool
-    qkv_bias: bool
-
-    @classmethod
-    def from_model(cls, model) -> 'ViTShape':
-        proj = model.patch_embed.proj
-        return cls(depth=model.depth, num_heads=model.num_heads,
-                   head_dim=model.embed_dim // model.num_heads,
-                   mlp_hidden=int(model.embed_dim * model.mlp_ratio), embed_dim=model.embed_dim,
-                   num_patches=model.patch_embed.num_patches, num_classes=model.num_classes,
-                   patch_in=proj.weight[0].numel(), patch_bias=proj.bias is not None,
-                   qkv_bias=model.qkv_bias)
-
-    def params(self, heads, hidden, embed):
-        """Parameters of the cut model per part: (attention (..., L), MLP (..., L), the rest (...)).
-
-        `heads`, `hidden`: kept counts per layer (..., L); `embed`: kept channels (...). A layer
-        with no head (no hidden neuron) loses the whole sub-block, as `cut_model` drops it.
-        """
-        h, m = heads.double(), hidden.double()
-        e = embed.double()
-        E = e.unsqueeze(-1).expand_as(h)
-        attn = attn_params(E, h, torch.full_like(h, self.head_dim), E, self.qkv_bias)
-        mlp = mlp_params(E, m, E)
-        C, N = self.num_classes, self.num_patches + 1
-        rest = e * (self.patch_in + self.patch_bias) + e + N * e + 2 * e + e * C + C  # patch, cls, pos, norm, head
-        return attn, mlp, rest
-
-    def flops(self, heads, hidden, embed):
-        """FLOPs of one image per part, as `params` (see the module docstring for what counts)."""
-        h, m = heads.double(), hidden.double()
-        e = embed.double()
-        E, d, N = e.unsqueeze(-1), self.head_dim, self.num_patches + 1
-        attn = 2 * (N * E * 3 * h * d + 2 * h * N * N * d + N * h * d * E)
-        mlp = 2 * (2 * N * E * m)
-        rest = 2 * (self.num_patches * e * self.patch_in + e * self.num_classes)
-        return torch.where(h > 0, attn, 0.), torch.where(m > 0, mlp, 0.), rest
-
-    def cost(self, kind: str, heads, hidden, embed) -> torch.Tensor:
-        attn, mlp, rest = (self.params if kind == 'params' else self.flops)(heads, hidden, embed)
-        return attn.sum(-1) + mlp.sum(-1) + rest
-
-    def dense_counts(self):
-        L = self.depth
-        return (torch.full((L,), self.num_heads), torch.full((L,), self.mlp_hidden),
-                torch.tensor(self.embed_dim))
 
 
 # ---- global thresholds ----------------------------------------------------------------------
@@ -481,8 +424,8 @@ class SaViTPruner(Pruner):
 
     def _rows(self, result: dict) -> List[dict]:
         s = self.shape
-        attn_d, mlp_d, rest_d = s.params(*s.dense_counts())
-        attn_k, mlp_k, rest_k = s.params(torch.tensor(result['kept_heads']),
+        attn_d, mlp_d, rest_d = s.parts('params', *s.dense_counts())
+        attn_k, mlp_k, rest_k = s.parts('params', torch.tensor(result['kept_heads']),
                                          torch.tensor(result['kept_hidden']),
                                          torch.tensor(result['kept_embed']))
         rows = []

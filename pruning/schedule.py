@@ -1,18 +1,23 @@
 """When things happen (METHOD.md §6). Steps are optimizer steps, counted from 0 over the run."""
 from dataclasses import dataclass
 
-from .protocol import ConfigError
+from .protocol import ConfigError, setting
 
 
 @dataclass(frozen=True)
 class PruneSchedule:
     steps_per_epoch: int
-    start_epoch: int = 5        # warm-up: heads train, no masking; ΔΨ accumulates from here
-    sparse_epoch: int = 25      # κ ramp done; sharpening of the soft masks starts
+    # warm-up: heads train, no masking; ΔΨ accumulates from here
+    start_epoch: int = setting(5, flag='--prune-start-epoch', kind='int',
+                               help='warm-up epochs before masking starts')
+    sparse_epoch: int = setting(25, flag='--prune-sparse-epoch', kind='int',
+                                help='epoch at which the keep-ratio ramp ends and masks start to sharpen')
     finalize_epoch: int = 50    # last update, binarise, cut
-    steps_update_mask: int = 100
-    tau_max: float = 0.1
-    tau_min: float = 0.0
+    # the command line's auto: about 3 per epoch (the authors' advice), train/methods/dap.py
+    steps_update_mask: int = setting(100, flag='--prune-steps-update-mask', kind='steps_or_auto', flag_default='auto',
+                                     help='optimizer steps between mask updates, or "auto" for about 3 per epoch')
+    tau_max: float = setting(0.1, flag='--pr-tau-max', kind='real', help='soft-mask temperature before sharpening')
+    tau_min: float = setting(0.0, flag='--pr-tau-min', kind='real', help='soft-mask temperature at finalize')
 
     def __post_init__(self):
         for name in ('steps_per_epoch', 'steps_update_mask', 'finalize_epoch'):

@@ -24,7 +24,7 @@ from timm.layers import trunc_normal_
 from .cut import cut_model
 from .gates import attn_params, check_masks_consistent, mlp_params
 from .keep_ratio import block_budget
-from .protocol import ConfigError, Pruner, PrunerModule, Record, summary_row
+from .protocol import ConfigError, Pruner, PrunerModule, Record, setting, summary_row
 from .schedule import PruneSchedule
 
 # The masked layers of one block, in the column order of the thresholds tensor (L, 4).
@@ -34,16 +34,24 @@ MASKED = ('attn_head', 'attn_out', 'mlp_hid', 'mlp_out')
 @dataclass
 class WDPruneConfig:
     prune_ratio: float
-    lr: float = 2.5e-3              # pruner learning rate for S and t (official, cosine decayed)
+    classifiers: Tuple[int, ...] = setting((), flag='--classifiers', kind='ints',
+                                           help='WD-Prune: attach a shallow classifier after each of these blocks')
+    keep_depth: Optional[int] = setting(None, flag='--keep-depth', kind='int',
+                                        help='WD-Prune: keep the first K blocks at the cut and promote classifier K')
+    # official, cosine decayed
+    lr: float = setting(2.5e-3, flag='--wdprune-lr', kind='real',
+                        help='WD-Prune: learning rate of the saliency scores and thresholds')
     # λ ascent: λ1 += lambda_lr·(s − T). With s − T ≈ 0.3–0.5 at the start, λ1 reaches O(1) in a
     # few hundred steps (well inside one ImageNet epoch), when the budget's pull on t
     # (λ·∂s/∂r ≈ λ/(3L) per layer) outweighs typical task gradients Σ ∂L/∂M·M. A larger value
     # only stiffens the wall: Adam bounds t's move per step by `lr` whatever λ is.
-    lambda_lr: float = 1e-2
-    threshold_init: float = 10.0    # σ(10) ≈ 1: start from the dense model
-    mask_round: int = 16            # MLP and output masks keep a multiple of this (heads: 1)
-    classifiers: Tuple[int, ...] = ()
-    keep_depth: Optional[int] = None
+    lambda_lr: float = setting(1e-2, flag='--wdprune-lambda-lr', kind='real',
+                               help='WD-Prune: gradient-ascent step of the Lagrange multipliers')
+    # σ(10) ≈ 1: start from the dense model
+    threshold_init: float = setting(10.0, flag='--wdprune-threshold-init', kind='real',
+                                    help='WD-Prune: initial threshold t, keep ratio sigmoid(t)')
+    mask_round: int = setting(16, flag='--wdprune-round', kind='int',  # heads: 1
+                              help='WD-Prune: MLP and output masks keep a multiple of this many units')
     block_params_only: bool = False
     record_every: int = 100         # steps between two records (on_update)
 

@@ -19,48 +19,21 @@ FLOPs). The dense model is the uncut model of the same family, input size and cl
 import argparse
 import copy
 import json
-import os
 import sys
 
+import timm
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
-import timm  # noqa: E402
-from pruning import BUDGET_UNITS, ConfigError, DepthAwarePruner, LatencyTable, PruneConfig, PruneSchedule  # noqa: E402
-from train.check_args import check_device  # noqa: E402
-from utils import (UsageError, check_at_least, checked_script_args, count_flops, load_checkpoint_file,  # noqa: E402
-                   prepare_out, script_device, synchronize)
-
-
-def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr', round_to=None,
-               budget='params', latency_table=None):
-    """A cut architecture with the method's budget from random scores: for DAP random ΔΨ
-    decide κ and random Taylor scores the elements; for SaViT random Taylor scores drive the
-    search (heads, MLP neurons and embedding channels). `round_to` as --prune-round-to (None:
-    its default); DAP's `budget` in params, flops or latency (`latency_table`, a file)."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=num_classes, img_size=img_size)
-    g = torch.Generator().manual_seed(seed)
-    if method == 'savit':
-        from pruning.savit import SaViTConfig, SaViTPruner
-        pruner = SaViTPruner(model, num_classes, SaViTConfig(prune_ratio=prune_ratio, seed=seed))
-    else:
-        schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0,
-                                 finalize_epoch=1, steps_update_mask=1)
-        config = PruneConfig(prune_ratio=prune_ratio, method=method, budget=budget,
-                             latency_table=latency_table,
-                             **({} if round_to is None else {'round_to': round_to}))
-        pruner = DepthAwarePruner(model, num_classes, config, schedule)
-        n = len(pruner.sbs)
-        pruner.performance.sum_c.copy_(torch.rand(n, generator=g, dtype=torch.float64))
-        pruner.performance.sum_p.copy_(torch.rand(n, generator=g, dtype=torch.float64))
-        pruner.performance.count.fill_(1)
-    for s in pruner.taylor.sum.values():
-        s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64))
-    pruner.taylor.count = 1
-    cut, _ = pruner.finalize()
-    return model, cut
+# common first: it puts the repository root on sys.path
+from common import check_at_least, checked_script_args, export_onnx, prepare_out, script_device
+import models
+from errors import UsageError
+from pruning import BUDGET_UNITS, ConfigError, LatencyTable
+from pruning.random_scores import random_cut
+from train.check_args import check_device
+from train.checkpoints import load_checkpoint_file
+from pruning.cost import count_flops
+from utils import synchronize
 
 
 def from_checkpoint(path):
@@ -180,12 +153,11 @@ def time_onnx(variants, x, args):
     import tempfile
     import numpy as np
     import onnxruntime as ort
-    from export import export
     sessions, feed = {}, {'images': x.cpu().numpy().astype(np.float32)}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ('dense', 'cut'):
             path = f'{tmp}/{name}.onnx'
-            export(copy.deepcopy(variants[name]).cpu().float().set_inplace_writes(False), path)
+            export_onnx(copy.deepcopy(variants[name]).cpu().float().set_inplace_writes(False), path)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()
             sessions[name] = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])

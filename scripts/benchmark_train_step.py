@@ -24,18 +24,18 @@ import sys
 import tempfile
 import time
 
+import timm
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fresh_process  # noqa: E402
-import models  # noqa: E402,F401  (registers the models with timm)
-import timm  # noqa: E402
-from pruning import DepthAwarePruner, PruneConfig, PruneSchedule  # noqa: E402
-from engine import autocast  # noqa: E402
-from losses import DistillationLoss, base_of, training_loss  # noqa: E402
-from train.check_args import check_device  # noqa: E402
-from utils import UsageError, synchronize  # noqa: E402
+import common  # noqa: F401  (first: it puts the repository root on sys.path)
+import fresh_process
+import models  # noqa: F401  (registers the models with timm)
+from engine import autocast
+from errors import UsageError
+from losses import DistillationLoss, base_of, training_loss
+from pruning import DepthAwarePruner, PruneConfig, PruneSchedule
+from train.check_args import check_device
+from utils import synchronize
 
 
 def amp_dtype(args, device):
@@ -52,8 +52,9 @@ def build(args, prune, device):
         # scores accumulate from step 0; no update during the timed steps
         schedule = PruneSchedule(steps_per_epoch=args.steps_per_epoch, start_epoch=0, sparse_epoch=1,
                                  finalize_epoch=2, steps_update_mask=10 ** 9)
-        config = PruneConfig(prune_ratio=0.5, bpi_mode=args.bpi_mode, bpi_width_div=args.bpi_fast_width,
-                             bpi_grid=args.bpi_fast_grid, bpi_fraction=args.bpi_fast_fraction)
+        config = PruneConfig(prune_ratio=0.5, delta_psi_mode=args.bpi_mode,
+                             delta_psi_width_div=args.bpi_fast_width, delta_psi_grid=args.bpi_fast_grid,
+                             delta_psi_fraction=args.bpi_fast_fraction)
         pruner = DepthAwarePruner(model, args.num_classes, config, schedule)
     gates = {id(p) for p in model.gate_parameters()}
     params = [p for p in model.parameters() if id(p) not in gates]

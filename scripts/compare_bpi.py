@@ -28,7 +28,6 @@ It takes main.py's data, model, schedule and pruning flags (--prune-method block
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -36,10 +35,10 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
+import common  # noqa: F401  (first: it puts the repository root on sys.path)
+import utils
 from main import get_args_parser  # noqa: E402  (main.py's flags)
-from pruning.block_performance import BlockPerformance, BlockPerformanceHeads, HeadShape  # noqa: E402
+from pruning.delta_psi import DeltaPsi, DeltaPsiHeads, HeadShape  # noqa: E402
 from pruning.gates import kept_params  # noqa: E402
 from pruning.keep_ratio import KeepRatioFromDeltaPsi  # noqa: E402
 from train import methods, recipe  # noqa: E402
@@ -64,11 +63,11 @@ class FastEstimator:
         else:
             w, g, f = spec.split(':')
             self.shape = HeadShape('fast', int(w), int(g), float(f))
-        heads = BlockPerformanceHeads(len(pruner.sbs), model.embed_dim, num_classes,
-                                      tuple(model.patch_embed.grid_size), self.shape).to(device)
+        heads = DeltaPsiHeads(len(pruner.sbs), model.embed_dim, num_classes,
+                              tuple(model.patch_embed.grid_size), self.shape).to(device)
         heads.cls = pruner.heads.cls  # shared: the same class heads in both modes
         self.heads = heads
-        self.window = BlockPerformance(len(pruner.sbs), device)
+        self.window = DeltaPsi(len(pruner.sbs), device)
         self.keep_ratio = KeepRatioFromDeltaPsi(pruner.dense, pruner.budget, pruner.cfg.block_imp_scale,
                                                 pruner.cfg.gamma, pruner.cfg.alpha)
 

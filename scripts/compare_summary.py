@@ -11,13 +11,12 @@ the `finalize` record of every pruning run's pruning_log.jsonl.
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import read_log  # noqa: E402
+import common  # noqa: F401  (first: it puts the repository root on sys.path)
+from utils import read_log
 
 NAMES = {'block_pr': 'DAP', 'block_pr_cumulative': 'DAP, cumulative Taylor',
          'block_pr_train_gates': 'DAP, gates trained (authors)',

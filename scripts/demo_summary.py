@@ -1,11 +1,9 @@
 """The demo's closing table: dense vs DAP, from what scripts/demo.sh wrote."""
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_table import best_top1  # noqa: E402  (best top-1, last n_parameters)
+from common import best_top1  # (best top-1, last n_parameters)
 
 
 def main(out):

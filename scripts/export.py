@@ -19,12 +19,14 @@ import os
 import sys
 
 import numpy as np
+import timm
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
-import timm  # noqa: E402
-from utils import UsageError, load_checkpoint_file, prepare_out  # noqa: E402
+# common first: it puts the repository root on sys.path
+from common import export_onnx, prepare_out
+import models
+from errors import UsageError
+from train.checkpoints import load_checkpoint_file
 
 
 def load_model(path, model_name=None):
@@ -37,17 +39,6 @@ def load_model(path, model_name=None):
     except ValueError as e:
         hint = ' (--model)' if ckpt.get('arch') is None and model_name is None else ''
         raise UsageError(f'checkpoint {path}: {e}{hint}') from None
-
-
-def export(model, path, batch_size=2):
-    """Write `model` to ONNX (opset 18, dynamic batch, torch.export-based exporter; the
-    TorchScript one bakes the batch size into the residual-write ops); returns the example input."""
-    model.eval()
-    x = torch.randn(batch_size, model.in_chans, model.img_size, model.img_size)
-    torch.onnx.export(model, (x,), path, input_names=['images'], output_names=['logits'],
-                      dynamic_shapes={'x': {0: torch.export.Dim('batch')}},
-                      opset_version=18, dynamo=True, verbose=False)
-    return x
 
 
 def export_timm(model, ckpt, folder, label_names=None):
@@ -119,7 +110,7 @@ def main(argv=None):
         model.set_inplace_writes(False)  # the exporter traces a functional graph either way
         forms = [f'{f["read"]}/{f["write"]}' for p in plan.values() for f in p.values()]
         print('deployment forms (read/write): ' + ', '.join(f'{forms.count(f)}× {f}' for f in sorted(set(forms))))
-    x = export(model, args.out)
+    x = export_onnx(model, args.out)
     diff = max_difference(model, args.out, torch.randn(3, *x.shape[1:]))
     print(f'wrote {args.out} ({n_params:,} parameters); '
           f'onnxruntime vs PyTorch max |Δlogit| = {diff:.2e} at batch 3')

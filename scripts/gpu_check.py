@@ -24,8 +24,9 @@ budget (--budget-min) are listed as skipped, with the reason. Exit 0 when no row
     python scripts/gpu_check.py --json output/gpu_check.json        # within 8 minutes on one H100
     python scripts/gpu_check.py --smoke --json output/smoke.json    # the same rows on the CPU, 2-3 min
 
-Cut models of the inference rows come from random scores (scripts/benchmark.py's
-`random_cut`): their speed depends on their widths, not on what training would have chosen.
+Cut models of the inference rows come from random scores (pruning/random_scores.py, as
+scripts/benchmark.py's): their speed depends on their widths, not on what training would have
+chosen.
 """
 import argparse
 import json
@@ -33,13 +34,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fresh_process  # noqa: E402
-import gpu_check_runs  # noqa: E402
-from fresh_process import ChildFailed  # noqa: E402
-from train.check_args import check_device  # noqa: E402
-from utils import UsageError, prepare_out  # noqa: E402
+# common first: it puts the repository root on sys.path
+from common import prepare_out, script_device
+import fresh_process
+import gpu_check_runs
+from errors import UsageError
+from fresh_process import ChildFailed
+from train.check_args import check_device
 
 FULL = {'model': 'deit_small_patch16_224', 'reference': 'deit_tiny_patch16_224', 'input_size': 224,
         'train_batch': 64, 'batches': [1, 256, 1024], 'table_batch': 256, 'warmup': 5, 'iters': 20,
@@ -121,8 +122,8 @@ def measure_inference(args, out):
     """--child eager|compiled: the rows of one mode, each appended to `out` (JSON lines)."""
     import torch
     import timm
-    from benchmark import random_cut  # a script's function, imported only in this child
-    from utils import count_flops, script_device
+    from pruning.random_scores import random_cut
+    from pruning.cost import count_flops
     cfg, device = SMOKE if args.smoke else FULL, script_device(args.device)
     size, amp = cfg['input_size'], device.type == 'cuda'
     nets = {}

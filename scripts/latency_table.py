@@ -15,19 +15,20 @@ import datetime
 import json
 import os
 import platform
-import sys
 import time
 
+import timm
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
-import timm  # noqa: E402
-from models import median_seconds  # noqa: E402
-from models.vision_transformer import Block  # noqa: E402
-from pruning.cost import TABLE_FORMAT, LatencyTable  # noqa: E402
-from train.check_args import check_device  # noqa: E402
-from utils import UsageError, check_at_least, checked_script_args, prepare_out, script_device  # noqa: E402
+# common first: it puts the repository root on sys.path
+from common import check_at_least, checked_script_args, prepare_out, script_device
+import models
+from errors import UsageError
+from models import median_seconds
+from models.vision_transformer import Block
+from pruning.cost import TABLE_FORMAT, LatencyTable
+from pruning.random_scores import random_cut
+from train.check_args import check_device
 
 
 def axis(size: int, points: int, step: int = 8):
@@ -88,7 +89,7 @@ def rest_of_model(model):
     """The model with every sub-block removed: patch embedding, tokens, final norm and head."""
     arch = model.arch()
     arch.update(blocks=[{'attn': None, 'mlp': None} for _ in arch['blocks']], cut=True)
-    return models.build_from_arch(arch)
+    return models.load_model({'arch': arch}, weights=False)
 
 
 @torch.no_grad()
@@ -101,7 +102,6 @@ def time_model(model, images, amp, warmup, iters):
 def check_table(table: LatencyTable, args, dense, images, amp):
     """Predicted against measured ms per batch: the dense model and random-score DAP cuts at
     prune ratios 0.5 and 0.75 of parameters (interleaved, best of 2 rounds)."""
-    from benchmark import random_cut
     cases = {'dense': dense}
     for pr in args.check_ratios:
         _, cut = random_cut(args.model, pr, dense.num_classes, args.input_size, seed=args.seed)

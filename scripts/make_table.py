@@ -8,12 +8,13 @@ Layout read: ROOT/DATASET/MODEL/deit/log.txt (unpruned) and
 ROOT/DATASET/MODEL/METHOD_prPR/{prune/first_sparse_checkpoint.pth, finetune/log.txt}.
 """
 import functools
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import UsageError, load_checkpoint_file, read_log  # noqa: E402
+# common first: it puts the repository root on sys.path
+from common import best_top1
+from errors import UsageError
+from train.checkpoints import load_checkpoint_file
 
 DATASETS = ('IFOOD', 'INAT19')
 RATIOS = (0.5, 0.75)
@@ -34,14 +35,6 @@ PAPER = {
     ('deit_tiny_patch16_224', 'block_pr'): {('IFOOD', .5): 71.5, ('IFOOD', .75): 68.6, ('INAT19', .5): 69.3, ('INAT19', .75): 61.4},
 }
 DASH = '–'
-
-
-def best_top1(log_txt: Path):
-    """(best test_acc1, n_parameters of the last epoch) of a log.txt, or None."""
-    if not log_txt.is_file():
-        return None
-    rows = read_log(log_txt, keys=('test_acc1', 'n_parameters'))
-    return (max(r['test_acc1'] for r in rows), rows[-1]['n_parameters']) if rows else None
 
 
 def cut_summary(ckpt: Path):

@@ -7,7 +7,6 @@ one curve per chosen epoch, each divided by its largest magnitude (METHOD.md §3
         --epochs 1 2 4 --out fig/BlockPerformance_overTrainingEpochs.png
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import UsageError, prepare_out, read_log  # noqa: E402
+from common import prepare_out  # noqa: E402  (first: it puts the repository root on sys.path)
+from errors import UsageError  # noqa: E402
+from utils import read_log  # noqa: E402
 
 
 def read_updates(path):

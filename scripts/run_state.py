@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: F401  (first: it puts the repository root on sys.path)
+from errors import UsageError
 
 
 def run_state(output_dir: str) -> str:
@@ -21,7 +22,7 @@ def run_state(output_dir: str) -> str:
     if not os.path.isfile(checkpoint):
         return 'done' if os.path.isfile(os.path.join(output_dir, 'first_sparse_checkpoint.pth')) else 'new'
     from models.checkpoint import whole_number  # torch only where there is a checkpoint to read
-    from utils import UsageError, load_checkpoint_file
+    from train.checkpoints import load_checkpoint_file
     ckpt = load_checkpoint_file(checkpoint, '--resume')
     saved = ckpt.get('args')
     epochs = saved.get('epochs') if isinstance(saved, dict) else None
@@ -38,7 +39,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         print(run_state(args.output_dir))
-    except Exception as e:  # utils.UsageError (not a checkpoint), or one without epoch / args
+    except Exception as e:  # UsageError (not a checkpoint), or one without epoch / args
         reason = f'it holds no {e}' if isinstance(e, KeyError) else str(e)
         sys.exit(f'error: {args.output_dir}: {reason}; continue or remove that run by hand')
 

@@ -1,4 +1,4 @@
-"""`--bpi-mode fast` (pruning/block_performance.py HeadShape): cheaper ΔΨ heads for the same §4
+"""`--bpi-mode fast` (pruning/delta_psi.py HeadShape): cheaper ΔΨ heads for the same §4
 pipeline. Faithful stays the authors' heads (every other test runs it)."""
 import copy
 import math
@@ -10,7 +10,7 @@ import torch
 
 from conftest import check_ok, cli_command, free_port, micro, run_cli
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule
-from pruning.block_performance import BlockPerformance, BlockPerformanceHeads, HeadShape
+from pruning.delta_psi import DeltaPsi, DeltaPsiHeads, HeadShape
 
 FAST = ['--bpi-mode', 'fast', '--bpi-fast-fraction', '0.5']
 PRUNE = ['--input-size', '16', '--batch-size', '32', '--prune-method', 'block_pr',
@@ -29,8 +29,8 @@ def conv_macs(head, grid):
 
 
 def test_fast_patch_heads_are_narrower_and_pooled():
-    faithful = BlockPerformanceHeads(4, 384, 10, (14, 14))
-    fast = BlockPerformanceHeads(4, 384, 10, (14, 14), HeadShape('fast', width_div=4, grid=7))
+    faithful = DeltaPsiHeads(4, 384, 10, (14, 14))
+    fast = DeltaPsiHeads(4, 384, 10, (14, 14), HeadShape('fast', width_div=4, grid=7))
     ratio = conv_macs(faithful.patch[0], (14, 14)) / conv_macs(fast.patch[0], (14, 14))
     # width 96 instead of 384: (384² · 2) / (384·96 + 96²) = 6.4x; 7x7 instead of 14x14: 4x
     assert ratio == pytest.approx(2 * 384 ** 2 / (384 * 96 + 96 ** 2) * 4)
@@ -60,7 +60,8 @@ def test_stacked_heads_give_the_same_delta_psi(mode, train):
     """ΔΨ, the head losses' gradients and the BatchNorm running statistics are those of one call
     per head and application, in training mode (statistics per application) and in eval mode."""
     model = micro(img_size=16)
-    pruner = DepthAwarePruner(model, 10, PruneConfig(prune_ratio=0.5, bpi_mode=mode, bpi_fraction=0.75),
+    pruner = DepthAwarePruner(model, 10, PruneConfig(prune_ratio=0.5, delta_psi_mode=mode,
+                                                     delta_psi_fraction=0.75),
                               PruneSchedule(steps_per_epoch=2, start_epoch=0, sparse_epoch=1, finalize_epoch=2))
     heads, ref = pruner.heads.train(train), copy.deepcopy(pruner.heads).train(train)
     criterion = torch.nn.CrossEntropyLoss()
@@ -69,7 +70,7 @@ def test_stacked_heads_give_the_same_delta_psi(mode, train):
     for _ in range(2):  # the second step sees the running statistics the first one left
         with torch.no_grad():
             _, stream = model.forward_stream(x)
-        perf = BlockPerformance(8, 'cpu')
+        perf = DeltaPsi(8, 'cpu')
         lc, lp = perf.head_losses(heads(stream), y, criterion)
         rc, rp = perf.head_losses(one_call_per_application(ref, stream), y, criterion)
         torch.testing.assert_close(lc, rc, rtol=1e-6, atol=1e-6)
@@ -90,15 +91,15 @@ def test_a_batch_fraction_is_the_same_estimator_on_a_random_half():
     second half average to ΔΨ on the whole batch: over the random order of a shuffled batch,
     the estimate on its first half is unbiased."""
     torch.manual_seed(0)
-    heads = BlockPerformanceHeads(2, 64, 10, (4, 4), HeadShape('fast', 4, 7, fraction=0.5)).eval()
-    full = BlockPerformanceHeads(2, 64, 10, (4, 4), HeadShape('fast', 4, 7, fraction=1.0)).eval()
+    heads = DeltaPsiHeads(2, 64, 10, (4, 4), HeadShape('fast', 4, 7, fraction=0.5)).eval()
+    full = DeltaPsiHeads(2, 64, 10, (4, 4), HeadShape('fast', 4, 7, fraction=1.0)).eval()
     full.load_state_dict(heads.state_dict())
     stream = [torch.randn(8, 17, 64) for _ in range(3)]
     y = torch.randint(0, 10, (8,))
     crit = torch.nn.CrossEntropyLoss()
 
     def delta(h, s, t):
-        w = BlockPerformance(2, 'cpu')
+        w = DeltaPsi(2, 'cpu')
         w.add(*w.head_losses(h(s), t, crit))
         return w.mean()[1]
 
@@ -114,7 +115,7 @@ def test_a_batch_fraction_is_the_same_estimator_on_a_random_half():
 
 def test_evaluation_runs_only_the_reported_heads():
     model = micro(img_size=16)
-    pruner = DepthAwarePruner(model, 10, PruneConfig(prune_ratio=0.5, bpi_mode='fast'),
+    pruner = DepthAwarePruner(model, 10, PruneConfig(prune_ratio=0.5, delta_psi_mode='fast'),
                               PruneSchedule(steps_per_epoch=2, start_epoch=0, sparse_epoch=1, finalize_epoch=2))
     ran = []  # (head, sub-block, rows its classifier saw)
     for i, (c, p) in enumerate(zip(pruner.heads.cls, pruner.heads.patch)):

@@ -2,7 +2,7 @@
 FLOPs and measured latency, against what the cut model really has, counts and is predicted to
 take, and the budget landing in each unit.
 
-FLOPs are compared with torch.utils.flop_counter on the cut model itself (utils.count_flops);
+FLOPs are compared with torch.utils.flop_counter on the cut model itself (pruning.cost.count_flops);
 parameters with the cut model's `numel`; the latency table with a grid built here from a
 known function, so that interpolation can be checked exactly.
 """
@@ -20,7 +20,8 @@ from pruning import DepthAwarePruner, PruneSchedule
 from pruning.cost import TABLE_FORMAT, FlopsCost, LatencyTable, ParamsCost, build_cost, sub_block_cost
 from pruning.gates import gates_of, kept_costs, kept_params
 from test_pruning import pruner_with_random_scores as random_pruner
-from utils import count_flops, read_log
+from pruning.cost import count_flops
+from utils import read_log
 
 D, L, H, M, C, N = 64, 4, 4, 256, 10, 65  # the micro model: 64 patches and the class token
 
@@ -260,3 +261,48 @@ def test_benchmark_cuts_in_any_unit_and_keeps_its_json_keys(tmp_path):
     assert res['latency_ratio'] == pytest.approx(res['cut']['latency_ms_per_batch'] / res['dense']['latency_ms_per_batch'])
     one_line(script('benchmark.py', '--model', 'deit_micro_patch4_32', '--prune-budget', 'latency', tmp_path=tmp_path),
              r'^error: --prune-budget latency needs --latency-table FILE', status=1)
+
+
+# ---------------------------------------------------------------- one cost model for every method
+
+@pytest.mark.parametrize('name', ['deit_micro_patch4_32', 'deit_micro_distilled_patch4_32'])
+def test_every_method_counts_the_dense_model_as_the_model_and_the_flop_counter_do(name):
+    """DAP (each policy), WD-Prune and SaViT read their dense cost from pruning/cost.py: it is
+    the model's parameter count and the FLOP counter's, distillation token and head included."""
+    from pruning import SaViTConfig, SaViTPruner, WDPruneConfig, WDPrunePruner
+    from pruning.cost import ViTShape
+    dense = {'params': micro(0, name=name).num_parameters(), 'flops': count_flops(micro(0, name=name), 32)}
+    schedule = PruneSchedule(10, 0, 1, 2, 5)
+    for unit, total in dense.items():
+        for method in ('block_pr', 'uniform', 'global'):
+            pruner = DepthAwarePruner(micro(0, name=name), C, PruneConfig(prune_ratio=0.5, method=method, budget=unit),
+                                      schedule)
+            assert pruner.budget_report()['total_dense_cost'] == total, (method, unit)
+        savit = SaViTPruner(micro(0, name=name), C, SaViTConfig(prune_ratio=0.5, budget=unit))
+        assert savit.space().dense == total, unit
+    wdprune = WDPrunePruner(micro(0, name=name), C, WDPruneConfig(prune_ratio=0.5, classifiers=(2,)), schedule)
+    assert wdprune.dense_block + wdprune.non_block == dense['params']
+    shape = ViTShape.from_model(micro(0, name=name))
+    assert shape.rest_params(D) == ParamsCost().non_block(micro(0, name=name), shape.cost('params', *shape.dense_counts())
+                                                          - shape.rest_params(D))
+
+
+@pytest.mark.parametrize('unit', ['params', 'flops'])
+def test_a_savit_cut_of_the_distilled_model_lands_within_one_element_of_its_budget(unit):
+    """Before the one cost model, SaViT counted one prefix token and one head: on the distilled
+    micro model its dense count was 778 parameters short (the distillation token, its position
+    row, the second head) and the cut stopped with 'cut model has 104487 parameters, closed
+    form 103961'."""
+    from pruning import SaViTConfig, SaViTPruner
+    from test_savit import set_random_scores
+    name = 'deit_micro_distilled_patch4_32'
+    model = micro(0, name=name)
+    total = model.num_parameters() if unit == 'params' else count_flops(model, 32)
+    pruner = SaViTPruner(model, C, SaViTConfig(prune_ratio=0.5, budget=unit, population=20, children=10,
+                                               generations=10))
+    set_random_scores(pruner, seed=1)
+    cut, _ = pruner.finalize()
+    kept = cut.num_parameters() if unit == 'params' else count_flops(cut, 32)
+    one_neuron = pruner.shape.cost(unit, *pruner.shape.dense_counts()) - pruner.shape.cost(
+        unit, torch.full((L,), H), torch.tensor([M - 1] + [M] * (L - 1)), torch.tensor(D))
+    assert abs(kept - 0.5 * total) <= float(one_neuron), (kept, 0.5 * total, float(one_neuron))

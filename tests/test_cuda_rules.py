@@ -111,15 +111,15 @@ def test_a_pruning_run_and_its_fine_tune_keep_to_the_device(tmp_path, name, late
         assert stats is not None and (tmp_path / 'tune' / 'checkpoint.pth').exists()
 
 
-def train_steps(n_steps, loss_scaler=None, amp=None, train_gates=False, bpi_mode='faithful', rules=None):
+def train_steps(n_steps, loss_scaler=None, amp=None, train_gates=False, delta_psi_mode='faithful', rules=None):
     """`n_steps` of engine.train_one_epoch with a DAP pruner between mask updates, on a model
     that `rules` (if given) sees on the device; returns the pruner."""
     dev = torch.device('cpu')
     model = o1_weights(micro(0, img_size=16), seed=1).to(dev)
     schedule = PruneSchedule(steps_per_epoch=100, start_epoch=0, sparse_epoch=1, finalize_epoch=2,
                              steps_update_mask=1000)
-    pruner = DepthAwarePruner(model, C, PruneConfig(prune_ratio=0.5, train_gates=train_gates, bpi_mode=bpi_mode),
-                              schedule)
+    config = PruneConfig(prune_ratio=0.5, train_gates=train_gates, delta_psi_mode=delta_psi_mode)
+    pruner = DepthAwarePruner(model, C, config, schedule)
     gates = {id(p) for p in model.gate_parameters()}
     weights = [p for p in model.parameters() if id(p) not in gates]
     optimizer = torch.optim.AdamW([{'params': weights}] + pruner.param_groups(1e-4, 0.05), lr=1e-4)
@@ -134,13 +134,13 @@ def train_steps(n_steps, loss_scaler=None, amp=None, train_gates=False, bpi_mode
     return pruner
 
 
-@pytest.mark.parametrize('bpi_mode', ['faithful', 'fast'])
-def test_a_training_step_waits_for_the_device_only_for_the_loss(bpi_mode):
+@pytest.mark.parametrize('delta_psi_mode', ['faithful', 'fast'])
+def test_a_training_step_waits_for_the_device_only_for_the_loss(delta_psi_mode):
     """Between mask updates a step makes the host wait once, for DeiT's `loss.item()`; under a
     GradScaler once more, for its own check of inf / NaN gradients (torch.amp.GradScaler.step
     must know on the host whether to skip the optimizer step). Nothing of the pruner's."""
     with DeviceRules() as rules:
-        assert train_steps(3, bpi_mode=bpi_mode, rules=rules).syncs == {'item': 3}
+        assert train_steps(3, delta_psi_mode=delta_psi_mode, rules=rules).syncs == {'item': 3}
         scaled = train_steps(3, NativeScaler(device='cpu'), torch.float16, train_gates=True, rules=rules)
         assert scaled.syncs == {'item': 6}
 

@@ -11,7 +11,7 @@ from conftest import check_ok, micro, o1_weights, run_cli
 from models import build_from_arch, pretrained_state_dict
 from pruning import cut_model
 from pruning.cost import FlopsCost, sub_block_cost
-from utils import count_flops
+from pruning.cost import count_flops
 
 MICRO = 'deit_micro_distilled_patch4_32'
 

@@ -11,6 +11,7 @@ import torch
 import models
 from conftest import REPO, check_ok, cli_env, eval_lines, micro, o1_weights, run_cli
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule
+from pruning.random_scores import fill_random_scores
 
 
 def cut_checkpoint(path):
@@ -18,13 +19,7 @@ def cut_checkpoint(path):
     model = o1_weights(micro(0), seed=2)
     schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1, steps_update_mask=1)
     pruner = DepthAwarePruner(model, 10, PruneConfig(prune_ratio=0.6), schedule)
-    g = torch.Generator().manual_seed(0)
-    pruner.performance.sum_c.copy_(torch.rand(8, generator=g, dtype=torch.float64))
-    pruner.performance.sum_p.copy_(torch.rand(8, generator=g, dtype=torch.float64))
-    pruner.performance.count.fill_(1)
-    for s in pruner.taylor.sum.values():
-        s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64))
-    pruner.taylor.count = 1
+    fill_random_scores(pruner, seed=0)
     cut, _ = pruner.finalize()
     torch.save({'model': cut.state_dict(), 'arch': cut.arch(), 'args': {'data_set': 'DIGITS', 'input_size': 32}},
                path)

@@ -56,6 +56,19 @@ def test_scripts_and_train_take_only_the_flags_from_main(path):
             assert names == ('get_args_parser',), f'{rel(path)} imports {names} from main'
 
 
+SCRIPT_FILES = sorted((REPO / 'scripts').glob('*.py'))
+# a script is a file run as a program; the others (common.py, fresh_process.py, ...) are modules
+SCRIPTS = {p.stem for p in SCRIPT_FILES if "if __name__ == '__main__':" in p.read_text()}
+
+
+@pytest.mark.parametrize('path', SCRIPT_FILES, ids=rel)
+def test_no_script_imports_another_script(path):
+    """What scripts share lives in modules that say so, not in another script."""
+    assert {'common', 'fresh_process'}.isdisjoint(SCRIPTS) and len(SCRIPTS) >= 10
+    others = [m for m, _ in imports(path) if m.split('.')[0] in SCRIPTS - {path.stem}]
+    assert not others, f'{rel(path)} imports the scripts {others}'
+
+
 @pytest.mark.parametrize('path', SOURCES, ids=rel)
 def test_no_file_is_over_500_lines(path):
     assert len(path.read_text().splitlines()) <= 500

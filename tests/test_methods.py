@@ -1,6 +1,7 @@
 """The method registry (train/methods/): a method is one declaration, and everything the command
 line does with its flags is derived from it."""
 import argparse
+import dataclasses
 import sys
 
 import pytest
@@ -8,10 +9,11 @@ import torch
 
 import main
 from conftest import check_ok, run_cli
-from pruning import DepthAwarePruner, PruneConfig, PruneSchedule, SaViTConfig, WDPruneConfig
+from pruning import ConfigError, DepthAwarePruner, PruneConfig, PruneSchedule, SaViTConfig, WDPruneConfig, setting
+from train.flags import real
 from train.methods import registry
 from train.check_args import check_args
-from utils import UsageError
+from errors import UsageError
 
 MICRO = ['--model', 'deit_micro_patch4_32', '--device', 'cpu']
 
@@ -96,9 +98,48 @@ def test_a_configuration_error_names_the_flag_of_its_own_method(argv, message):
     assert str(e.value).startswith(message), e.value
 
 
+# ---- a setting declared once, in its configuration dataclass ---------------------------------
+@dataclasses.dataclass
+class PruneConfigPlus(PruneConfig):
+    """PruneConfig with one more setting, declared as a new DAP setting is: one field."""
+    beta: float = setting(0.25, flag='--pr-beta', kind='real', help='weight of a new term, in [0, 1]')
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.beta <= 1:
+            raise ConfigError('beta', f'must be in [0, 1], got {self.beta}')
+
+
+@pytest.fixture
+def dap_plus(monkeypatch):
+    """DAP with PruneConfigPlus in place of PruneConfig (what editing PruneConfig would do)."""
+    dap = registry.family_of('block_pr')
+    plus = dataclasses.replace(dap, settings=(PruneSchedule, PruneConfigPlus),
+                               config=lambda args: registry.from_args(PruneConfigPlus, args))
+    monkeypatch.setattr(registry, 'FAMILIES', [plus if f is dap else f for f in registry.FAMILIES])
+    return plus
+
+
+def test_a_new_dap_setting_gets_its_flag_value_and_error_name_from_its_field_alone(dap_plus):
+    parser = main.ArgumentParser('t', parents=[main.get_args_parser()])
+    group = next(g for g in parser._action_groups if g.title == dap_plus.title)
+    action = next(a for a in group._group_actions if a.option_strings == ['--pr-beta'])
+    assert (action.default, action.help, action.type) == (0.25, 'weight of a new term, in [0, 1]', real)
+    config = lambda argv: registry.family_of(argv[1]).config(check_args(parse(argv)))  # noqa: E731
+    assert config(['--prune-method', 'block_pr']).beta == 0.25
+    plus = config(['--prune-method', 'uniform', '--pr-beta', '0.75'])
+    assert isinstance(plus, PruneConfigPlus) and plus.beta == 0.75 and plus.method == 'uniform'
+    with pytest.raises(UsageError, match=r'^--pr-beta must be in \[0, 1\], got 2.0$'):
+        check_args(parse(['--prune-method', 'block_pr', '--pr-beta', '2']))
+    with pytest.raises(UsageError, match=r'^--pr-beta belongs to --prune-method block_pr / uniform / global, '
+                                         r'not savit$'):
+        check_args(parse(['--prune-method', 'savit', '--pr-beta', '0.75']))
+
+
 # ---- a method added by its own module and the registry alone ---------------------------------
-def add_dummy_flags(group):
-    group.add_argument('--dummy-keep', default=0.5, type=float, help='share of parameters kept')
+@dataclasses.dataclass
+class DummySettings:
+    keep: float = setting(0.5, flag='--dummy-keep', kind='real', help='share of parameters kept')
 
 
 def dummy_config(args):
@@ -111,9 +152,8 @@ def dummy_schedule(args, steps_per_epoch):
                          finalize_epoch=args.prune_finalize_epoch, steps_update_mask=max(1, steps_per_epoch // 2))
 
 
-DUMMY = registry.Family(methods=('dummy',), title='dummy', add_flags=add_dummy_flags, config=dummy_config,
-                        schedule=dummy_schedule, pruner=DepthAwarePruner,
-                        fields={'prune_ratio': '--dummy-keep'})
+DUMMY = registry.Family(methods=('dummy',), title='dummy', settings=(DummySettings,), config=dummy_config,
+                        schedule=dummy_schedule, pruner=DepthAwarePruner, fields={'prune_ratio': '--dummy-keep'})
 
 
 @pytest.fixture

@@ -250,7 +250,7 @@ def test_export_to_onnx_matches_pytorch(pruned, tmp_path):
     import export
     tmp, out, _ = pruned
     model = export.load_model(out / 'first_sparse_checkpoint.pth')
-    export.export(model, str(tmp_path / 'cut.onnx'))
+    export.export_onnx(model, str(tmp_path / 'cut.onnx'))
     x = torch.randn(5, 3, 16, 16)  # another batch size than the exported one
     assert export.max_difference(model, str(tmp_path / 'cut.onnx'), x) < 1e-4
 

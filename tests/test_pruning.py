@@ -18,6 +18,7 @@ from models import GATE_NAMES, is_gate
 from pruning import DepthAwarePruner, PruneSchedule, cut_model
 from pruning.gates import gates_of, kept_params, non_block_params, sub_blocks
 from pruning.keep_ratio import block_budget, block_importance, water_fill
+from pruning.random_scores import fill_random_scores
 from pruning.taylor import TaylorScore, soft_mask, sub_block_masks, threshold_search
 
 
@@ -683,13 +684,7 @@ def pruner_with_random_scores(method, pr=0.5, seed=0, **config):
     schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1,
                              steps_update_mask=1)
     pruner = DepthAwarePruner(model, C, PruneConfig(prune_ratio=pr, method=method, **config), schedule)
-    g = torch.Generator().manual_seed(seed)
-    pruner.performance.sum_c.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
-    pruner.performance.sum_p.copy_(torch.rand(2 * L, generator=g, dtype=torch.float64))
-    pruner.performance.count.fill_(1)
-    for s in pruner.taylor.sum.values():
-        s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64) ** 4)  # heavy-tailed
-    pruner.taylor.count = 1
+    fill_random_scores(pruner, seed, heavy_tailed=True)
     return model, pruner
 
 

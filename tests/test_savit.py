@@ -18,9 +18,10 @@ from conftest import micro
 import pruning.savit as savit
 from models import HEAD_GATE
 from pruning import cut_model
-from pruning.savit import (SaViTConfig, SaViTPruner, SaViTSpace, ViTShape, evaluate,
+from pruning.cost import ViTShape, count_flops
+from pruning.random_scores import fill_random_scores
+from pruning.savit import (SaViTConfig, SaViTPruner, SaViTSpace, evaluate,
                            evolutionary_search, min_keep_count)
-from utils import count_flops
 
 MICRO = 'deit_micro_patch4_32'
 D, L, H, M, C, IMG = 64, 4, 4, 256, 10, 32
@@ -38,10 +39,7 @@ def batch(seed, n=4):
 
 def set_random_scores(pruner, seed=0):
     """Positive, heavy-tailed scores, as Taylor scores are."""
-    g = torch.Generator().manual_seed(seed)
-    for k, s in pruner.taylor.sum.items():
-        s.copy_(torch.rand(s.shape, generator=g, dtype=torch.float64) ** 4)
-    pruner.taylor.count = 1
+    fill_random_scores(pruner, seed, heavy_tailed=True)
 
 
 def pruner_for(prune_ratio=0.5, seed=0, model=None, **kw):
@@ -331,7 +329,8 @@ def test_state_dict_round_trip():
 def test_default_search_is_fast_on_deit_small_sizes():
     """12 layers × 6 heads, 1536 hidden, 384 channels, the official 100 / 50 / 100 search."""
     shape = ViTShape(depth=12, num_heads=6, head_dim=64, mlp_hidden=1536, embed_dim=384,
-                     num_patches=196, num_classes=1000, patch_in=768, patch_bias=True, qkv_bias=True)
+                     num_patches=196, num_classes=1000, patch_in=768, patch_bias=True, qkv_bias=True,
+                     num_prefix_tokens=1, num_classifiers=1)
     g = torch.Generator().manual_seed(0)
     cfg = SaViTConfig(prune_ratio=0.5)
     space = SaViTSpace(shape, torch.rand(12, 6, generator=g), torch.rand(12, 1536, generator=g),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import main
+from train.check_args import check_args
 from train.methods import family_of
 from conftest import REPO
 
@@ -83,7 +84,7 @@ def test_dry_run_lists_every_cell_and_every_command_parses(ablations):
         argv = shlex.split(line)
         assert argv[:3] == ['python', '-m', 'torch.distributed.launch'] and '--use_env' in argv
         args = parser.parse_args(argv[argv.index('main.py') + 1:])
-        args = main.validate(args)  # model name, pruning flags and schedule are valid
+        args = check_args(args)  # model name, pruning flags and schedule are valid
         assert args.train_mode is False  # the authors' runs trained in eval mode (§8 v2)
         if args.prune_method:
             cells.add((args.data_set, args.model, args.prune_method, args.prune_ratio))
@@ -151,7 +152,7 @@ def test_make_table_on_fabricated_runs(tmp_path):
 def test_auto_mask_updates_are_about_three_per_epoch(steps_per_epoch, expected):
     args = main.ArgumentParser('t', parents=[main.get_args_parser()]).parse_args(
         ['--prune-method', 'block_pr', '--prune-steps-update-mask', 'auto'])
-    n = family_of('block_pr').schedule(main.validate(args), steps_per_epoch).steps_update_mask
+    n = family_of('block_pr').schedule(check_args(args), steps_per_epoch).steps_update_mask
     assert n == expected and 2 <= steps_per_epoch // n <= 3 or steps_per_epoch < 3
 
 

@@ -8,7 +8,7 @@ import torch
 import models
 from train import methods
 from train.recipe import check_recipe
-from utils import UsageError
+from errors import UsageError
 
 
 def check_args(args):

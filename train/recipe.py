@@ -1,7 +1,6 @@
 """The training recipe of a run, DeiT's: datasets and loaders, the model (dense, or rebuilt
 from a cut checkpoint) with its starting weights, optimizer, scheduler, loss and device.
 Scripts that train or measure like main.py build their parts here."""
-import timm
 import torch
 import torch.backends.cudnn as cudnn
 from timm.data import Mixup
@@ -11,9 +10,10 @@ from timm.scheduler import create_scheduler_v2
 
 import models
 import utils
-from datasets import build_dataset, build_transform
+from datasets import ShardSampler, build_dataset, build_transform
 from losses import DistillationLoss
-from utils import UsageError, first_line
+from errors import UsageError, first_line
+from train.checkpoints import load_checkpoint_file
 
 
 def setup_device(args):
@@ -58,7 +58,7 @@ def build_loaders(args, dataset_train, dataset_val):
         sampler_train = torch.utils.data.DistributedSampler(
             dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     if args.distributed and args.dist_eval:
-        sampler_val = utils.ShardSampler(dataset_val, num_replicas=world, rank=rank)
+        sampler_val = ShardSampler(dataset_val, num_replicas=world, rank=rank)
     else:
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
     pin = args.pin_mem and str(args.device).startswith('cuda')
@@ -112,9 +112,9 @@ def build_model(args, nb_classes, resume_checkpoint=None):
     weights of --model-path fitted to it (classifier reset, pos_embed resampled)."""
     kwargs = dict(num_classes=nb_classes, img_size=args.input_size, drop_rate=args.drop,
                   drop_path_rate=args.drop_path)
-    checkpoint = utils.load_checkpoint_file(args.model_path, '--model-path') if args.model_path else None
+    checkpoint = load_checkpoint_file(args.model_path, '--model-path') if args.model_path else None
     arch = model_arch(args, checkpoint, resume_checkpoint)
-    model = timm.create_model(args.model, **kwargs) if arch is None else models.build_from_arch(arch, **kwargs)
+    model = models.load_model(None if arch is None else {'arch': arch}, args.model, weights=False, **kwargs)
     if checkpoint is not None:
         try:
             state_dict, notes = models.pretrained_state_dict(model, checkpoint)
@@ -207,22 +207,14 @@ def build_teacher(args, nb_classes, device):
     if not args.teacher_path:
         raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path: the teacher\'s '
                          'weights (a file, file:// or URL, or a checkpoint of this project)')
-    ckpt = utils.load_checkpoint_file(args.teacher_path, '--teacher-path')
-    state = ckpt.get('model', ckpt)
+    ckpt = load_checkpoint_file(args.teacher_path, '--teacher-path')
+    extra = {'img_size': args.input_size} if ckpt.get('arch') is None and args.teacher_model in models.CONFIGS else {}
     try:
-        if ckpt.get('arch') is not None:
-            models.check_arch(ckpt['arch'])
-            teacher = models.build_from_arch(ckpt['arch'])
-        else:
-            extra = {'img_size': args.input_size} if args.teacher_model in models.CONFIGS else {}
-            teacher = timm.create_model(args.teacher_model, num_classes=nb_classes, **extra)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f'--teacher-model {args.teacher_model}: {first_line(e)}') from None
-    problem = models.state_dict_mismatch(teacher, state) if isinstance(state, dict) else 'no weights'
-    if problem:
-        raise UsageError(f'--teacher-path {args.teacher_path}: its weights do not fit the teacher '
-                         f'({args.teacher_model if ckpt.get("arch") is None else "its arch"}): {problem}')
-    teacher.load_state_dict(state)
+        teacher = models.load_model(ckpt, args.teacher_model, num_classes=nb_classes, **extra) \
+            if ckpt.get('arch') is None else models.load_model(ckpt)
+    except ValueError as e:
+        what = 'its arch' if ckpt.get('arch') is not None else f'--teacher-model {args.teacher_model}'
+        raise UsageError(f'--teacher-path {args.teacher_path} ({what}): {first_line(e)}') from None
     classes = getattr(teacher, 'num_classes', nb_classes)
     if classes != nb_classes:
         raise UsageError(f'--teacher-path {args.teacher_path}: the teacher has {classes} classes, '

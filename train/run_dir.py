@@ -17,8 +17,10 @@ import torch
 
 import models
 from models.checkpoint import whole_number
+from models.checkpoint_io import is_url
 import utils
-from utils import UsageError
+from errors import UsageError
+from train.checkpoints import load_checkpoint_file
 
 # what a run writes into --output_dir: a folder holding any of them holds a run ...
 RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'first_sparse_checkpoint.pth', 'log.txt',
@@ -89,7 +91,7 @@ def take_lock(out: Path):
 
 def continues_run(args) -> bool:
     """--resume names a checkpoint inside --output_dir: the run there goes on."""
-    return bool(args.resume and args.output_dir) and not utils.is_url(args.resume) and \
+    return bool(args.resume and args.output_dir) and not is_url(args.resume) and \
         Path(args.resume).resolve().parent == Path(args.output_dir).resolve()
 
 
@@ -128,7 +130,7 @@ def check_output_dir(output_dir):
 # ---- --resume: what a checkpoint must be to be continued ----------------------------------------
 def load_resume_checkpoint(args):
     """A --resume checkpoint, its entries checked as data before any of them is used."""
-    checkpoint = utils.load_checkpoint_file(args.resume, '--resume')
+    checkpoint = load_checkpoint_file(args.resume, '--resume')
     if 'model' not in checkpoint:
         raise UsageError(f'--resume {args.resume} has no "model" entry: not a checkpoint of this script')
     problem = checkpoint_problem(checkpoint)

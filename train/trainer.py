@@ -8,10 +8,11 @@ import torch
 from timm.utils import ModelEmaV3, NativeScaler
 
 import utils
-from utils import UsageError, first_line
+from errors import DiskFullError, RunStopped, UsageError, first_line
 from engine import _readable, accumulate_scores, evaluate, train_one_epoch
 from losses import DistillationLoss
 from pruning import format_summary
+from pruning.cost import count_flops
 from train import methods
 from train.recipe import build_criterion, build_optimizer, build_scheduler, scaled_lr, wrap
 
@@ -108,7 +109,7 @@ class Trainer:
         try:
             for epoch in range(start_epoch, args.epochs):
                 self.train_epoch(epoch, loader_train, loader_val)
-        except utils.RunStopped as e:
+        except RunStopped as e:
             e.where = self.stopped_at(epoch)
             raise
         print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
@@ -154,7 +155,7 @@ class Trainer:
         """--eval: the model's accuracy; nothing is written."""
         try:
             return self.evaluate(loader_val)
-        except utils.RunStopped as e:
+        except RunStopped as e:
             e.where = 'during --eval: nothing was written'
             raise
 
@@ -196,8 +197,8 @@ class Trainer:
             if test_stats['acc1'] > self.max_accuracy:
                 self.max_accuracy = test_stats['acc1']
                 self.run.save('best_checkpoint.pth', ckpt)
-        except utils.DiskFullError as e:
-            raise utils.DiskFullError(f'{e}; {self.resume_hint()}') from None
+        except DiskFullError as e:
+            raise DiskFullError(f'{e}; {self.resume_hint()}') from None
         print(f'Max accuracy: {self.max_accuracy:.2f}%')
 
     # ---- the cut ------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class Trainer:
         first_sparse_checkpoint.pth; (cut model, its test stats)."""
         args = self.args
         params_before = self.model.num_parameters()
-        flops_before = utils.count_flops(self.model, args.input_size, self.device)
+        flops_before = count_flops(self.model, args.input_size, self.device)
         # the cut model is built while the gated one still exists: not also beside the DDP
         # wrapper (its gradient buckets) and the optimizer (AdamW: twice the trained weights)
         self.net = self.optimizer = self.lr_scheduler = self.model_ema = None
@@ -217,7 +218,7 @@ class Trainer:
         self.model, self.pruner = cut, None
         self.release_memory()
         params_after = cut.num_parameters()
-        flops_after = utils.count_flops(cut, args.input_size, self.device)
+        flops_after = count_flops(cut, args.input_size, self.device)
         print(format_summary(rows, flops_before, flops_after, params_before, params_after, budget))
         summary = {'event': 'finalize', 'method': args.prune_method, 'epoch': epoch, 'sub_blocks': rows,
                    'params_dense': params_before, 'params_cut': params_after,
@@ -243,7 +244,7 @@ class Trainer:
         weight updates, its calibration, the cut. Fine-tuning is the second command."""
         try:
             return self._prune_one_shot(loader_train, loader_val, run)
-        except utils.RunStopped as e:
+        except RunStopped as e:
             e.where = f'while {self.args.prune_method} scored and cut (one shot): start it again'
             raise
 

@@ -1,35 +1,81 @@
 """The table of pruning methods: --prune-method NAME -> the one Family that declares it.
 
 A family (DAP with its budget ablations, WD-Prune, SaViT) is declared once, in its own module,
-by `register(Family(...))`: its flags, its configuration and schedule from them, its pruner
-class and the flags of its configuration's fields. Everything else here is derived from those
-declarations: the `--prune-method` choices, the refusal of a family's flags under another
-method (a flag is given when its value differs from its default), and the flag a
-`ConfigError(field, reason)` is reported under.
+by `register(Family(...))`: its pruner class and the dataclasses of its settings. A setting is
+declared once, as a field of such a dataclass (`pruning.setting`: default, flag, help, kind).
+Everything else here is derived from those declarations: the family's flags, its configuration
+and schedule from the parsed flags (`from_args`), the `--prune-method` choices, the refusal of
+a family's flags under another method (a flag is given when its value differs from its
+default), and the flag a `ConfigError(field, reason)` is reported under.
 """
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from pruning import ConfigError
-from train.flags import real
-from utils import UsageError
+from train.flags import Flatten, format_gate_scale, gate_scale, numbers, real, steps_or_auto
+from errors import UsageError
 
 # the flags every method reads, and the configuration fields they set
 COMMON_FIELDS = {'prune_ratio': '--prune-ratio', 'finalize_epoch': '--prune-finalize-epoch',
-                 'block_params_only': '--prune-rate-by-block-param-only'}
+                 'block_params_only': '--prune-rate-by-block-param-only', 'method': '--prune-method'}
+
+# a setting's kind (pruning.setting) -> how its flag parses
+KINDS = {'text': {}, 'file': {'metavar': 'FILE'}, 'int': {'type': int}, 'real': {'type': real},
+         'switch': {'action': 'store_true'}, 'steps_or_auto': {'type': steps_or_auto},
+         'ints': {'type': int, 'nargs': '*'},
+         'numbers': {'type': numbers, 'nargs': '+', 'action': Flatten},  # spaces or commas between
+         'gate_scale': {'type': gate_scale}}
+# how a kind's default is written for its flag (argparse parses a text default like a value given)
+FLAG_DEFAULTS = {'ints': list, 'gate_scale': format_gate_scale}
+
+
+def settings_of(cls) -> List[dataclasses.Field]:
+    """The fields of a configuration dataclass that are flags (`pruning.setting`)."""
+    return [f for f in dataclasses.fields(cls) if 'flag' in f.metadata]
+
+
+def dest_of(flag: str) -> str:
+    return flag.lstrip('-').replace('-', '_')
+
+
+def add_setting(group, f: dataclasses.Field):
+    """A setting's flag: parsed as its kind says, defaulting to the field's default."""
+    meta = f.metadata
+    value = meta.get('flag_default', field_default(f))
+    if meta['kind'] in FLAG_DEFAULTS:
+        value = FLAG_DEFAULTS[meta['kind']](value)
+    choices = {} if meta['choices'] is None else {'choices': meta['choices']}
+    group.add_argument(meta['flag'], default=value, help=meta['help'], **choices, **KINDS[meta['kind']])
+
+
+def from_args(cls, args, **given):
+    """A configuration or schedule dataclass from the parsed command line: each setting from its
+    flag, each of COMMON_FIELDS from the common flag, `given` for values computed otherwise."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get('flag', COMMON_FIELDS.get(f.name))
+        if flag is not None and f.name not in given:
+            values[f.name] = getattr(args, dest_of(flag))
+    return cls(**values, **given)
 
 
 @dataclass(frozen=True)
 class Family:
     methods: Tuple[str, ...]   # the --prune-method names it serves
     title: str                 # its group in --help
-    add_flags: Callable        # (argparse group) -> None: the family's own flags
+    settings: Sequence[type]   # the dataclasses whose settings are the family's flags, in --help order
     config: Callable           # args -> the pruner's configuration (ConfigError on a bad value)
     schedule: Callable         # (args, steps_per_epoch) -> pruning.PruneSchedule
     pruner: type               # (model, num_classes, config, schedule) -> a pruning.Pruner
-    fields: Dict[str, str]     # configuration and schedule field -> its flag
+    # a field computed from another flag than its own -> that flag (for ConfigError)
+    fields: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def add_flags(self, group):
+        for cls in self.settings:
+            for f in settings_of(cls):
+                add_setting(group, f)
 
     def own_flags(self) -> List[Tuple[str, str, object]]:
         """(dest, flag, default) of each of the family's flags, read from a parser that holds
@@ -41,12 +87,12 @@ class Family:
         return [(a.dest, a.option_strings[0], defaults[a.dest]) for a in parser._actions]
 
     def flag_of(self, field: str) -> str:
-        return {**COMMON_FIELDS, **self.fields}.get(field, field)
+        declared = {f.name: f.metadata['flag'] for cls in self.settings for f in settings_of(cls)}
+        return {**COMMON_FIELDS, **declared, **self.fields}.get(field, field)
 
 
-def default(config_class, field: str):
-    """A configuration field's default: the flag that sets it defaults to it (one default per setting)."""
-    f = {f.name: f for f in dataclasses.fields(config_class)}[field]
+def field_default(f: dataclasses.Field):
+    """A field's default: the flag that sets it defaults to it (one default per setting)."""
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 

@@ -1,4 +1,4 @@
-"""Block Performance Indicator ΔΨ (METHOD.md §3).
+"""ΔΨ (METHOD.md §3; the paper's Block Performance Indicator, the `bpi` of the flags).
 
 Every sub-block i owns a class head ψ^c_i and a patch head ψ^p_i. Both read *detached*
 features, so they never change the backbone. The same head is applied to the sub-block's
@@ -77,7 +77,7 @@ class HeadShape:
         return PatchHead(dim, num_classes, grid, width=max(1, dim // self.width_div), pooled=self.grid)
 
 
-class BlockPerformanceHeads(nn.Module):
+class DeltaPsiHeads(nn.Module):
     """The 2·(2L) auxiliary heads: `cls[i]` and `patch[i]` for sub-block i."""
 
     def __init__(self, num_sub_blocks: int, dim: int, num_classes: int, grid: Tuple[int, int],
@@ -111,7 +111,7 @@ class BlockPerformanceHeads(nn.Module):
         return {'cls_head': self.cls[-1](x[:, 0]), 'patch_head': self.patch[-1](x)}
 
 
-class BlockPerformance:
+class DeltaPsi:
     """Sums and counts of ΔΨ^c and ΔΨ^p per sub-block over the current window (§3).
 
     `next_window()` after every mask update keeps the window just used as the previous one;
