@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, has_file_allowed_extension
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -84,8 +84,39 @@ class ListDataset(ReadChecked, Dataset):
         return self.read(index)
 
 
+def _inside(path, folder):
+    return os.path.commonpath([path, folder]) == folder
+
+
+def class_files(class_dir):
+    """The files of a class folder, in torchvision's order, each image once and with the label of
+    the folder it really lies in. torchvision follows every link: a link back up the tree repeats
+    the images (4 files became 84) and a link out of the folder lends them this class's label.
+    Here no link is followed: one that resolves inside the class folder names a file or folder
+    already read (skipped, with a warning); one that resolves outside it is refused (ValueError,
+    one line), since which label its images should have is the user's call, not ours. A class
+    folder that is itself a link (to a folder elsewhere) is read as that folder."""
+    top, folders, files = os.path.realpath(class_dir), [class_dir], {}
+    while folders:
+        folder = folders.pop()
+        files[folder] = []
+        with os.scandir(folder) as entries:  # d_type: no stat per file, as os.walk
+            for e in entries:
+                if not e.is_symlink():
+                    (folders if e.is_dir(follow_symlinks=False) else files[folder]).append(e.path)
+                    continue
+                target = os.path.realpath(e.path)
+                if not _inside(target, top):
+                    raise ValueError(f'{e.path} links to {target}, outside its class folder {class_dir}: '
+                                     'what it holds would take this class\'s label; copy it in, or remove the link')
+                print(f'warning: skipped {e.path}, a link to {target}, which this class folder already holds',
+                      file=sys.stderr, flush=True)
+    return [path for folder in sorted(files) for path in sorted(files[folder])]
+
+
 class ImageFolder(ReadChecked, datasets.ImageFolder):
-    """torchvision's ImageFolder, reading like ListDataset; an empty class folder is named."""
+    """torchvision's ImageFolder, reading like ListDataset; an empty class folder is named; links
+    in class folders are never followed (`class_files`)."""
 
     def __init__(self, root, transform=None, skip_bad=False):
         try:
@@ -101,6 +132,26 @@ class ImageFolder(ReadChecked, datasets.ImageFolder):
 
     def __getitem__(self, index):
         return self.read(index)
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """torchvision's (path, class index) list, read by `class_files`; two class folders that
+        are one folder (or one inside the other, through a link) are refused."""
+        # sorted by path components, a folder comes right before the first folder inside it
+        real = sorted((os.path.realpath(os.path.join(directory, c)).split(os.sep), c) for c in class_to_idx)
+        for (outer, a), (inner, b) in zip(real, real[1:]):
+            if inner[:len(outer)] == outer:
+                raise ValueError(f'class folders {os.path.join(directory, a)} and {os.path.join(directory, b)} '
+                                 f'are {"one folder" if inner == outer else "one inside the other"} '
+                                 f'({os.sep.join(outer)}): their images would have two labels')
+        valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+        samples = [(path, class_to_idx[c]) for c in sorted(class_to_idx)
+                   for path in class_files(os.path.join(directory, c)) if valid(path)]
+        present = {t for _, t in samples}
+        empty = {c for c, t in class_to_idx.items() if t not in present}
+        if empty and not allow_empty:
+            raise FileNotFoundError(f'found no valid file for the classes {", ".join(sorted(empty))}')
+        return samples
 
 
 class DigitsDataset(Dataset):

@@ -72,14 +72,34 @@ def _unreadable_reason(path: str, error: Exception) -> str:
     return first
 
 
-def _read_hub_format(path_or_url: str, what: str) -> dict:
-    """A timm folder (`local-dir:FOLDER`) or a `.safetensors` file."""
+def is_safetensors(path_or_url: str) -> bool:
+    """A `.safetensors` file or URL (its path, not a query, ends so)."""
+    return (urlparse(path_or_url).path if is_url(path_or_url) else path_or_url).endswith('.safetensors')
+
+
+def _download(url: str, what: str) -> str:
+    """The local copy of `url` (`cached_download`); CheckpointError (one line) if it fails."""
     try:
-        if path_or_url.startswith('local-dir:'):
-            return read_timm_folder(path_or_url[len('local-dir:'):])
-        if not os.path.isfile(path_or_url):
-            raise ValueError('does not exist')
-        return read_safetensors_checkpoint(path_or_url)
+        return cached_download(url)
+    except Exception as e:  # a failed download or hash
+        digest = re.match(r'invalid hash value \(expected "\w+", got "(\w{8})', str(e))
+        if digest:
+            raise CheckpointError(f'{what} {url}: the download\'s sha256 begins {digest.group(1)}, '
+                                  'not with the hash its name ends in: a damaged or another file (not kept)') from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f'{what} {url} could not be downloaded: {reason}') from None
+
+
+def _read_hub_format(path_or_url: str, what: str) -> dict:
+    """A timm folder (`local-dir:FOLDER`) or a `.safetensors` file or URL: a URL reads as its
+    local copy does, with the `arch` and the rest of its metadata."""
+    path = _download(path_or_url, what) if is_url(path_or_url) else path_or_url
+    try:
+        if path.startswith('local-dir:'):
+            return read_timm_folder(path[len('local-dir:'):])
+        if not os.path.isfile(path):
+            raise ValueError('is not a regular file' if os.path.exists(path) else 'does not exist')
+        return read_safetensors_checkpoint(path)
     except ValueError as e:
         raise CheckpointError(f'{what} {path_or_url}: {e}') from None
 
@@ -89,26 +109,21 @@ def read_checkpoint(path_or_url: str, what: str = 'checkpoint') -> dict:
     `.safetensors` file, or a timm folder (`local-dir:FOLDER`, with its `arch`); `what` names
     it in the CheckpointError (a flag, say) if it is not one."""
     path_or_url = str(path_or_url)
-    if path_or_url.startswith('local-dir:') or (path_or_url.endswith('.safetensors') and not is_url(path_or_url)):
+    if path_or_url.startswith('local-dir:') or is_safetensors(path_or_url):
         return _read_hub_format(path_or_url, what)
-    path = path_or_url
+    path = _download(path_or_url, what) if is_url(path_or_url) else path_or_url
     try:
-        if is_url(path_or_url):
-            path = cached_download(path_or_url)
-        elif os.path.isdir(path_or_url):
+        if os.path.isdir(path):
             hint = os.path.join(path_or_url, 'checkpoint.pth')
             raise CheckpointError(f'{what} {path_or_url} is a folder, not a checkpoint file'
                                   + (f' (did you mean {hint}?)' if os.path.isfile(hint) else ''))
-        elif not os.path.isfile(path_or_url):
-            raise CheckpointError(f'{what} {path_or_url} does not exist')
+        elif not os.path.isfile(path):
+            raise CheckpointError(f'{what} {path_or_url} ' + ('is not a regular file' if os.path.exists(path)
+                                                              else 'does not exist'))
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except CheckpointError:
         raise
-    except Exception as e:  # a failed download or hash, a damaged file, a refused pickle, ...
-        digest = re.match(r'invalid hash value \(expected "\w+", got "(\w{8})', str(e))
-        if digest:
-            raise CheckpointError(f'{what} {path_or_url}: the download\'s sha256 begins {digest.group(1)}, '
-                                  'not with the hash its name ends in: a damaged or another file (not kept)') from None
+    except Exception as e:  # a damaged file, a refused pickle, ...
         reason = _unreadable_reason(path, e) if os.path.isfile(path) else \
             (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f'{what} {path_or_url} is not a readable PyTorch checkpoint: {reason}') from None

@@ -10,9 +10,10 @@ mean, std, crop_pct, interpolation, and the class names when given). After `impo
 rebuilds it with its weights. `read_timm_folder` and `read_safetensors` give the folder or a
 bare `.safetensors` file as a checkpoint dict for `--model-path`, through the same checks.
 """
+import errno
 import json
 import os
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from timm.models import register_model
@@ -43,11 +44,34 @@ def write_timm_folder(model, folder: str, cfg: Dict) -> None:
               'num_features': model.num_features, 'model_args': {'arch': model.arch()},
               'pretrained_cfg': cfg}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+    def write_config(path):
+        with open(path, 'w') as f:
+            f.write(json.dumps(config, indent=1))
     for name, write in ((WEIGHTS, lambda p: save_file(state, p, metadata={'format': 'pt'})),
-                        (CONFIG, lambda p: open(p, 'w').write(json.dumps(config, indent=1)))):
-        tmp = os.path.join(folder, name + '.tmp')
+                        (CONFIG, write_config)):
+        write_whole(os.path.join(folder, name), os.path.join(folder, name + '.tmp'), write)
+
+
+def write_whole(path: str, tmp: str, write: Callable[[str], None]) -> None:
+    """write(tmp), then rename it to `path`: `path` is whole or as it was. A full disk (or quota)
+    is a DiskFullError, one line, whether Python (OSError) or safetensors' Rust (SafetensorError,
+    with the errno only in its text) reports it; no partial `tmp` stays."""
+    from safetensors import SafetensorError
+    from errors import DiskFullError
+    try:
         write(tmp)
-        os.replace(tmp, os.path.join(folder, name))
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        codes = (errno.ENOSPC, errno.EDQUOT)
+        if getattr(e, 'errno', None) in codes or any(f'(os error {c})' in str(e) for c in codes):
+            kept = f'the previous {os.path.basename(path)} is kept, complete' if os.path.exists(path) \
+                else f'no {os.path.basename(path)} was written before'
+            raise DiskFullError(f'the disk is full: {path} could not be written; {kept}') from None
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # what a checkpoint of this project keeps beside its weights in a .safetensors file (--save-format)
@@ -60,9 +84,8 @@ def write_safetensors_checkpoint(path: str, checkpoint: Dict) -> None:
     from safetensors.torch import save_file
     state = {k: v.detach().contiguous().cpu() for k, v in checkpoint['model'].items()}
     meta = {k: checkpoint[k] for k in CHECKPOINT_META if checkpoint.get(k) is not None}
-    tmp = f'{path}.tmp.{os.getpid()}'
-    save_file(state, tmp, metadata={'format': 'pt', 'dap_checkpoint': json.dumps(meta)})
-    os.replace(tmp, path)
+    write_whole(path, f'{path}.tmp.{os.getpid()}',
+                lambda tmp: save_file(state, tmp, metadata={'format': 'pt', 'dap_checkpoint': json.dumps(meta)}))
 
 
 def read_safetensors_checkpoint(path: str) -> Dict:
@@ -76,6 +99,8 @@ def read_safetensors_checkpoint(path: str) -> Dict:
         meta = json.loads(text) if text else {}
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise ValueError(f'{path}: its metadata is not readable: {str(e).splitlines()[0][:160]}') from None
+    except RecursionError:
+        raise ValueError(f'{path}: its dap_checkpoint metadata is not readable: JSON nested too deep') from None
     if not isinstance(meta, dict):
         raise ValueError(f'{path}: its dap_checkpoint metadata is not a JSON object')
     return {'model': state, **{k: meta[k] for k in CHECKPOINT_META if k in meta}}
@@ -104,10 +129,15 @@ def read_timm_folder(folder: str) -> Dict:
             config = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f'{config_path} is not JSON ({e})') from None
-    arch = config.get('model_args', {}).get('arch') if isinstance(config, dict) else None
+    except RecursionError:
+        raise ValueError(f'{config_path} is not a timm config (JSON nested too deep)') from None
+    if not isinstance(config, dict):
+        raise ValueError(f'{config_path} holds a JSON {type(config).__name__}, not a timm config (an object)')
+    model_args = config.get('model_args')
+    arch = model_args.get('arch') if isinstance(model_args, dict) else None
     if config.get('architecture') != ARCHITECTURE or not isinstance(arch, dict):
-        raise ValueError(f'{config_path} does not describe a {ARCHITECTURE} model with an "arch" '
-                         f'(architecture {config.get("architecture")!r})')
+        raise ValueError(f'{config_path} does not describe a {ARCHITECTURE} model with an "arch" in a '
+                         f'"model_args" object (architecture {config.get("architecture")!r})')
     return {'model': read_safetensors(weights), 'arch': arch, 'pretrained_cfg': config.get('pretrained_cfg')}
 
 

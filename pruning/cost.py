@@ -15,6 +15,8 @@ of a sub-block at once) and 0 where a width is 0: the cut removes such a sub-blo
 """
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -189,32 +191,44 @@ class LatencyTable(Cost):
     def load(cls, path: str) -> 'LatencyTable':
         """The table in `path`; ValueError (one line) naming the problem."""
         try:
+            # a FIFO or a device would block the open or the read: only a regular file is a table
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise ValueError(f'the latency table {path} is not a regular file')
             with open(path) as f:
                 table = json.load(f)
         except OSError as e:
             raise ValueError(f'cannot read the latency table {path}: {e.strerror or e}') from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f'the latency table {path} is not JSON ({e})') from None
+        except RecursionError:
+            raise ValueError(f'the latency table {path} is not a latency table (JSON nested too deep)') from None
         return cls(table, path)
 
     @classmethod
     def check(cls, table, source):
-        """The table's shape: every key, axes ascending from at least 1, a positive finite grid
-        of the axes' size; ValueError naming the first problem."""
+        """The table's shape: every key, the model's sizes whole numbers, axes of whole widths
+        ascending from at least 1, a positive finite grid of the axes' size; ValueError naming
+        the first problem. Every reader of a table goes through it (`load`, the constructor)."""
         if not isinstance(table, dict):
             raise ValueError(f'{source} is not a latency table (a JSON object)')
         missing = [k for k in cls.KEYS if k not in table]
         if missing or table.get('format') != TABLE_FORMAT:
             raise ValueError(f'{source} is not a {TABLE_FORMAT} file (missing {", ".join(missing) or "format"}): '
                              'make one with scripts/latency_table.py')
+        for k in ('embed_dim', 'num_heads', 'head_dim', 'mlp_hidden', 'tokens'):
+            if type(table[k]) is not int or table[k] < 1:
+                raise ValueError(f'{source}: {k} must be a whole number of at least 1, got {table[k]!r}')
         for kind, names in (('attn', ('d_in', 'head_dim', 'd_out')), ('mlp', ('d_in', 'hidden', 'd_out'))):
             part = table[kind]
             try:
                 axes = [[float(v) for v in part['axes'][n]] for n in names]
                 grid = torch.tensor(part['ms'], dtype=torch.float64)
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 raise ValueError(f'{source}: "{kind}" needs axes {", ".join(names)} and a grid "ms" ({e})') from None
             for n, ax in zip(names, axes):
+                # NaN compares False with everything: `ax[0] < 1` and `b <= a` would let it through
+                if not all(math.isfinite(v) and v == int(v) for v in ax):
+                    raise ValueError(f'{source}: {kind} axis {n} must hold whole widths, got {ax}')
                 if len(ax) < 2 or ax[0] < 1 or any(b <= a for a, b in zip(ax, ax[1:])):
                     raise ValueError(f'{source}: {kind} axis {n} must rise from at least 1 in 2 or more steps, got {ax}')
             if tuple(grid.shape) != tuple(len(ax) for ax in axes):
@@ -227,16 +241,18 @@ class LatencyTable(Cost):
             raise ValueError(f'{source}: other_ms must be a finite time of at least 0, got {other!r}')
         return table
 
-    def check_model(self, model) -> None:
-        """ValueError unless the table was measured for `model`'s dense shape."""
+    def check_model(self, model, error=ValueError) -> None:
+        """`error` (one line) unless the table was measured for `model`'s dense shape: its
+        widths and its token count, which the input size and the patch decide. Every reader
+        that uses a table for a model calls it (build_cost, scripts/benchmark.py)."""
         want = {'embed_dim': model.embed_dim, 'num_heads': model.num_heads,
                 'head_dim': model.embed_dim // model.num_heads,
                 'mlp_hidden': int(model.embed_dim * model.mlp_ratio),
                 'tokens': model.patch_embed.num_patches + model.num_prefix_tokens}
         wrong = [f'{k} {self.table[k]} (the model: {v})' for k, v in want.items() if self.table[k] != v]
         if wrong:
-            raise ValueError(f'{self.source} was measured for another model ({self.table["model"]}, '
-                             f'{self.table["input_size"]} px): ' + '; '.join(wrong))
+            raise error(f'{self.source} was measured for another model ({self.table["model"]}, '
+                        f'{self.table["input_size"]} px): ' + '; '.join(wrong))
 
     def attn(self, d_in, heads, head_dim, d_out):
         as_tensor, (a, h, b, c) = widths_as_tensors(d_in, heads, head_dim, d_out)

@@ -118,6 +118,8 @@ def build_variants(args):
             raise UsageError(e.reason if e.field == 'latency_table' else str(e)) from None
         source = (f'{args.model}, {args.prune_method} at prune ratio {args.prune_ratio} of '
                   f'{args.prune_budget}, random scores (seed {args.seed})')
+    if args.latency_table:  # the one check main.py makes too: the table was measured for this model
+        args.table.check_model(dense, UsageError)
     device = torch.device(args.device)
     variants = {'dense': dense.to(device), 'cut': cut.to(device)}
     if args.align:
@@ -228,6 +230,8 @@ def check_args(args):
             args.table = LatencyTable.load(args.latency_table)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if args.reference is not None and args.reference not in models.CONFIGS:
+        raise UsageError(f'unknown --reference {args.reference!r} (available: {", ".join(models.CONFIGS)})')
     check_device(args.device)
     if args.json:
         prepare_out(args.json, '--json')

@@ -27,7 +27,7 @@ import time
 import timm
 import torch
 
-import common  # noqa: F401  (first: it puts the repository root on sys.path)
+import common  # first: it puts the repository root on sys.path
 import fresh_process
 import models  # noqa: F401  (registers the models with timm)
 from engine import autocast
@@ -218,6 +218,8 @@ def main(argv=None):
         return None
     try:
         check_device(args.device)
+        if args.json:
+            common.prepare_out(args.json, '--json')
         runs = measure_rounds(args)
     except (UsageError, fresh_process.ChildFailed) as e:
         sys.exit(f'error: {e}')

@@ -15,7 +15,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import common  # noqa: F401  (first: it puts the repository root on sys.path)
+# common first: it puts the repository root on sys.path
+from common import is_number, line_of, mask_updates, numeric_rows, prepare_out
+from errors import UsageError
 from utils import read_log
 
 NAMES = {'block_pr': 'DAP', 'block_pr_cumulative': 'DAP, cumulative Taylor',
@@ -27,10 +29,10 @@ NAMES = {'block_pr': 'DAP', 'block_pr_cumulative': 'DAP, cumulative Taylor',
 
 
 def last_acc(log_txt: Path):
-    """test_acc1 of the last epoch in a log.txt, or None."""
+    """test_acc1 of the last epoch in a log.txt, or None; UsageError if one is not a number."""
     if not log_txt.is_file():
         return None
-    rows = read_log(log_txt, keys=('test_acc1',))
+    rows = numeric_rows(log_txt, ('test_acc1',))
     return rows[-1]['test_acc1'] if rows else None
 
 
@@ -41,17 +43,48 @@ def latency_ratio(run: Path):
         return None
     try:
         ratio = json.loads(path.read_text())['latency_ratio']
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
         print(f'warning: {path} holds no latency_ratio; left out', file=sys.stderr)
         return None
     return ratio if isinstance(ratio, (int, float)) else None
 
 
+def bad_finalize(record):
+    """Whether a finalize record lacks the numbers collect() reads."""
+    rows = record.get('sub_blocks')
+    return (record.get('event') == 'finalize'
+            and not (is_number(record.get('params_cut')) and is_number(record.get('params_dense'))
+                     and isinstance(rows, list) and rows
+                     and all(isinstance(r, dict) and isinstance(r.get('sub_block'), str)
+                             and is_number(r.get('keep_ratio')) for r in rows)))
+
+
 def finalize_record(run: Path):
+    """The last finalize record of the run's pruning_log.jsonl, or None; UsageError naming the
+    line of a finalize record without the numbers collect() reads."""
     path = run / 'prune' / 'pruning_log.jsonl'
     if not path.is_file():
         return None
-    return next((r for r in reversed(read_log(path)) if r.get('event') == 'finalize'), None)
+    records = [r for r in read_log(path) if r.get('event') == 'finalize']
+    if any(bad_finalize(r) for r in records):
+        raise UsageError(f'{path} line {line_of(path, bad_finalize)}: a finalize record without numbers in '
+                         'params_cut, params_dense and sub_blocks (sub_block, keep_ratio)')
+    return records[-1] if records else None
+
+
+def run_key(run: Path):
+    """(method, prune ratio) of a run folder named METHOD_prRATIO, as compare_methods.sh names
+    them; None, with a warning, for another folder (a backup such as block_pr_pr0.5_old)."""
+    method, _, pr = run.name.rpartition('_pr')
+    try:
+        ratio = float(pr)
+    except ValueError:
+        ratio = None
+    if method in NAMES and ratio is not None and 0 < ratio < 1:
+        return method, ratio
+    print(f'warning: {run} is not named METHOD_prRATIO (METHOD one of {", ".join(NAMES)}, RATIO in (0, 1)): '
+          'skipped', file=sys.stderr)
+    return None
 
 
 def collect(out: Path):
@@ -62,11 +95,13 @@ def collect(out: Path):
         if acc is not None:
             dense.append(acc)
         for run in sorted(seed_dir.glob('*_pr*')):
-            method, pr = run.name.rsplit('_pr', 1)
+            key = run_key(run) if run.is_dir() else None
+            if key is None:
+                continue
             final, tuned = finalize_record(run), last_acc(run / 'finetune' / 'log.txt')
             if final is None or tuned is None:
                 continue
-            runs.setdefault((method, float(pr)), []).append({
+            runs.setdefault(key, []).append({
                 'seed': seed_dir.name, 'cut': last_acc(run / 'prune' / 'log.txt'), 'tuned': tuned,
                 'params': final['params_cut'], 'params_dense': final['params_dense'],
                 'latency': latency_ratio(run),
@@ -136,7 +171,7 @@ def plot_over_time(out: Path, path, run='block_pr_pr0.5'):
     log = next(iter(sorted(out.glob(f'seed*/{run}/prune/pruning_log.jsonl'))), None)
     if log is None:
         return None
-    updates = [r for r in read_log(log) if 'step' in r]
+    updates = mask_updates(log, ('epoch', 'delta_psi_cls', 'goal_keep_ratio'))
     if not updates:
         return None
     epochs = [r['epoch'] for r in updates]
@@ -168,7 +203,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not Path(args.out).is_dir():
         sys.exit(f'error: {args.out} is not a folder of runs (scripts/compare_methods.sh writes output/compare)')
-    runs, dense = collect(Path(args.out))
+    try:
+        for flag, path in (('--figure', args.figure), ('--figure-dap', args.figure_dap)):
+            if path:
+                prepare_out(path, flag)
+        runs, dense = collect(Path(args.out))
+        dap_figure = args.figure_dap and plot_over_time(Path(args.out), args.figure_dap)
+    except UsageError as e:
+        sys.exit(f'error: {e}')
     header, rows = table(runs, dense)
     if args.markdown:
         print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
@@ -180,7 +222,7 @@ def main(argv=None):
     if args.figure and runs:
         plot(runs, args.figure)
         print(f'figure: {args.figure}')
-    if args.figure_dap and plot_over_time(Path(args.out), args.figure_dap):
+    if dap_figure:
         print(f'figure: {args.figure_dap}')
 
 

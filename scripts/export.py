@@ -23,7 +23,7 @@ import timm
 import torch
 
 # common first: it puts the repository root on sys.path
-from common import export_onnx, prepare_out
+from common import export_onnx, prepare_folder, prepare_out
 import models
 from errors import UsageError
 from train.checkpoints import load_checkpoint_file
@@ -58,6 +58,21 @@ def export_timm(model, ckpt, folder, label_names=None):
         return float((again(x) - model.eval()(x)).abs().max())
 
 
+def read_label_names(path):
+    """The class names of a text file, one per line; UsageError if it is not UTF-8 text."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f'--label-names {path}: {e.strerror or e}') from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f'--label-names {path} is not UTF-8 text (byte {e.start}): a text file of '
+                         'class names, one per line') from None
+    if '\0' in text:
+        raise UsageError(f'--label-names {path} is a binary file: a text file of class names, one per line')
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def max_difference(model, path, x):
     """max |logits(PyTorch) − logits(onnxruntime)| on x."""
     import onnxruntime as ort
@@ -86,13 +101,8 @@ def main(argv=None):
         if args.format == 'timm':
             if os.path.exists(args.out) and not os.path.isdir(args.out):
                 raise UsageError(f'--out {args.out} is a file: --format timm writes a folder')
-            names = None
-            if args.label_names:
-                try:
-                    with open(args.label_names) as f:
-                        names = [line.strip() for line in f if line.strip()]
-                except OSError as e:
-                    raise UsageError(f'--label-names {args.label_names}: {e.strerror or e}') from None
+            names = read_label_names(args.label_names) if args.label_names else None
+            prepare_folder(args.out)
         else:
             prepare_out(args.out)
         model = load_model(args.checkpoint, args.model).eval()

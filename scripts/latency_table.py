@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 
 import timm
@@ -146,7 +147,18 @@ def check_args(args):
     check_device(args.device)
     if args.amp and not args.device.startswith('cuda'):
         raise UsageError('--amp times float16 autocast on CUDA; this --device is not')
+    patch = models.CONFIGS[args.model].patch_size
+    if args.input_size is not None and args.input_size % patch:
+        # the patch embedding would drop the rest: the table would be of a smaller input size
+        raise UsageError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch '
+                         f'{patch}: its tokens would be those of {args.input_size // patch * patch} px')
     prepare_out(args.out)
+    try:  # writable now, not after minutes of timing
+        with open(f'{args.out}.tmp', 'w'):
+            pass
+        os.remove(f'{args.out}.tmp')
+    except OSError as e:
+        raise UsageError(f'--out {args.out}: cannot write there: {e.strerror or e}') from None
 
 
 def main(argv=None):
@@ -182,9 +194,14 @@ def main(argv=None):
     table['check'] = checks
     table['seconds_to_build'] = time.perf_counter() - started
     tmp = f'{args.out}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(table, f, indent=1)
-    os.replace(tmp, args.out)
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(table, f, indent=1)
+        os.replace(tmp, args.out)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        sys.exit(f'error: --out {args.out} could not be written: {e.strerror or e}')
     print(f'{args.model} @ {args.input_size}px, batch {args.batch_size}, {table["device"]}, '
           f'{table["threads"]} threads, torch {table["torch"]}: grid measured in '
           f'{table["seconds_to_measure"]:.0f} s')
@@ -197,4 +214,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print('stopped by Ctrl-C: no table was written', file=sys.stderr)
+        sys.exit(130)

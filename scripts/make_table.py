@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 # common first: it puts the repository root on sys.path
-from common import best_top1
+from common import best_top1, is_number
 from errors import UsageError
 from train.checkpoints import load_checkpoint_file
 
@@ -45,6 +45,9 @@ def cut_summary(ckpt: Path):
     summary = load_checkpoint_file(str(ckpt), 'checkpoint').get('summary')
     if not isinstance(summary, dict) or not {'params_cut', 'flops_cut'} <= set(summary):
         raise UsageError(f'checkpoint {ckpt} has no finalize "summary": not a first_sparse_checkpoint.pth')
+    if not (is_number(summary['params_cut']) and is_number(summary['flops_cut'])):
+        raise UsageError(f'checkpoint {ckpt}: its "summary" holds params_cut {summary["params_cut"]!r:.40} and '
+                         f'flops_cut {summary["flops_cut"]!r:.40}, not numbers')
     return summary
 
 

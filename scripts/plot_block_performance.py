@@ -17,14 +17,14 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import prepare_out  # noqa: E402  (first: it puts the repository root on sys.path)
+from common import mask_updates, prepare_out  # noqa: E402  (first: it puts the repository root on sys.path)
 from errors import UsageError  # noqa: E402
-from utils import read_log  # noqa: E402
 
 
 def read_updates(path):
-    """The mask-update records (not the finalize summary) of a pruning_log.jsonl."""
-    return [r for r in read_log(path) if 'step' in r and r.get('window', 1) > 0]
+    """DAP's mask-update records with a ΔΨ window (not the finalize summary); UsageError if
+    one is malformed."""
+    return [r for r in mask_updates(path) if r.get('window', 1) > 0]
 
 
 def pick(updates, epochs, n_default=4):
@@ -81,12 +81,19 @@ def main(argv=None):
     if not Path(args.log).is_file():
         sys.exit(f'error: {args.log} does not exist')
     try:
+        Path(args.log).read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        sys.exit(f'error: {args.log} is not UTF-8 text (byte {e.start}): not a pruning_log.jsonl')
+    try:
+        if any(not np.isfinite(e) for e in args.epochs or ()):
+            raise UsageError(f'--epochs takes finite numbers, got {" ".join(map(str, args.epochs))}')
         prepare_out(args.out)
+        updates = read_updates(args.log)
     except UsageError as e:
         sys.exit(f'error: {e}')
-    updates = read_updates(args.log)
     if not updates:
-        sys.exit(f'error: {args.log} has no mask update with ΔΨ')
+        sys.exit(f'error: {args.log} has no mask update with ΔΨ (delta_psi_cls): not the pruning_log.jsonl '
+                 'of a DAP run')
     chosen = pick(updates, args.epochs)
     plot(chosen, args.out, args.title)
     epochs = ', '.join(f'{r["epoch"]:.1f}' for r in chosen)

@@ -18,13 +18,17 @@ ROOT=${ROOT:-output/table}
 export NGPU=${NGPU:-4}
 declare -A PATHS=([IFOOD]=${IFOOD_PATH:-/data/ifood2019} [INAT19]=${INAT19_PATH:-/data/inat2019})
 # continue_flags DIR: the flags that continue the run in DIR, or "done" if it finished
+# A folder run_state.py refuses (a run that lost its checkpoint.pth, an unreadable checkpoint)
+# stops the script with its line: never --overwrite (the failure of a command substitution does
+# not stop a function under set -e, hence the explicit returns).
 continue_flags() {
   local state
-  state=$(python scripts/run_state.py "$1")
+  state=$(python scripts/run_state.py "$1") || return 1
   case $state in
     done) echo done ;;
     resume\ *) echo "--resume ${state#resume }" ;;
-    *) echo --overwrite ;;  # nothing to continue: whatever is there was left by a killed first epoch
+    new) echo --overwrite ;;  # nothing to continue: whatever is there was left by a killed first epoch
+    *) echo "error: scripts/run_state.py $1 said '$state'" >&2; return 1 ;;
   esac
 }
 for DATASET in IFOOD INAT19; do

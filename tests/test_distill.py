@@ -72,8 +72,13 @@ def test_a_deit_command_line_with_a_teacher_prunes_and_fine_tunes(tmp_path):
 
 
 def test_a_teacher_that_does_not_fit_is_one_line_before_the_folder(tmp_path):
+    from test_hub import cut_checkpoint
     torch.save({'model': micro(0, num_classes=7).state_dict()}, tmp_path / 'seven.pth')
+    cut_checkpoint(tmp_path / 'cut32.pth')  # a cut teacher made at 32 px
     cases = {'no path': (['--distillation-type', 'soft'], r'^error: --distillation-type soft needs --teacher-path'),
+             'cut teacher at another input size': (['--distillation-type', 'soft', '--teacher-path', str(tmp_path / 'cut32.pth'),
+                                                    '--input-size', '16'],
+                                                   r"^error: --teacher-path .* made at 32 px, this run's --input-size is 16"),
              'other classes': (['--distillation-type', 'hard', '--teacher-model', 'deit_micro_patch4_32',
                                 '--teacher-path', str(tmp_path / 'seven.pth')], r'^error: --teacher-path .*do not fit'),
              'bad alpha': (['--distillation-type', 'soft', '--distillation-alpha', '1.5'],

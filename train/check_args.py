@@ -30,6 +30,10 @@ def check_args(args):
         raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
                          f'{config.patch_size} of {args.model}')
     methods.check_flags(args)
+    if args.prune_method is not None and args.resize_model_by_checkpoint:
+        raise UsageError(f'--prune-method {args.prune_method} needs an uncut model (its gates are sized by the '
+                         'dense ViT), and --resize-model-by-checkpoint rebuilds a cut one: prune the dense '
+                         'weights, or fine-tune the cut model without --prune-method')
     if args.prune_method is not None:
         if args.prune_finalize_epoch is None:
             args.prune_finalize_epoch = args.epochs
@@ -79,6 +83,9 @@ def check_deit_flags(args):
     if args.src and not args.ThreeAugment:
         raise UsageError('--src changes the crop of --ThreeAugment (as in DeiT) and does nothing '
                          'without it: add --ThreeAugment')
+    if args.teacher_path and args.distillation_type == 'none':
+        raise UsageError(f'--teacher-path {args.teacher_path} is read only with --distillation-type soft or hard '
+                         '(DeiT would train without the teacher and say nothing): add one, or leave out --teacher-path')
     if args.bce_loss and args.smoothing > 0:
         raise UsageError(f'--bce-loss thresholds every target at 0 (DeiT), so --smoothing {args.smoothing:g} '
                          'would make every class a positive: use --smoothing 0, as DeiT III does')

@@ -89,6 +89,10 @@ def model_arch(args, model_path_checkpoint, resume_checkpoint):
     if resume_checkpoint is not None and resume_checkpoint.get('arch') is not None:
         arch, source = resume_checkpoint['arch'], f'--resume {args.resume}'
     elif model_path_checkpoint is not None and model_path_checkpoint.get('arch') is not None:
+        if args.prune_method is not None:  # (with --resize-model-by-checkpoint, check_args refused it)
+            raise UsageError(f'--model-path {args.model_path} holds a cut model (it has "arch"): --prune-method '
+                             f'{args.prune_method} needs an uncut one (its gates are sized by the dense ViT); '
+                             'prune the dense weights, or fine-tune the cut model without --prune-method')
         if not args.resize_model_by_checkpoint:
             raise UsageError(f'--model-path {args.model_path} holds a cut model (it has "arch"): '
                              'add --resize-model-by-checkpoint to rebuild it')
@@ -214,7 +218,17 @@ def build_teacher(args, nb_classes, device):
             if ckpt.get('arch') is None else models.load_model(ckpt)
     except ValueError as e:
         what = 'its arch' if ckpt.get('arch') is not None else f'--teacher-model {args.teacher_model}'
-        raise UsageError(f'--teacher-path {args.teacher_path} ({what}): {first_line(e)}') from None
+        # a dense checkpoint of this project stores no arch, only the --model it was trained as
+        saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+        recorded = saved.get('model') if isinstance(saved.get('model'), str) else None
+        hint = f'; it is a dense checkpoint of --model {recorded}: pass --teacher-model {recorded}' \
+            if ckpt.get('arch') is None and recorded in models.CONFIGS and recorded != args.teacher_model else ''
+        raise UsageError(f'--teacher-path {args.teacher_path} ({what}): {first_line(e)}{hint}') from None
+    size = getattr(teacher, 'img_size', args.input_size)
+    if size != args.input_size:  # its position embedding is for another grid: the forward would fail
+        raise UsageError(f'--teacher-path {args.teacher_path}: the teacher was made at {size} px, this run\'s '
+                         f'--input-size is {args.input_size}: it sees the student\'s images; use a teacher '
+                         f'made at {args.input_size} px')
     classes = getattr(teacher, 'num_classes', nb_classes)
     if classes != nb_classes:
         raise UsageError(f'--teacher-path {args.teacher_path}: the teacher has {classes} classes, '

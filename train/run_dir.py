@@ -5,6 +5,7 @@ lines its checkpoint recorded. The process that writes a run holds its folder's 
 (`run.lock`) while it lives. Checkpoints are written atomically (utils.save_on_master)."""
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from models.checkpoint_io import is_url
 import utils
 from errors import UsageError
 from train.checkpoints import load_checkpoint_file
+from train.methods import registry
 
 # what a run writes into --output_dir: a folder holding any of them holds a run ...
 RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'first_sparse_checkpoint.pth', 'log.txt',
@@ -90,9 +92,17 @@ def take_lock(out: Path):
 
 
 def continues_run(args) -> bool:
-    """--resume names a checkpoint inside --output_dir: the run there goes on."""
-    return bool(args.resume and args.output_dir) and not is_url(args.resume) and \
-        Path(args.resume).resolve().parent == Path(args.output_dir).resolve()
+    """--resume names a checkpoint inside --output_dir (through links to the folder or to the
+    file, compared as real paths): the run there goes on."""
+    if not (args.resume and args.output_dir) or is_url(args.resume):
+        return False
+    out = Path(args.output_dir).resolve()
+    return Path(args.resume).parent.resolve() == out or same_file(args.resume, out / 'checkpoint.pth')
+
+
+def same_file(a, b) -> bool:
+    """a and b are one file once links are followed (a refusal never advises what was typed)."""
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def check_run_dir(args):
@@ -110,7 +120,8 @@ def check_run_dir(args):
     if not holds_run(out) or args.overwrite or continues_run(args):
         return
     found = [name for name in RUN_FILES + START_FILES if (out / name).exists()]
-    how = f'--resume {out / "checkpoint.pth"} continues it, ' if 'checkpoint.pth' in found else ''
+    resumable = 'checkpoint.pth' in found and not (args.resume and same_file(args.resume, out / 'checkpoint.pth'))
+    how = f'--resume {out / "checkpoint.pth"} continues it, ' if resumable else ''
     raise UsageError(f'--output_dir {out} holds a run ({", ".join(found[:3])}{", …" if len(found) > 3 else ""}): '
                      f'{how}--overwrite replaces it')
 
@@ -136,7 +147,22 @@ def load_resume_checkpoint(args):
     problem = checkpoint_problem(checkpoint)
     if problem:
         raise UsageError(f'--resume {args.resume}: {problem}: not a checkpoint of this script')
+    if not args.eval and ('optimizer' not in checkpoint or 'epoch' not in checkpoint):
+        raise UsageError(f'--resume {args.resume} holds weights only (no optimizer state and epoch): '
+                         f'it cannot continue a run; {resumable_instead(args.resume)}')
     return checkpoint
+
+
+def resumable_instead(path) -> str:
+    """What to pass instead of a --resume file that holds weights only: its folder's
+    checkpoint.pth (--save-format safetensors writes NAME.safetensors beside it) or NAME.pth,
+    never the file given; else --model-path."""
+    if not is_url(path):
+        here = Path(path)
+        for other in (here.parent / 'checkpoint.pth', here.with_suffix('.pth')):
+            if other.is_file() and not same_file(other, here):
+                return f'--resume {other} continues its run'
+    return 'to train from its weights, pass it as --model-path (with --resize-model-by-checkpoint if it is cut)'
 
 
 def checkpoint_problem(ckpt):
@@ -173,12 +199,89 @@ def check_resume_kind(args, checkpoint, pruning):
     if pruning and saved.get('prune_method') not in (None, args.prune_method):
         raise UsageError(f'--resume {args.resume} was written by --prune-method {saved["prune_method"]}, '
                          f'not {args.prune_method}')
+    if pruning and not args.eval:
+        check_resume_settings(args, checkpoint)
     # after an in-run cut the pruning method still decides the learning rate (constant for DAP)
     if checkpoint.get('arch') is not None and 'optimizer' in checkpoint and 'prune_method' in saved \
             and saved['prune_method'] != args.prune_method:
         raise UsageError(f'--resume {args.resume} continues a run of --prune-method '
                          f'{saved["prune_method"] or "none"} (after its cut), not {args.prune_method or "none"}: '
                          'repeat its flags')
+
+
+def pruning_settings(method):
+    """(dest, flag) of every flag that decides what a --prune-method's pruner does: the common
+    pruning flags and each setting its family declares (train/methods/registry.py)."""
+    family = registry.family_of(method)
+    common = [(registry.dest_of(flag), flag) for flag in registry.COMMON_FIELDS.values()]
+    return common + [(dest, flag) for dest, flag, _ in family.own_flags()]
+
+
+def setting_digests(args) -> dict:
+    """sha256 of each file a pruning setting names (kind 'file': --latency-table), by its dest,
+    or None where none is named: a checkpoint records what the pruner read."""
+    if args.prune_method is None:
+        return {}
+    digests = {}
+    for cls in registry.family_of(args.prune_method).settings:
+        for f in registry.settings_of(cls):
+            if f.metadata['kind'] == 'file':
+                path = getattr(args, registry.dest_of(f.metadata['flag']))
+                digests[registry.dest_of(f.metadata['flag'])] = \
+                    hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    return digests
+
+
+def shown(value) -> str:
+    return ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_resume_settings(args, checkpoint):
+    """A pruning run resumed with another value of any setting of its method would switch
+    targets mid-run (the log would mix two runs): every one must match. None may change, not
+    even --lr-soft-head (the restored optimizer state would keep the old rate and ignore it);
+    a file (--latency-table) is compared by its contents' sha256, not by its path (a moved
+    table is the same table, an edited one is not)."""
+    saved = checkpoint.get('args')
+    if not saved:
+        raise UsageError(f'--resume {args.resume} records no "args": its pruning settings cannot be checked')
+    then_digests, now_digests = checkpoint.get('setting_digests') or {}, setting_digests(args)
+    changed = []
+    for dest, flag in pruning_settings(args.prune_method):
+        then, now = saved.get(dest), getattr(args, dest)
+        if dest in now_digests and dest in then_digests:
+            if then_digests[dest] != now_digests[dest]:
+                digest = [d[:12] if d else 'none' for d in (then_digests[dest], now_digests[dest])]
+                changed.append(f'{flag} (sha256 {digest[0]} then, {digest[1]} now)')
+        elif dest in saved and (list(then) if isinstance(then, tuple) else then) != \
+                (list(now) if isinstance(now, tuple) else now):
+            changed.append(f'{flag} ({shown(then)} then, {shown(now)} now)')
+    if changed:
+        raise UsageError(f'--resume {args.resume} was pruned with other settings: {"; ".join(changed)}'[:400] +
+                         ': resume with the ones it was written with')
+
+
+def check_logs(args, checkpoint):
+    """The logs of a continued run hold, complete, every line its checkpoint counts
+    (`log_lines`): a log cut short within them has lost a record, and the resumed run would
+    append onto its half line. A last counted line that only lacks its newline is complete,
+    and cut_logs adds the newline; anything else is refused. Reads only."""
+    for name, n in (checkpoint.get('log_lines') or {}).items():
+        path = Path(args.output_dir) / name
+        lines = path.read_text(errors='replace').splitlines() if path.is_file() else []
+        bad = next((i for i, line in enumerate(lines[:n]) if not is_record(line)), None)
+        if bad is None and len(lines) >= n:
+            continue
+        where = f'line {bad + 1} is not a complete JSON record' if bad is not None else f'it has {len(lines)} line(s)'
+        raise UsageError(f'--resume {args.resume} counts {n} line(s) of {path}, but {where}: records were lost '
+                         'and the run would append onto a damaged log; restore it, or start the run again')
+
+
+def is_record(line) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def check_resume_steps(args, checkpoint, steps_per_epoch):
@@ -223,8 +326,10 @@ def open_run(args, checkpoint, steps_per_epoch):
     """The RunDir of this command line (nothing is written under --eval or without --output_dir)."""
     if args.eval:
         return RunDir('')
-    check_output_dir(args.output_dir)
     continued = checkpoint if continues_run(args) else None
+    if continued is not None:
+        check_logs(args, continued)
+    check_output_dir(args.output_dir)
     resumed_step = (checkpoint['epoch'] + 1) * steps_per_epoch \
         if continued is not None and 'optimizer' in checkpoint else None
     run = RunDir(args.output_dir, overwrite=args.overwrite, continued=continued, purge_step=resumed_step,
@@ -281,11 +386,15 @@ class RunDir:
                 continue
             n, path = log_lines[name], self.dir / name
             lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-            if len(lines) > n:
+            kept = lines[:n]
+            if kept and not kept[-1].endswith('\n'):  # complete (check_logs), only its newline was lost
+                kept[-1] += '\n'
+            if kept != lines:
                 tmp = path.with_name(f'{name}.tmp.{os.getpid()}')
-                tmp.write_text(''.join(lines[:n]))
+                tmp.write_text(''.join(kept))
                 os.replace(tmp, path)
-                print(f'{name}: removed {len(lines) - n} line(s) written after the --resume checkpoint')
+                if len(lines) > n:
+                    print(f'{name}: removed {len(lines) - n} line(s) written after the --resume checkpoint')
 
     def save(self, name, obj):
         """NAME.pth; with --save-format safetensors also its model as NAME.safetensors (the

@@ -13,8 +13,27 @@ from engine import _readable, accumulate_scores, evaluate, train_one_epoch
 from losses import DistillationLoss
 from pruning import format_summary
 from pruning.cost import count_flops
-from train import methods
+from pruning import PruneSchedule
+from train import methods, run_dir
 from train.recipe import build_criterion, build_optimizer, build_scheduler, scaled_lr, wrap
+
+
+def check_mask_updates(args, pruner):
+    """A method whose schedule updates masks every --prune-steps-update-mask steps (§6) needs at
+    least one update between the start of pruning and the cut: with none (a --grad-accum-steps
+    that leaves few steps per epoch, or a long update interval), it degenerates into one cut
+    at finalize, silently. Refused with the numbers."""
+    schedule = pruner.schedule
+    if pruner.one_shot or PruneSchedule not in methods.family_of(args.prune_method).settings:
+        return
+    updates = (schedule.step_final - schedule.step_start) // schedule.steps_update_mask
+    if updates < 1:
+        raise UsageError(
+            f'no mask update falls before the cut: {schedule.steps_per_epoch} optimizer step(s) per epoch '
+            f'(--grad-accum-steps {args.grad_accum_steps}), a mask update every {schedule.steps_update_mask} '
+            f'(--prune-steps-update-mask {args.prune_steps_update_mask}), pruning from epoch {schedule.start_epoch} '
+            f'(step {schedule.step_start}) to the cut at epoch {schedule.finalize_epoch} (step {schedule.step_final}): '
+            'use a smaller --grad-accum-steps or --prune-steps-update-mask, or a longer pruning window')
 
 
 class Trainer:
@@ -23,7 +42,11 @@ class Trainer:
     trains nothing, so it builds no optimizer, schedule or EMA)."""
 
     def __init__(self, args, device, amp, model, pruner=None):
+        if pruner is not None and not args.eval:
+            check_mask_updates(args, pruner)
         self.args, self.device, self.amp = args, device, amp
+        # what the pruner read from files (--latency-table), recorded in every checkpoint
+        self.setting_digests = run_dir.setting_digests(args) if pruner is not None else None
         self.model, self.pruner = model, pruner
         self.criterion, self.mixup_fn = build_criterion(args, args.nb_classes, device)
         self.lr = scaled_lr(args)
@@ -190,6 +213,7 @@ class Trainer:
             ckpt['arch'] = self.model.arch()
         if self.pruner is not None:
             ckpt['pruner'] = self.pruner.state_dict()
+            ckpt['setting_digests'] = self.setting_digests
         try:
             self.run.save('checkpoint.pth', ckpt)
             if self.run.dir is not None:
