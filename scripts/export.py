@@ -25,7 +25,7 @@ import torch
 # common first: it puts the repository root on sys.path
 from common import export_onnx, prepare_folder, prepare_out
 import models
-from errors import UsageError
+from errors import DiskFullError, UsageError
 from train.checkpoints import load_checkpoint_file
 
 
@@ -111,7 +111,7 @@ def main(argv=None):
             print(f'wrote {args.out}/config.json and model.safetensors ({model.num_parameters():,} parameters); '
                   f"timm.create_model('local-dir:{args.out}') vs PyTorch max |Δlogit| = {diff:.2e}")
             return
-    except UsageError as e:
+    except (UsageError, DiskFullError) as e:  # a full disk: DiskFullError says what was kept
         sys.exit(f'error: {e}')
     n_params = model.num_parameters()  # the deployment's dense forms only add exact zeros
     if args.deploy == 'measure' and model.is_cut:
