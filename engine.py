@@ -47,7 +47,7 @@ def _backward_and_step(loss, optimizer, loss_scaler, clip_grad, update):
         optimizer.step()
 
 
-def _readable(samples, targets, fill):
+def readable_rows(samples, targets, fill):
     """(samples, targets, n) without the n rows whose image could not be read (target UNREADABLE,
     under --skip-bad-images): dropped, or with `fill` replaced by copies of the batch's readable
     rows, so that every training step sees as many samples (and mixup an even batch)."""
@@ -77,7 +77,7 @@ def _training_batches(data_loader, device, mixup_fn, n, print_freq, header, metr
     for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         if i >= n:
             break
-        samples, targets, unreadable = _readable(samples, targets, fill=True)
+        samples, targets, unreadable = readable_rows(samples, targets, fill=True)
         samples, targets = _to_device(samples, targets, device, mixup_fn)
         yield i, samples, targets, unreadable
 
@@ -168,7 +168,7 @@ def evaluate(data_loader, model, device, amp=None, print_freq: int = 10,
     unreadable = SmoothedValue()  # the share of unreadable images, whatever the processes read
     for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
         n_read = images.shape[0]
-        images, target, n_bad = _readable(images, target, fill=False)
+        images, target, n_bad = readable_rows(images, target, fill=False)
         unreadable.update(n_bad / n_read, n=n_read)
         if images.shape[0] == 0:
             continue

@@ -1,4 +1,7 @@
-"""The errors a run ends with, each printed by main.py as one line (`first_line`)."""
+"""The errors a run ends with, each printed by main.py as one line (`first_line`), and the one
+atomic write that turns a full disk into `DiskFullError`."""
+import errno
+import os
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:
@@ -26,3 +29,23 @@ class RunStopped(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum, self.where = signum, None
+
+
+def write_whole(path: str, tmp: str, write, full_disk_texts=()) -> None:
+    """write(tmp), then rename it to `path`: `path` is whole or as it was, and no partial `tmp`
+    stays. A full disk (or quota) is a DiskFullError, one line: an OSError with its errno, or a
+    writer that reports it only in its message (`full_disk_texts`: torch.save's short write,
+    safetensors' Rust errors)."""
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        codes = (errno.ENOSPC, errno.EDQUOT)
+        if getattr(e, 'errno', None) in codes or any(t in str(e) for t in full_disk_texts):
+            kept = f'the previous {os.path.basename(path)} is kept, complete' if os.path.exists(path) \
+                else f'no {os.path.basename(path)} was written before'
+            raise DiskFullError(f'the disk is full: {path} could not be written; {kept}') from None
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

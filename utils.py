@@ -1,7 +1,6 @@
 """Distributed set-up and metric logging (DeiT's utils.py, device-agnostic): the process
 group, seeds, the console's MetricLogger, atomic checkpoint saves, and reading log.txt back."""
 import datetime
-import errno
 import glob
 import hashlib
 import os
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import DiskFullError, UsageError, first_line
+from errors import UsageError, first_line, write_whole
 
 
 # ---- distributed --------------------------------------------------------------------------
@@ -246,21 +245,9 @@ def save_on_master(obj, path):
     path removes such leftovers (only one process writes a run's checkpoints)."""
     if not is_main_process():
         return
-    tmp = f'{path}.tmp.{os.getpid()}'
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        # torch.save reports a short write as "unexpected pos …", without an errno
-        short = any(m in str(e) for m in ('unexpected pos', 'file write failed'))
-        if getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or short:
-            kept = f'the previous {os.path.basename(path)} is kept, complete' if os.path.exists(path) \
-                else f'no {os.path.basename(path)} was written before'
-            raise DiskFullError(f'the disk is full: {path} could not be written; {kept}') from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # torch.save reports a short write as "unexpected pos …", without an errno
+    write_whole(path, f'{path}.tmp.{os.getpid()}', lambda tmp: torch.save(obj, tmp),
+                ('unexpected pos', 'file write failed'))
     for stale in glob.glob(f'{glob.escape(str(path))}.tmp.*'):
         try:
             os.remove(stale)

@@ -54,24 +54,10 @@ def write_timm_folder(model, folder: str, cfg: Dict) -> None:
 
 
 def write_whole(path: str, tmp: str, write: Callable[[str], None]) -> None:
-    """write(tmp), then rename it to `path`: `path` is whole or as it was. A full disk (or quota)
-    is a DiskFullError, one line, whether Python (OSError) or safetensors' Rust (SafetensorError,
-    with the errno only in its text) reports it; no partial `tmp` stays."""
-    from safetensors import SafetensorError
-    from errors import DiskFullError
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        codes = (errno.ENOSPC, errno.EDQUOT)
-        if getattr(e, 'errno', None) in codes or any(f'(os error {c})' in str(e) for c in codes):
-            kept = f'the previous {os.path.basename(path)} is kept, complete' if os.path.exists(path) \
-                else f'no {os.path.basename(path)} was written before'
-            raise DiskFullError(f'the disk is full: {path} could not be written; {kept}') from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """errors.write_whole, knowing how safetensors' Rust reports a full disk (the errno only
+    in its text)."""
+    from errors import write_whole as whole
+    whole(path, tmp, write, tuple(f'(os error {c})' for c in (errno.ENOSPC, errno.EDQUOT)))
 
 
 # what a checkpoint of this project keeps beside its weights in a .safetensors file (--save-format)

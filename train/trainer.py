@@ -9,7 +9,7 @@ from timm.utils import ModelEmaV3, NativeScaler
 
 import utils
 from errors import DiskFullError, RunStopped, UsageError, first_line
-from engine import _readable, accumulate_scores, evaluate, train_one_epoch
+from engine import accumulate_scores, evaluate, readable_rows, train_one_epoch
 from losses import DistillationLoss
 from pruning import format_summary
 from pruning.cost import count_flops
@@ -277,7 +277,7 @@ class Trainer:
         (--skip-bad-images marks them with the target UNREADABLE, -1: a device-side assert in
         the loss on CUDA); a batch with none left is skipped."""
         for images, targets in loader:
-            images, targets, _ = _readable(images, targets, fill=False)
+            images, targets, _ = readable_rows(images, targets, fill=False)
             if len(targets):
                 yield images.to(self.device), targets.to(self.device)
 
