@@ -9,6 +9,7 @@ import errno
 import signal
 import sys
 
+import models
 import utils
 from datasets import UnreadableImageError
 from train import methods, recipe, run_dir
@@ -82,6 +83,8 @@ def cli(argv=None):
     parser = ArgumentParser('DeiT training, Depth Aware Pruning and evaluation script',
                             parents=[get_args_parser()])
     args = parser.parse_args(argv)
+    if args.list_models is not None:
+        return list_models(args.list_models)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     try:
@@ -96,6 +99,20 @@ def cli(argv=None):
         fail(f'error: the disk is full: {e.filename or "a file"} could not be written', 1)
     except RunStopped as e:
         fail(f'stopped by {signal.Signals(e.signum).name}' + (f' {e.where}' if e.where else ''), 128 + e.signum)
+
+
+def list_models(pattern: str):
+    """--list-models: the names matching `pattern` that --model takes, each with its family, then
+    the timm VisionTransformers that it does not take and why."""
+    supported, refused = models.supported_models(pattern)
+    for name, config in supported.items():
+        print(f'{name:<48} {config.describe()}')
+    if refused:
+        print(f'\nnot supported ({len(refused)}):')
+        for name, why in refused.items():
+            print(f'{name:<48} {why}')
+    if not supported and not refused:
+        fail(f'error: no model name matches {pattern!r}', 2)
 
 
 def fail(line, status, every_process=False):

@@ -1,12 +1,14 @@
-"""Models registered with timm by name (`timm.create_model('deit_small_patch16_224', ...)`)."""
+"""Models by name: DeiT's and the test models registered with timm by name
+(`timm.create_model('deit_small_patch16_224', ...)`), and any timm VisionTransformer whose
+options `ViTConfig` covers, built as this project's cuttable ViT (`create_model`, families.py)."""
 import warnings
-from typing import NamedTuple
 
 from timm.models import register_model
 
 from .vision_transformer import (ALL_GATE_NAMES, ATTN_GATES, GATE_NAMES, GATE_SLOTS, HEAD_GATE,
                                  MLP_GATES, Gate, VisionTransformer, binarize, build_from_arch,
-                                 dense_block_arch, is_gate, masked_layer_norm)
+                                 dense_block_arch, is_gate, masked_layer_norm, pool_tokens)
+from .config import ViTConfig
 from .checkpoint import check_arch, load_model, pretrained_state_dict, state_dict_mismatch
 from .deploy import align_widths, apply_forms, deploy, median_seconds, plan_forms
 from .hub import (read_safetensors, read_safetensors_checkpoint, read_timm_folder, write_safetensors_checkpoint,
@@ -25,15 +27,6 @@ DEIT_URLS = {
         'https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth',
 }
 
-class ViTConfig(NamedTuple):
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    img_size: int
-    distilled: bool = False  # DeiT's distilled family: a distillation token and a second head
-
-
 CONFIGS = {
     'deit_tiny_patch16_224': ViTConfig(16, 192, 12, 3, 224),
     'deit_small_patch16_224': ViTConfig(16, 384, 12, 6, 224),
@@ -49,6 +42,10 @@ CONFIGS = {
     'deit_micro_distilled_patch4_32': ViTConfig(4, 64, 4, 4, 32, distilled=True),
     # The same width with DeiT's 12 layers: the transfer comparison and the ΔΨ estimator check.
     'deit_micro12_patch4_32': ViTConfig(4, 64, 12, 4, 32),
+    # DINOv2 with registers in miniature (vit_small_patch14_reg4_dinov2's options): LayerScale,
+    # 4 register tokens, no position embedding on the prefix tokens.
+    'vit_micro_patch4_reg4_dinov2': ViTConfig(4, 64, 4, 4, 32, reg_tokens=4, no_embed_class=True,
+                                              init_values=1e-5),
 }
 
 
@@ -62,14 +59,12 @@ def _entrypoint(name):
             kwargs.pop(k, None)
         kwargs.setdefault('img_size', cfg.img_size)
         return VisionTransformer(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                                 num_heads=cfg.num_heads, mlp_ratio=4., qkv_bias=True, family=name,
-                                 distilled=cfg.distilled, **kwargs)
+                                 num_heads=cfg.num_heads, family=name, **{**cfg.options(), **kwargs})
 
     create.__name__ = name
     create.__qualname__ = name
     create.__module__ = __name__
-    create.__doc__ = (f'{name}: patch {cfg.patch_size}, width {cfg.embed_dim}, depth {cfg.depth}, '
-                      f'{cfg.num_heads} heads.')
+    create.__doc__ = f'{name}: {cfg.describe()}.'
     return create
 
 
@@ -79,3 +74,5 @@ with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     for _name in CONFIGS:
         globals()[_name] = register_model(_entrypoint(_name))
+
+from .families import config_of, create_model, from_timm, is_supported, supported_models, vit_config  # noqa: E402

@@ -1,5 +1,7 @@
-"""Reading a checkpoint file: a torch.save file or URL (weights_only=True), a `.safetensors`
-file, or a timm folder written by scripts/export.py (`local-dir:FOLDER`).
+"""Reading a checkpoint file: a torch.save file or URL (`.pth`, `.bin`; weights_only=True), a
+`.safetensors` file, a timm model folder (`local-dir:FOLDER`: timm's or Hugging Face's, or one
+written by scripts/export.py), or a Hugging Face Hub model (`hf-hub:ORG/NAME[@REVISION]`)
+through huggingface_hub's local cache.
 
 A file that is not one is a `CheckpointError` (a ValueError) whose message is one line naming
 it; the command line prints that line (train/checkpoints.py)."""
@@ -11,7 +13,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .hub import read_safetensors_checkpoint, read_timm_folder
+from .hub import CONFIG, WEIGHT_FILES, read_safetensors_checkpoint, read_timm_folder
 
 
 class CheckpointError(ValueError):
@@ -90,6 +92,55 @@ def _download(url: str, what: str) -> str:
         raise CheckpointError(f'{what} {url} could not be downloaded: {reason}') from None
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def hf_hub_folder(hub_id: str, what: str = 'checkpoint') -> str:
+    """The folder of huggingface_hub's cache that holds `hub_id`'s (`ORG/NAME[@REVISION]`)
+    weights, `model.safetensors` or else `pytorch_model.bin` (timm's order), and its
+    `config.json` when it has one; downloaded there unless already cached (HF_HUB_OFFLINE=1
+    reads the cache only). CheckpointError (one line naming `hf-hub:hub_id`) if neither is found."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    repo_id, _, revision = hub_id.partition('@')
+    source = f'{what} hf-hub:{hub_id}'
+    path = None
+    try:
+        for name in WEIGHT_FILES:
+            try:
+                path = hf_hub_download(repo_id, name, revision=revision or None)
+                break
+            except EntryNotFoundError as e:  # not in the repo, or not in the cache when offline
+                missing = e
+        if path is None:
+            raise CheckpointError(f'{source}: neither {" nor ".join(WEIGHT_FILES)} is in the repo or in the '
+                                  f'local Hugging Face cache ({_first_line(missing)})')
+        try:
+            hf_hub_download(repo_id, CONFIG, revision=revision or None)  # beside the weights
+        except EntryNotFoundError:
+            pass  # weights without a timm config: read as a bare state dict
+    except CheckpointError:
+        raise
+    except Exception as e:  # no such repo or revision, a bad id, no network, ...
+        raise CheckpointError(f'{source} could not be read: {type(e).__name__}: {_first_line(e)}') from None
+    return os.path.dirname(path)
+
+
+def _read_hf_hub(hub_id: str, what: str) -> dict:
+    """`hf-hub:ID` read as its cached folder is (`read_timm_folder`), or its weights alone
+    when the repo has no config.json."""
+    folder = hf_hub_folder(hub_id, what)
+    try:
+        if os.path.isfile(os.path.join(folder, CONFIG)):
+            return read_timm_folder(folder)
+        path = next(p for p in (os.path.join(folder, n) for n in WEIGHT_FILES) if os.path.isfile(p))
+        return read_safetensors_checkpoint(path) if path.endswith('.safetensors') else \
+            read_checkpoint(path, 'its weights file')
+    except ValueError as e:
+        raise CheckpointError(f'{what} hf-hub:{hub_id}: {e}') from None
+
+
 def _read_hub_format(path_or_url: str, what: str) -> dict:
     """A timm folder (`local-dir:FOLDER`) or a `.safetensors` file or URL: a URL reads as its
     local copy does, with the `arch` and the rest of its metadata."""
@@ -106,9 +157,12 @@ def _read_hub_format(path_or_url: str, what: str) -> dict:
 
 def read_checkpoint(path_or_url: str, what: str = 'checkpoint') -> dict:
     """Load a checkpoint with weights_only=True from a file or a URL, or the weights of a
-    `.safetensors` file, or a timm folder (`local-dir:FOLDER`, with its `arch`); `what` names
-    it in the CheckpointError (a flag, say) if it is not one."""
+    `.safetensors` file, a timm folder (`local-dir:FOLDER`, with its `arch` if it has one) or a
+    Hugging Face Hub model (`hf-hub:ID`, `hf_hub_folder`); `what` names it in the
+    CheckpointError (a flag, say) if it is not one."""
     path_or_url = str(path_or_url)
+    if path_or_url.startswith('hf-hub:'):
+        return _read_hf_hub(path_or_url[len('hf-hub:'):], what)
     if path_or_url.startswith('local-dir:') or is_safetensors(path_or_url):
         return _read_hub_format(path_or_url, what)
     path = _download(path_or_url, what) if is_url(path_or_url) else path_or_url

@@ -29,7 +29,8 @@ from .vision_transformer import Block, VisionTransformer, build_from_arch
 
 READS = ('gather', 'fused', 'dense')
 WRITES = ('scatter', 'dense')
-LAYERS = {'attn': ('norm1', 'attn.qkv', 'attn.proj'), 'mlp': ('norm2', 'mlp.fc1', 'mlp.fc2')}
+# per sub-block: its read norm, first and last linear layer, and LayerScale (where the family has it)
+LAYERS = {'attn': ('norm1', 'attn.qkv', 'attn.proj', 'ls1'), 'mlp': ('norm2', 'mlp.fc1', 'mlp.fc2', 'ls2')}
 
 
 def _expand(t: torch.Tensor, dim: int, idx, size: int) -> torch.Tensor:
@@ -43,7 +44,7 @@ def _expand(t: torch.Tensor, dim: int, idx, size: int) -> torch.Tensor:
 def with_forms(sub_arch: Dict, weights: Dict[str, torch.Tensor], kind: str, read: str, write: str, D: int):
     """The arch entry and weights of one sub-block in the given forms (names relative to the block)."""
     sub, w = copy.deepcopy(sub_arch), dict(weights)
-    norm, first, last = LAYERS[kind]
+    norm, first, last, scale = LAYERS[kind]
     sub.pop('read', None)
     if sub['in_idx'] is not None and read == 'dense':
         for k in (f'{norm}.weight', f'{norm}.bias'):
@@ -55,6 +56,8 @@ def with_forms(sub_arch: Dict, weights: Dict[str, torch.Tensor], kind: str, read
     if sub['out_idx'] is not None and write == 'dense':
         w[f'{last}.weight'] = _expand(w[f'{last}.weight'], 0, sub['out_idx'], D)
         w[f'{last}.bias'] = _expand(w[f'{last}.bias'], 0, sub['out_idx'], D)
+        if f'{scale}.gamma' in w:
+            w[f'{scale}.gamma'] = _expand(w[f'{scale}.gamma'], 0, sub['out_idx'], D)
         sub['out_idx'] = None
     return sub, w
 
@@ -85,11 +88,11 @@ def _candidate(model: VisionTransformer, layer: int, kind: str, read: str, write
     """A one-sub-block `Block` in the given forms, with the model's weights."""
     blk, arch = model.blocks[layer], model.blocks[layer].arch
     prefix = 'attn' if kind == 'attn' else 'mlp'
-    norm = LAYERS[kind][0]
-    weights = {k: v for k, v in blk.state_dict().items() if k.startswith((prefix + '.', norm + '.'))}
+    norm, scale = LAYERS[kind][0], LAYERS[kind][3]
+    weights = {k: v for k, v in blk.state_dict().items() if k.startswith((prefix + '.', norm + '.', scale + '.'))}
     sub, w = with_forms(arch[kind], weights, kind, read, write, model.embed_dim)
     block_arch = {'attn': None, 'mlp': None, kind: sub}
-    cand = Block(model.embed_dim, block_arch, model.attn_scale, model.qkv_bias)
+    cand = Block(model.embed_dim, block_arch, model.attn_scale, model.qkv_bias, **model.layer_options())
     cand.load_state_dict(w)
     cand.to(**_placement(model)).eval()
     for write_part in cand.writes():
@@ -140,8 +143,8 @@ def apply_forms(model: VisionTransformer, plan: Dict[int, Dict[str, Dict[str, st
     for layer, kinds in plan.items():
         for kind, forms in kinds.items():
             p = f'blocks.{layer}.'
-            norm = LAYERS[kind][0]
-            names = [k for k in state if k.startswith((p + kind + '.', p + norm + '.'))]
+            norm, scale = LAYERS[kind][0], LAYERS[kind][3]
+            names = [k for k in state if k.startswith((p + kind + '.', p + norm + '.', p + scale + '.'))]
             weights = {k[len(p):]: state[k] for k in names}
             sub, w = with_forms(arch['blocks'][layer][kind], weights, kind, forms['read'],
                                 forms['write'], model.embed_dim)
@@ -164,64 +167,83 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _pad_index(idx, multiple: int, D: int):
+    """(idx padded with unused dims to a multiple of `multiple`, how many were added)."""
+    if idx is None or len(idx) % multiple == 0:
+        return idx, 0
+    kept = set(idx)
+    extra = [i for i in range(D) if i not in kept][:_round_up(len(idx), multiple) - len(idx)]
+    return idx + extra, len(extra)
+
+
+def _pad(t, dim, n):
+    """t with n zeros appended along dim."""
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _pad_attn(sd, a, multiple, D, qk_norm):
+    """Pads the arch entry `a` in place; the padded weights of the attention sub-block."""
+    a['in_idx'], n_in = _pad_index(a['in_idx'], multiple, D)
+    a['out_idx'], n_out = _pad_index(a['out_idx'], multiple, D)
+    H, d = a['num_heads'], a['head_dim']
+    # qk_norm normalises over head_dim: padded channels would change its statistics
+    n_d = 0 if qk_norm else _round_up(d, multiple) - d
+    a['head_dim'] = d + n_d
+    w = _pad(sd['attn.qkv.weight'].view(3, H, d, -1), 2, n_d).reshape(3 * H * (d + n_d), -1)
+    out = {'attn.qkv.weight': _pad(w, 1, n_in),
+           'attn.proj.weight': _pad(_pad(sd['attn.proj.weight'].view(-1, H, d), 2, n_d).reshape(-1, H * (d + n_d)),
+                                    0, n_out),
+           'attn.proj.bias': _pad(sd['attn.proj.bias'], 0, n_out),
+           'norm1.weight': _pad(sd['norm1.weight'], 0, n_in), 'norm1.bias': _pad(sd['norm1.bias'], 0, n_in)}
+    if 'attn.qkv.bias' in sd:
+        out['attn.qkv.bias'] = _pad(sd['attn.qkv.bias'].view(3, H, d), 2, n_d).reshape(-1)
+    if 'ls1.gamma' in sd:
+        out['ls1.gamma'] = _pad(sd['ls1.gamma'], 0, n_out)
+    return out
+
+
+def _pad_mlp(sd, m, multiple, D):
+    """Pads the arch entry `m` in place; the padded weights of the MLP sub-block."""
+    m['in_idx'], n_in = _pad_index(m['in_idx'], multiple, D)
+    m['out_idx'], n_out = _pad_index(m['out_idx'], multiple, D)
+    n_h = _round_up(m['hidden_features'], multiple) - m['hidden_features']
+    m['hidden_features'] += n_h
+    out = {'mlp.fc1.weight': _pad(_pad(sd['mlp.fc1.weight'], 0, n_h), 1, n_in),
+           'mlp.fc1.bias': _pad(sd['mlp.fc1.bias'], 0, n_h),
+           'mlp.fc2.weight': _pad(_pad(sd['mlp.fc2.weight'], 1, n_h), 0, n_out),
+           'mlp.fc2.bias': _pad(sd['mlp.fc2.bias'], 0, n_out),
+           'norm2.weight': _pad(sd['norm2.weight'], 0, n_in), 'norm2.bias': _pad(sd['norm2.bias'], 0, n_in)}
+    if 'ls2.gamma' in sd:
+        out['ls2.gamma'] = _pad(sd['ls2.gamma'], 0, n_out)
+    return out
+
+
 @torch.no_grad()
 def align_widths(model: VisionTransformer, multiple: int = 8) -> VisionTransformer:
     """A copy of a cut model whose widths are multiples of `multiple`, computing the same function.
 
     GPU matrix kernels (tensor cores) need aligned sizes; a cut leaves arbitrary ones (325, 990…)
     and the fast kernels are lost. Each width is padded with elements that are exactly zero:
-    read dims with LayerNorm scale and shift 0, written dims with zero rows and bias, hidden
-    neurons and head channels with zero weights (GELU(0) = 0; zero channels add nothing to q·k).
+    read dims with LayerNorm scale and shift 0, written dims with zero rows and bias (and γ 0),
+    hidden neurons and head channels with zero weights (GELU(0) = 0; zero channels add nothing
+    to q·k; not head channels under qk_norm, whose statistics they would change).
     For deployment only: the padding adds parameters, so train and count the unpadded model.
     """
     arch = copy.deepcopy(model.arch())
-    D = model.embed_dim
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith('blocks.')}
-
-    def pad_idx(idx):
-        if idx is None or len(idx) % multiple == 0:
-            return idx, 0
-        kept = set(idx)
-        extra = [i for i in range(D) if i not in kept][:_round_up(len(idx), multiple) - len(idx)]
-        return idx + extra, len(extra)
-
-    def pad(t, dim, n):  # append n zeros along dim
-        if n == 0:
-            return t
-        shape = list(t.shape)
-        shape[dim] = n
-        return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-    for l, (blk, b) in enumerate(zip(model.blocks, arch['blocks'])):
+    state = dict(model.state_dict())
+    for l, b in enumerate(arch['blocks']):
         p = f'blocks.{l}.'
-        sd = {k[len(p):]: v for k, v in model.state_dict().items() if k.startswith(p)}
+        sd = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+        padded = {}
         if b['attn'] is not None:
-            a = b['attn']
-            a['in_idx'], n_in = pad_idx(a['in_idx'])
-            a['out_idx'], n_out = pad_idx(a['out_idx'])
-            H, d = a['num_heads'], a['head_dim']
-            n_d = _round_up(d, multiple) - d
-            a['head_dim'] = d + n_d
-            w = pad(sd['attn.qkv.weight'].view(3, H, d, -1), 2, n_d).reshape(3 * H * (d + n_d), -1)
-            state[p + 'attn.qkv.weight'] = pad(w, 1, n_in)
-            state[p + 'attn.qkv.bias'] = pad(sd['attn.qkv.bias'].view(3, H, d), 2, n_d).reshape(-1)
-            w = pad(sd['attn.proj.weight'].view(-1, H, d), 2, n_d).reshape(-1, H * (d + n_d))
-            state[p + 'attn.proj.weight'] = pad(w, 0, n_out)
-            state[p + 'attn.proj.bias'] = pad(sd['attn.proj.bias'], 0, n_out)
-            state[p + 'norm1.weight'] = pad(sd['norm1.weight'], 0, n_in)
-            state[p + 'norm1.bias'] = pad(sd['norm1.bias'], 0, n_in)
+            padded.update(_pad_attn(sd, b['attn'], multiple, model.embed_dim, model.config.qk_norm))
         if b['mlp'] is not None:
-            m = b['mlp']
-            m['in_idx'], n_in = pad_idx(m['in_idx'])
-            m['out_idx'], n_out = pad_idx(m['out_idx'])
-            n_h = _round_up(m['hidden_features'], multiple) - m['hidden_features']
-            m['hidden_features'] += n_h
-            state[p + 'mlp.fc1.weight'] = pad(pad(sd['mlp.fc1.weight'], 0, n_h), 1, n_in)
-            state[p + 'mlp.fc1.bias'] = pad(sd['mlp.fc1.bias'], 0, n_h)
-            state[p + 'mlp.fc2.weight'] = pad(pad(sd['mlp.fc2.weight'], 1, n_h), 0, n_out)
-            state[p + 'mlp.fc2.bias'] = pad(sd['mlp.fc2.bias'], 0, n_out)
-            state[p + 'norm2.weight'] = pad(sd['norm2.weight'], 0, n_in)
-            state[p + 'norm2.bias'] = pad(sd['norm2.bias'], 0, n_in)
+            padded.update(_pad_mlp(sd, b['mlp'], multiple, model.embed_dim))
+        state.update({p + k: v for k, v in padded.items()})
     aligned = build_from_arch(arch)
     aligned.load_state_dict(state)
     return aligned.to(next(model.parameters()).device)

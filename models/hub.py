@@ -22,6 +22,8 @@ from .vision_transformer import build_from_arch
 
 ARCHITECTURE = 'dap_vit'
 CONFIG, WEIGHTS = 'config.json', 'model.safetensors'
+# the weights of a timm / Hugging Face model folder, in the order timm looks for them
+WEIGHT_FILES = (WEIGHTS, 'pytorch_model.bin')
 
 
 def pretrained_cfg(model, mean, std, crop_pct: float, interpolation: str,
@@ -103,13 +105,17 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
 
 
 def read_timm_folder(folder: str) -> Dict:
-    """{'model': state dict, 'arch': arch, 'pretrained_cfg': …} of a folder written by
-    `write_timm_folder`; ValueError (one line) naming what is missing or wrong."""
-    config_path, weights = os.path.join(folder, CONFIG), os.path.join(folder, WEIGHTS)
-    for path in (config_path, weights):
-        if not os.path.isfile(path):
-            raise ValueError(f'{folder} has no {os.path.basename(path)}: not a timm model folder '
-                             '(scripts/export.py --format timm writes one)')
+    """{'model': state dict, 'pretrained_cfg': …} of a timm model folder: `config.json` in timm's
+    format and `model.safetensors` or else `pytorch_model.bin` (timm's order; the .bin loaded
+    with weights_only=True), with the `arch` of a folder written by `write_timm_folder`.
+    ValueError (one line) naming what is missing or wrong."""
+    config_path = os.path.join(folder, CONFIG)
+    if not os.path.isfile(config_path):
+        raise ValueError(f'{folder} has no {CONFIG}: not a timm model folder '
+                         '(scripts/export.py --format timm writes one)')
+    weights = next((p for p in (os.path.join(folder, name) for name in WEIGHT_FILES) if os.path.isfile(p)), None)
+    if weights is None:
+        raise ValueError(f'{folder} has no {" or ".join(WEIGHT_FILES)}: not a timm model folder')
     try:
         with open(config_path) as f:
             config = json.load(f)
@@ -119,12 +125,21 @@ def read_timm_folder(folder: str) -> Dict:
         raise ValueError(f'{config_path} is not a timm config (JSON nested too deep)') from None
     if not isinstance(config, dict):
         raise ValueError(f'{config_path} holds a JSON {type(config).__name__}, not a timm config (an object)')
+    architecture = config.get('architecture')
     model_args = config.get('model_args')
     arch = model_args.get('arch') if isinstance(model_args, dict) else None
-    if config.get('architecture') != ARCHITECTURE or not isinstance(arch, dict):
+    if architecture == ARCHITECTURE and not isinstance(arch, dict):
         raise ValueError(f'{config_path} does not describe a {ARCHITECTURE} model with an "arch" in a '
                          f'"model_args" object (architecture {config.get("architecture")!r})')
-    return {'model': read_safetensors(weights), 'arch': arch, 'pretrained_cfg': config.get('pretrained_cfg')}
+    if not isinstance(architecture, str) or not architecture:
+        raise ValueError(f'{config_path} names no "architecture": not a timm config')
+    if weights.endswith('.safetensors'):
+        state = read_safetensors(weights)
+    else:
+        from .checkpoint_io import read_checkpoint  # (it reads this module's formats too)
+        state = read_checkpoint(weights, 'its weights file')
+    checkpoint = {'model': state, 'pretrained_cfg': config.get('pretrained_cfg')}
+    return {**checkpoint, 'arch': arch} if architecture == ARCHITECTURE else checkpoint
 
 
 def _cfg_field(cfg, key):

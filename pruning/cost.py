@@ -1,16 +1,18 @@
 """What DAP's budget counts (METHOD.md §4 step 4): the cost of one sub-block as a function of
 the element counts its three gates keep, in one of three units (`--prune-budget`).
 
-params   §2's coupled parameter count (`gates.attn_params`, `gates.mlp_params`): the paper's
+params   §2's coupled parameter count (`gates.attn_params`, `gates.mlp_params`): the paper's;
+         with the family's qkv bias, LayerScale γ and qk_norm (`gates.LayerOptions`)
 flops    FLOPs of one image's forward as torch.utils.flop_counter counts them: a multiply-add
-         is 2; qkv, q·kᵀ, attn·v and proj, fc1 and fc2 count; norms, softmax, GELU, gathers
-         and adds do not (`count_flops`)
+         is 2; qkv, q·kᵀ, attn·v and proj, fc1 and fc2 count, over every token (registers
+         too); norms, LayerScale, softmax, GELU, pooling, gathers and adds do not (`count_flops`)
 latency  milliseconds of one batch's forward on one device, interpolated in a table measured
          there by `scripts/latency_table.py` (`LatencyTable`)
 
 Each cost is elementwise on tensors of kept counts (the threshold search evaluates every cut
 of a sub-block at once) and 0 where a width is 0: the cut removes such a sub-block. The
-`non_block` cost (patch embedding, tokens, final norm, head) is never pruned; the budget is
+`non_block` cost (patch embedding, tokens, norm_pre, final norm or fc_norm, heads) is never
+pruned; the budget is
 (1 − pr) of the dense model's total in the unit.
 """
 import json
@@ -22,7 +24,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .gates import _count, attn_params, mlp_params, widths_as_tensors
+from .gates import LayerOptions, _count, widths_as_tensors
 
 BUDGET_UNITS = ('params', 'flops', 'latency')
 TABLE_FORMAT = 'dap-latency-table/1'
@@ -44,13 +46,17 @@ class Cost:
 
 
 class ParamsCost(Cost):
+    """§2's count with the family's `options` (`LayerOptions.of(model)`; DeiT's by default)."""
     unit = 'params'
 
+    def __init__(self, options: LayerOptions = LayerOptions()):
+        self.options = options
+
     def attn(self, d_in, heads, head_dim, d_out):
-        return attn_params(d_in, heads, head_dim, d_out)
+        return self.options.attn_params(d_in, heads, head_dim, d_out)
 
     def mlp(self, d_in, hidden, d_out):
-        return mlp_params(d_in, hidden, d_out)
+        return self.options.mlp_params(d_in, hidden, d_out)
 
     def non_block(self, model, dense_sub_blocks):
         return model.num_parameters() - dense_sub_blocks
@@ -61,8 +67,11 @@ class ViTShape:
     """The sizes of a dense `models.VisionTransformer` that its cost depends on, and the cost of
     a model of its family with per-layer kept heads and hidden neurons and a kept residual
     width (SaViT's candidates; the dense model with every count whole). Built from the same
-    sub-block formulas as DAP's budget; the rest of the model counts every prefix token (the
-    class token, and the distillation token of DeiT's distilled family) and every classifier."""
+    sub-block formulas as DAP's budget, with the family's qkv bias, LayerScale and qk_norm; the
+    rest of the model counts every prefix token (the class token, the distillation token of
+    DeiT's distilled family, the registers), the position embedding's rows (the patches only
+    with `no_embed_class`), the LayerNorms outside the blocks (norm_pre, norm or fc_norm) and
+    every classifier."""
     depth: int
     num_heads: int
     head_dim: int
@@ -75,6 +84,10 @@ class ViTShape:
     qkv_bias: bool
     num_prefix_tokens: int = 1
     num_classifiers: int = 1
+    pos_embed_rows: Optional[int] = None  # None: one per token
+    outer_norms: int = 1                  # LayerNorms outside the blocks
+    layer_scale: bool = False
+    qk_norm: bool = False
 
     @classmethod
     def from_model(cls, model) -> 'ViTShape':
@@ -85,18 +98,26 @@ class ViTShape:
                    num_patches=model.patch_embed.num_patches, num_classes=model.num_classes,
                    patch_in=proj.weight[0].numel(), patch_bias=proj.bias is not None,
                    qkv_bias=model.qkv_bias, num_prefix_tokens=model.num_prefix_tokens,
-                   num_classifiers=len(model.classifiers()))
+                   num_classifiers=len(model.classifiers()), pos_embed_rows=model.pos_embed.shape[1],
+                   outer_norms=len(model.final_norms()), layer_scale=bool(model.config.init_values),
+                   qk_norm=model.config.qk_norm)
 
     @property
     def tokens(self) -> int:
         return self.num_patches + self.num_prefix_tokens
 
+    @property
+    def layer_options(self) -> LayerOptions:
+        return LayerOptions(self.qkv_bias, self.layer_scale, self.qk_norm)
+
     def rest_params(self, embed):
         """Parameters outside the blocks at residual width `embed`: patch embedding, prefix
-        tokens, position embedding, final LayerNorm, classifiers."""
+        tokens, position embedding, LayerNorms outside the blocks, classifiers."""
         C = self.num_classes
         head = self.num_classifiers * (embed * C + C) if C > 0 else 0 * embed
-        return embed * (self.patch_in + self.patch_bias) + (self.num_prefix_tokens + self.tokens + 2) * embed + head
+        rows = self.tokens if self.pos_embed_rows is None else self.pos_embed_rows
+        return (embed * (self.patch_in + self.patch_bias)
+                + (self.num_prefix_tokens + rows + 2 * self.outer_norms) * embed + head)
 
     def rest_flops(self, embed):
         """FLOPs outside the blocks: the patch convolution and each classifier on its token."""
@@ -110,7 +131,8 @@ class ViTShape:
         E = e.unsqueeze(-1).expand_as(h)
         d = torch.full_like(h, self.head_dim)
         if unit == 'params':
-            return (attn_params(E, h, d, E, self.qkv_bias), mlp_params(E, m, E), self.rest_params(e))
+            opts = self.layer_options
+            return opts.attn_params(E, h, d, E), opts.mlp_params(E, m, E), self.rest_params(e)
         flops = FlopsCost(self.tokens)
         return flops.attn(E, h, d, E), flops.mlp(E, m, E), self.rest_flops(e)
 
@@ -167,6 +189,16 @@ def _interpolate(axes: Sequence[torch.Tensor], values: torch.Tensor, points: Seq
             at.append(idx[k] + up)
         out = out + w * values[tuple(at)]
     return out
+
+
+# what besides the widths changes a sub-block's time; DeiT's values
+DEIT_LAYER_OPTIONS = {'qkv_bias': True, 'layer_scale': False, 'qk_norm': False, 'act': 'gelu'}
+
+
+def timed_layer_options(model) -> Dict:
+    """The options of `model`'s layers that a latency table is measured with."""
+    c = model.config
+    return {'qkv_bias': c.qkv_bias, 'layer_scale': bool(c.init_values), 'qk_norm': c.qk_norm, 'act': c.act}
 
 
 class LatencyTable(Cost):
@@ -243,13 +275,17 @@ class LatencyTable(Cost):
 
     def check_model(self, model, error=ValueError) -> None:
         """`error` (one line) unless the table was measured for `model`'s dense shape: its
-        widths and its token count, which the input size and the patch decide. Every reader
-        that uses a table for a model calls it (build_cost, scripts/benchmark.py)."""
+        widths, its token count (which the input size, the patch and the prefix tokens decide)
+        and the layer options that change a sub-block's time (`timed_layer_options`; a table
+        written before they were recorded was measured with DeiT's). Every reader that uses a
+        table for a model calls it (build_cost, scripts/benchmark.py)."""
         want = {'embed_dim': model.embed_dim, 'num_heads': model.num_heads,
                 'head_dim': model.embed_dim // model.num_heads,
                 'mlp_hidden': int(model.embed_dim * model.mlp_ratio),
                 'tokens': model.patch_embed.num_patches + model.num_prefix_tokens}
-        wrong = [f'{k} {self.table[k]} (the model: {v})' for k, v in want.items() if self.table[k] != v]
+        have = {**self.table, **self.table.get('layer_options', DEIT_LAYER_OPTIONS)}
+        want.update(timed_layer_options(model))
+        wrong = [f'{k} {have[k]} (the model: {v})' for k, v in want.items() if have[k] != v]
         if wrong:
             raise error(f'{self.source} was measured for another model ({self.table["model"]}, '
                         f'{self.table["input_size"]} px): ' + '; '.join(wrong))
@@ -295,7 +331,7 @@ def build_cost(unit: str, model, latency_table: Optional[str] = None) -> Cost:
     """The cost model of `unit` for the dense `model`; `latency_table` is the file for
     `latency`. ValueError (one line) for an unknown unit or a table that does not fit."""
     if unit == 'params':
-        return ParamsCost()
+        return ParamsCost(LayerOptions.of(model))
     if unit == 'flops':
         return FlopsCost(model.patch_embed.num_patches + model.num_prefix_tokens)
     if unit == 'latency':

@@ -53,14 +53,20 @@ def _cut_attn(blk, g, embed_idx, D, H, hd):
         return None, {}
     w = blk.attn.qkv.weight.view(3, H, hd, D)
     w = _take(_take(_take(w, 1, i_h), 2, i_q).reshape(3 * heads * nq, D), 1, i_in)
-    b = _take(_take(blk.attn.qkv.bias.view(3, H, hd), 1, i_h), 2, i_q).reshape(-1)
+    qkv_bias = blk.attn.qkv.bias  # None in a family without (qkv_bias=False)
+    b = None if qkv_bias is None else _take(_take(qkv_bias.view(3, H, hd), 1, i_h), 2, i_q).reshape(-1)
     pw = blk.attn.proj.weight.view(D, H, hd)
     pw = _take(_take(_take(pw, 1, i_h), 2, i_q).reshape(D, heads * nq), 0, i_out)
     arch = {'in_idx': r_in, 'out_idx': r_out, 'num_heads': heads, 'head_dim': nq}
-    return arch, {'attn.qkv.weight': w, 'attn.qkv.bias': b, 'attn.proj.weight': pw,
-                  'attn.proj.bias': _take(blk.attn.proj.bias, 0, i_out),
-                  'norm1.weight': _take(blk.norm1.weight, 0, i_in),
-                  'norm1.bias': _take(blk.norm1.bias, 0, i_in)}
+    weights = {'attn.qkv.weight': w, **({} if b is None else {'attn.qkv.bias': b}), 'attn.proj.weight': pw,
+               'attn.proj.bias': _take(blk.attn.proj.bias, 0, i_out),
+               'norm1.weight': _take(blk.norm1.weight, 0, i_in),
+               'norm1.bias': _take(blk.norm1.bias, 0, i_in)}
+    for norm in ('q_norm', 'k_norm'):  # qk_norm: per head_dim channel, shared by the heads
+        if isinstance(getattr(blk.attn, norm), torch.nn.LayerNorm):
+            weights.update({f'attn.{norm}.{p}': _take(getattr(getattr(blk.attn, norm), p), 0, i_q)
+                            for p in ('weight', 'bias')})
+    return arch, {**weights, **_layer_scale(blk.ls1, 'ls1', i_out)}
 
 
 def _cut_mlp(blk, g, embed_idx, D):
@@ -76,7 +82,13 @@ def _cut_mlp(blk, g, embed_idx, D):
                   'mlp.fc2.weight': _take(_take(blk.mlp.fc2.weight, 0, i_out), 1, i_h),
                   'mlp.fc2.bias': _take(blk.mlp.fc2.bias, 0, i_out),
                   'norm2.weight': _take(blk.norm2.weight, 0, i_in),
-                  'norm2.bias': _take(blk.norm2.bias, 0, i_in)}
+                  'norm2.bias': _take(blk.norm2.bias, 0, i_in),
+                  **_layer_scale(blk.ls2, 'ls2', i_out)}
+
+
+def _layer_scale(ls, name, i_out):
+    """LayerScale's γ, cut with the written dims it scales (none where the family has no LayerScale)."""
+    return {f'{name}.gamma': _take(ls.gamma, 0, i_out)} if hasattr(ls, 'gamma') else {}
 
 
 @torch.no_grad()
@@ -111,11 +123,13 @@ def cut_model(model: VisionTransformer, depth: Optional[int] = None,
     if classifier is not None:
         state.update(classifier)
     if embed_idx is not None:  # a narrower residual stream: every tensor that touches it
-        for k in ('cls_token', 'dist_token', 'pos_embed'):
+        for k in ('cls_token', 'dist_token', 'reg_token', 'pos_embed'):
             if k in state:
                 state[k] = _take(state[k], 2, embed_idx)
-        for k in ('patch_embed.proj.weight', 'patch_embed.proj.bias', 'norm.weight', 'norm.bias'):
-            state[k] = _take(state[k], 0, embed_idx)
+        for k in ('patch_embed.proj.weight', 'patch_embed.proj.bias') + tuple(
+                f'{norm}.{p}' for norm in ('norm_pre', 'norm', 'fc_norm') for p in ('weight', 'bias')):
+            if k in state:
+                state[k] = _take(state[k], 0, embed_idx)
         for k in ('head.weight', 'head_dist.weight'):
             if k in state:
                 state[k] = _take(state[k], 1, embed_idx)

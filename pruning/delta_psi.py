@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from models import pool_tokens
+
 
 class PatchHead(nn.Module):
     """Patch tokens as a D×h×w map → 2 × [Conv3×3, BatchNorm, ReLU] → global pool → Linear.
@@ -78,11 +80,16 @@ class HeadShape:
 
 
 class DeltaPsiHeads(nn.Module):
-    """The 2·(2L) auxiliary heads: `cls[i]` and `patch[i]` for sub-block i."""
+    """The 2·(2L) auxiliary heads: `cls[i]` and `patch[i]` for sub-block i.
+
+    A class head reads what the model's classifier pools (`pool`: the model's `global_pool`
+    and prefix token count): the class token, or the patch tokens' mean in a model without
+    one. A patch head reads the patch tokens only, never the registers (METHOD.md §3)."""
 
     def __init__(self, num_sub_blocks: int, dim: int, num_classes: int, grid: Tuple[int, int],
-                 shape: HeadShape = HeadShape()):
+                 shape: HeadShape = HeadShape(), pool: Tuple[str, int] = ('token', 1)):
         super().__init__()
+        self.pool = pool
         self.fraction = shape.fraction if shape.mode == 'fast' else 1.0
         self.cls = nn.ModuleList([nn.Linear(dim, num_classes) for _ in range(num_sub_blocks)])
         self.patch = nn.ModuleList([shape.patch_head(dim, num_classes, grid)
@@ -96,8 +103,8 @@ class DeltaPsiHeads(nn.Module):
         """
         stream = [x.detach() for x in stream]  # stop gradient: heads never train the backbone
         k = math.ceil(self.fraction * stream[0].shape[0])
-        cls = [torch.stack([h(stream[i][:, 0]), h(stream[i + 1][:, 0])])
-               for i, h in enumerate(self.cls)]
+        pooled = [pool_tokens(x, *self.pool) for x in stream]
+        cls = [torch.stack([h(pooled[i]), h(pooled[i + 1])]) for i, h in enumerate(self.cls)]
         # x_i is read by patch head i - 1 (as its output) and i (as its input): its map is made
         # once; each head runs on its input and output in one call, as a batch of 2k
         maps = [self.patch[0].patch_map(x[:k]) for x in stream]
@@ -108,7 +115,7 @@ class DeltaPsiHeads(nn.Module):
     def forward_eval(self, stream: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Only what evaluation reports (§3): the last class and patch head on the final features."""
         x = stream[-1]
-        return {'cls_head': self.cls[-1](x[:, 0]), 'patch_head': self.patch[-1](x)}
+        return {'cls_head': self.cls[-1](pool_tokens(x, *self.pool)), 'patch_head': self.patch[-1](x)}
 
 
 class DeltaPsi:

@@ -28,22 +28,52 @@ def _count(n: torch.Tensor, widths, as_tensor: bool):
     return n if as_tensor else int(n)
 
 
-def attn_params(d_in, heads, head_dim, d_out, qkv_bias: bool = True):
+def attn_params(d_in, heads, head_dim, d_out, qkv_bias: bool = True, layer_scale: bool = False,
+                qk_norm: bool = False):
     """Parameters of an attention sub-block (METHOD.md §2): its LayerNorm on the d_in dims it
-    reads (2·d_in), qkv (d_in → 3·heads·head_dim) and proj (heads·head_dim → d_out), with
-    biases. The one count for every method's attention; elementwise on tensors."""
+    reads (2·d_in), qkv (d_in → 3·heads·head_dim, its bias with `qkv_bias`) and proj
+    (heads·head_dim → d_out, with bias); with `layer_scale` LayerScale's γ on the d_out dims it
+    writes, with `qk_norm` q_norm and k_norm (2·head_dim each, shared by the heads). The one
+    count for every method's attention; elementwise on tensors."""
     as_tensor, (a, h, b, c) = widths_as_tensors(d_in, heads, head_dim, d_out)
     inner = h * b
     n = 2 * a + (a * 3 * inner + 3 * inner * qkv_bias) + (inner * c + c)
+    if layer_scale:
+        n = n + c
+    if qk_norm:
+        n = n + 4 * b
     return _count(n, (a, h, b, c), as_tensor)
 
 
-def mlp_params(d_in, hidden, d_out):
+def mlp_params(d_in, hidden, d_out, layer_scale: bool = False):
     """Parameters of an MLP sub-block (§2): LayerNorm on d_in, fc1 (d_in → hidden), fc2
-    (hidden → d_out), with biases. The one count for every method's MLP."""
+    (hidden → d_out), with biases; with `layer_scale` γ on the d_out dims it writes. The one
+    count for every method's MLP."""
     as_tensor, (a, b, c) = widths_as_tensors(d_in, hidden, d_out)
     n = 2 * a + (a * b + b) + (b * c + c)
+    if layer_scale:
+        n = n + c
     return _count(n, (a, b, c), as_tensor)
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """The options of a family's layer that its parameter count depends on (`models.ViTConfig`):
+    qkv's bias, LayerScale (γ on the written dims) and qk_norm. DeiT's by default."""
+    qkv_bias: bool = True
+    layer_scale: bool = False
+    qk_norm: bool = False
+
+    @classmethod
+    def of(cls, model) -> 'LayerOptions':
+        c = model.config
+        return cls(qkv_bias=c.qkv_bias, layer_scale=bool(c.init_values), qk_norm=c.qk_norm)
+
+    def attn_params(self, d_in, heads, head_dim, d_out):
+        return attn_params(d_in, heads, head_dim, d_out, self.qkv_bias, self.layer_scale, self.qk_norm)
+
+    def mlp_params(self, d_in, hidden, d_out):
+        return mlp_params(d_in, hidden, d_out, self.layer_scale)
 
 
 @dataclass(frozen=True)
@@ -55,14 +85,15 @@ class SubBlock:
     gate_names: tuple   # three gate names, in (in, middle, out) order
     gate_sizes: tuple   # their lengths
     num_heads: int      # H for attention, 1 for the MLP
+    options: LayerOptions = LayerOptions()  # the family's (qkv bias, LayerScale, qk_norm)
 
     def params(self, kept: Sequence):
         """Parameters kept for kept-element counts (a, b, c) of its gates (§2); the middle gate
         of attention is the head_dim mask shared by all heads."""
         a, b, c = kept
         if self.kind == 'attn':
-            return attn_params(a, self.num_heads, b, c)
-        return mlp_params(a, b, c)
+            return self.options.attn_params(a, self.num_heads, b, c)
+        return self.options.mlp_params(a, b, c)
 
     def cost(self, kept: Sequence, cost=None):
         """What kept-element counts (a, b, c) cost in the budget's unit (`pruning.cost`; None:
@@ -100,10 +131,10 @@ def sub_blocks(model) -> List[SubBlock]:
     """The 2L sub-blocks of a dense `models.VisionTransformer`."""
     d, h = model.embed_dim, model.num_heads
     hid = int(model.embed_dim * model.mlp_ratio)
-    out = []
+    options, out = LayerOptions.of(model), []
     for layer in range(model.depth):
-        out.append(SubBlock(2 * layer, layer, 'attn', ATTN_GATES, (d, d // h, d), h))
-        out.append(SubBlock(2 * layer + 1, layer, 'mlp', MLP_GATES, (d, hid, d), 1))
+        out.append(SubBlock(2 * layer, layer, 'attn', ATTN_GATES, (d, d // h, d), h, options))
+        out.append(SubBlock(2 * layer + 1, layer, 'mlp', MLP_GATES, (d, hid, d), 1, options))
     return out
 
 
@@ -129,7 +160,8 @@ def kept_costs(model, sbs: Sequence[SubBlock], cost=None) -> list:
 
 
 def non_block_params(model, sbs: Sequence[SubBlock]) -> int:
-    """Patch embedding, tokens, position embedding, final norm and head: never pruned (§2)."""
+    """Patch embedding, tokens (class, distillation, registers), position embedding, norm_pre,
+    final norm or fc_norm and heads: never pruned (§2)."""
     return model.num_parameters() - sum(sb.dense_params for sb in sbs)
 
 

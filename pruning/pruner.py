@@ -163,7 +163,8 @@ class DepthAwarePruner(Pruner):
         shape = HeadShape(config.delta_psi_mode, config.delta_psi_width_div, config.delta_psi_grid,
                           config.delta_psi_fraction)
         self.heads = None if handcraft is not None else DeltaPsiHeads(
-            n_sb, model.embed_dim, num_classes, tuple(model.patch_embed.grid_size), shape).to(device)
+            n_sb, model.embed_dim, num_classes, tuple(model.patch_embed.grid_size), shape,
+            (model.global_pool, model.num_prefix_tokens)).to(device)
         self.module = PrunerModule(model, self.heads)
         self.performance = DeltaPsi(n_sb, device)
         self.taylor = TaylorScore(self._gates())

@@ -1,7 +1,7 @@
 """Random scores in place of trained ones: a pruner as after some training, so that a cut can be
 made (and its size and speed measured) without training. Not part of the method: the cuts of
 scripts/benchmark.py, scripts/latency_table.py and scripts/gpu_check.py, and the tests' pruners."""
-import timm
+import models
 import torch
 
 from .protocol import Pruner
@@ -35,7 +35,7 @@ def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_p
     --prune-round-to (None: its default); DAP's `budget` in params, flops or latency
     (`latency_table`, a file)."""
     torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=num_classes, img_size=img_size)
+    model = models.create_model(name, num_classes=num_classes, img_size=img_size)
     if method == 'savit':
         pruner = SaViTPruner(model, num_classes, SaViTConfig(prune_ratio=prune_ratio, seed=seed))
     else:

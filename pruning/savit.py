@@ -26,7 +26,8 @@ Departures from the official code (BASELINES.md):
 - min_keep keeps each layer's best units (at least one), which the cut needs to stay exact.
 
 Parameters and FLOPs of a candidate come from the one cost model, `pruning.cost.ViTShape`
-(the same formulas as DAP's budget and `count_flops`, distillation token and head included).
+(the same formulas as DAP's budget and `count_flops`, distillation token and head included, and
+each family's registers, position rows, norm_pre / fc_norm, LayerScale, qk_norm and qkv bias).
 """
 import math
 from dataclasses import dataclass
@@ -374,7 +375,7 @@ class SaViTPruner(Pruner):
                 m.fused_attn = f
         C /= max(len(batches), 1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            dev = self.model.cls_token.device
+            dev = self.model.pos_embed.device  # every family has it; not every one a class token
             C_dev = C.to(dev)
             torch.distributed.all_reduce(C_dev)
             C = C_dev.cpu() / torch.distributed.get_world_size()

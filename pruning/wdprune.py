@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from models import pool_tokens
 from .cut import cut_model
-from .gates import attn_params, check_masks_consistent, mlp_params
+from .gates import LayerOptions, check_masks_consistent
 from .keep_ratio import block_budget
 from .protocol import ConfigError, Pruner, PrunerModule, Record, setting, summary_row
 from .schedule import PruneSchedule
@@ -92,34 +93,48 @@ def block_keep_fraction(r: torch.Tensor, D: int, hid: int) -> torch.Tensor:
     return (3 * D * D * a + D * D * a * o + D * hid * f1 + D * hid * f1 * f2) / (4 * D * D + 2 * D * hid)
 
 
-def block_params(D: int, hd: int, heads, o, f1, f2) -> Tuple[int, int]:
+def block_params(D: int, hd: int, heads, o, f1, f2, options: LayerOptions = LayerOptions()) -> Tuple[int, int]:
     """Exact parameters of a block's attention and MLP under kept counts, as `cut_model` builds
-    them (every block reads all D dims); a sub-block with an empty gate is removed, costs 0."""
-    return int(attn_params(D, heads, hd, o)), int(mlp_params(D, f1, f2))
+    them (every block reads all D dims), with the family's `options` (qkv bias, LayerScale on
+    the o / f2 written dims, qk_norm); a sub-block with an empty gate is removed, costs 0."""
+    return int(options.attn_params(D, heads, hd, o)), int(options.mlp_params(D, f1, f2))
 
 
 class ShallowClassifier(nn.Module):
-    """LayerNorm + Linear on the class token; named like the model's `norm` / `head`, so its
-    state dict is what `cut_model(classifier=...)` promotes."""
+    """The model's classifier in miniature: its final LayerNorm, pooling and a Linear, named like
+    the model's (`norm` before pooling or `fc_norm` after, `head`), so that its state dict is
+    what `cut_model(classifier=...)` promotes."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, model):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pool_args = (model.global_pool, model.num_prefix_tokens)
+        self.norm_name = 'fc_norm' if not isinstance(model.fc_norm, nn.Identity) else \
+            'norm' if not isinstance(model.norm, nn.Identity) else None
+        if self.norm_name is not None:
+            setattr(self, self.norm_name, nn.LayerNorm(dim, eps=model.config.norm_eps))
         self.head = nn.Linear(dim, num_classes)
         trunc_normal_(self.head.weight, std=.02)
         nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        # LayerNorm is per token: with token pooling, normalising the class token alone is the same
+        before = self.norm_name == 'norm' and self.pool_args[0] != 'token'
+        x = pool_tokens(getattr(self, self.norm_name)(x) if before else x, *self.pool_args)
+        if self.norm_name is not None and not before:
+            x = getattr(self, self.norm_name)(x)
+        return self.head(x)
 
 
 class ShallowClassifiers(nn.ModuleDict):
     """`classifierK` after block K; forward(residual stream) -> their logits, in K order. No
     detach: the classifiers' losses train the backbone."""
 
-    def __init__(self, depths: Sequence[int], dim: int, num_classes: int):
-        super().__init__({f'classifier{k}': ShallowClassifier(dim, num_classes) for k in depths})
+    def __init__(self, depths: Sequence[int], dim: int, num_classes: int, model):
+        super().__init__({f'classifier{k}': ShallowClassifier(dim, num_classes, model) for k in depths})
         self.depths = tuple(depths)
 
     def forward(self, stream):
-        return tuple(clf.head(clf.norm(stream[2 * k][:, 0])) for k, clf in zip(self.depths, self.values()))
+        return tuple(clf(stream[2 * k]) for k, clf in zip(self.depths, self.values()))
 
     def forward_eval(self, stream) -> Dict[str, torch.Tensor]:
         return dict(zip(self.keys(), self(stream)))
@@ -143,7 +158,8 @@ class WDPrunePruner(Pruner):
         self.model, self.L, self.D, self.hd = model, L, D, D // H
         self.hid = int(D * model.mlp_ratio)
         self.sizes = dict(zip(MASKED, (H, D, self.hid, D)))
-        self.classifiers = ShallowClassifiers(cfg.classifiers, D, num_classes).to(dev)
+        self.options = LayerOptions.of(model)
+        self.classifiers = ShallowClassifiers(cfg.classifiers, D, num_classes, model).to(dev)
         self.module = PrunerModule(model, self.classifiers)
 
         self.scores = {n: torch.zeros(L, s, device=dev, requires_grad=True) for n, s in self.sizes.items()}
@@ -153,7 +169,7 @@ class WDPrunePruner(Pruner):
         self.lambda1 = self.lambda2 = 0.
         self.step_count, self.shrink_factor = 0, 1.
 
-        dense = sum(block_params(D, self.hd, H, D, self.hid, D)) * L
+        dense = sum(block_params(D, self.hd, H, D, self.hid, D, self.options)) * L
         non_block = model.num_parameters() - dense
         self.dense_block, self.non_block = dense, non_block
         self.budget = block_budget([dense], non_block, cfg.prune_ratio, cfg.block_params_only)
@@ -186,7 +202,7 @@ class WDPrunePruner(Pruner):
         return self.counts.double() / torch.tensor([self.sizes[n] for n in MASKED], dtype=torch.float64)
 
     def _kept_block_params(self, counts) -> int:
-        return sum(sum(block_params(self.D, self.hd, *map(int, c))) for c in counts)
+        return sum(sum(block_params(self.D, self.hd, *map(int, c), self.options)) for c in counts)
 
     def hard_keep(self) -> float:
         """s of the masks actually applied (rounded k/n), on the CPU: no device sync."""
@@ -319,8 +335,8 @@ class WDPrunePruner(Pruner):
         depth = self.cfg.keep_depth or self.L
         rows = []
         for l, c in enumerate(self.counts.tolist()):
-            dense = block_params(self.D, self.hd, *(self.sizes[n] for n in MASKED))
-            kept = block_params(self.D, self.hd, *c) if l < depth else (0, 0)
+            dense = block_params(self.D, self.hd, *(self.sizes[n] for n in MASKED), self.options)
+            kept = block_params(self.D, self.hd, *c, self.options) if l < depth else (0, 0)
             rows += [summary_row(f'{kind}{l}', d, k) for kind, d, k in zip(('attn', 'mlp'), dense, kept)]
         clf = None if self.cfg.keep_depth is None else \
             self.classifiers[f'classifier{depth}'].state_dict()

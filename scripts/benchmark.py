@@ -21,7 +21,6 @@ import copy
 import json
 import sys
 
-import timm
 import torch
 
 # common first: it puts the repository root on sys.path
@@ -30,7 +29,7 @@ import models
 from errors import UsageError
 from pruning import BUDGET_UNITS, ConfigError, LatencyTable
 from pruning.random_scores import random_cut
-from train.check_args import check_device
+from train.check_args import check_device, model_config
 from train.checkpoints import load_checkpoint_file
 from pruning.cost import count_flops
 from utils import synchronize
@@ -47,7 +46,7 @@ def from_checkpoint(path):
     except ValueError as e:
         raise UsageError(f'--checkpoint {path}: {e}') from None
     arch = ckpt['arch']
-    dense = timm.create_model(arch['family'], num_classes=arch['num_classes'], img_size=arch['img_size'])
+    dense = models.create_model(arch['family'], num_classes=arch['num_classes'], img_size=arch['img_size'])
     return dense, cut
 
 
@@ -107,9 +106,7 @@ def build_variants(args):
         dense, cut = from_checkpoint(args.checkpoint)
         source = args.checkpoint
     else:
-        if args.model not in models.CONFIGS:
-            sys.exit(f'error: unknown --model {args.model!r}')
-        size = args.input_size or models.CONFIGS[args.model].img_size
+        size = args.input_size or model_config(args.model).img_size
         try:
             dense, cut = random_cut(args.model, args.prune_ratio, args.num_classes, size, args.seed,
                                     args.prune_method, args.prune_round_to, args.prune_budget,
@@ -125,7 +122,7 @@ def build_variants(args):
     if args.align:
         variants[f'cut, aligned to {args.align}'] = models.align_widths(variants['cut'], args.align)
     if args.reference:
-        variants[args.reference] = timm.create_model(
+        variants[args.reference] = models.create_model(
             args.reference, num_classes=cut.num_classes, img_size=cut.img_size).to(device)
     for m in variants.values():  # residual writes add in place: an inference-only switch
         m.set_inplace_writes(True)
@@ -230,8 +227,8 @@ def check_args(args):
             args.table = LatencyTable.load(args.latency_table)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if args.reference is not None and args.reference not in models.CONFIGS:
-        raise UsageError(f'unknown --reference {args.reference!r} (available: {", ".join(models.CONFIGS)})')
+    if args.reference is not None:
+        model_config(args.reference, '--reference')
     check_device(args.device)
     if args.json:
         prepare_out(args.json, '--json')

@@ -46,7 +46,7 @@ def amp_dtype(args, device):
 
 def build(args, prune, device):
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.size).to(device)
+    model = models.create_model(args.model, num_classes=args.num_classes, img_size=args.size).to(device)
     pruner = None
     if prune:
         # scores accumulate from step 0; no update during the timed steps
@@ -69,7 +69,7 @@ def make_criterion(args, device):
     if not args.teacher_model:
         return criterion
     torch.manual_seed(1)
-    extra = {'img_size': args.size} if args.teacher_model in models.CONFIGS else {}
+    extra = {'img_size': args.size} if models.is_supported(args.teacher_model) else {}
     teacher = timm.create_model(args.teacher_model, num_classes=args.num_classes, **extra).to(device)
     return DistillationLoss(criterion, teacher, 'soft', 0.5, 1.0)
 
@@ -194,9 +194,9 @@ def get_args(argv=None):
     for flag, value in (('--rounds', args.rounds), ('--iters', args.iters), ('--batch-size', args.batch_size)):
         if value < 1:
             p.exit(2, f'error: {flag} must be at least 1, got {value}\n')
-    if args.input_size is None and args.model not in models.CONFIGS:
-        p.exit(2, f'error: --model {args.model}: give its --input-size (not one of models.CONFIGS)\n')
-    args.size = args.input_size or models.CONFIGS[args.model].img_size
+    if args.input_size is None and not models.is_supported(args.model):
+        p.exit(2, f'error: --model {args.model}: give its --input-size (not a supported ViT, --list-models)\n')
+    args.size = args.input_size or models.vit_config(args.model).img_size
     return args
 
 

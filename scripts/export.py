@@ -26,14 +26,15 @@ import torch
 from common import export_onnx, prepare_folder, prepare_out
 import models
 from errors import DiskFullError, UsageError
+from train.check_args import model_config
 from train.checkpoints import load_checkpoint_file
 
 
 def load_model(path, model_name=None):
     """The model of a checkpoint; UsageError (one line) if it holds none this code can rebuild."""
     ckpt = load_checkpoint_file(path, 'checkpoint')
-    if ckpt.get('arch') is None and model_name is not None and model_name not in models.CONFIGS:
-        raise UsageError(f'unknown --model {model_name!r} (available: {", ".join(models.CONFIGS)})')
+    if ckpt.get('arch') is None and model_name is not None:
+        model_config(model_name)
     try:
         return models.load_model(ckpt, model_name)
     except ValueError as e:

@@ -121,7 +121,7 @@ class PartialRows(ChildFailed):
 def measure_inference(args, out):
     """--child eager|compiled: the rows of one mode, each appended to `out` (JSON lines)."""
     import torch
-    import timm
+    import models
     from pruning.random_scores import random_cut
     from pruning.cost import count_flops
     cfg, device = SMOKE if args.smoke else FULL, script_device(args.device)
@@ -133,7 +133,7 @@ def measure_inference(args, out):
                 cfg['model'], pr, cfg['num_classes'], size, budget=budget,
                 latency_table=args.child_table if budget == 'latency' else None)
     nets = {'dense': dense, **nets, f'{cfg["reference"]} (uncut)':
-            timm.create_model(cfg['reference'], num_classes=cfg['num_classes'], img_size=size)}
+            models.create_model(cfg['reference'], num_classes=cfg['num_classes'], img_size=size)}
     nets = {name: m.to(device).eval().set_inplace_writes(True) for name, m in nets.items()}
     flops = {name: count_flops(m, size, device) for name, m in nets.items()}
     dense_ms = {}

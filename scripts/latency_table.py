@@ -18,7 +18,6 @@ import platform
 import sys
 import time
 
-import timm
 import torch
 
 # common first: it puts the repository root on sys.path
@@ -26,8 +25,9 @@ from common import check_at_least, checked_script_args, prepare_out, script_devi
 import models
 from errors import UsageError
 from models import median_seconds
-from models.vision_transformer import Block
-from pruning.cost import TABLE_FORMAT, LatencyTable
+from models.layers import Block
+from train.check_args import model_config
+from pruning.cost import TABLE_FORMAT, LatencyTable, timed_layer_options
 from pruning.random_scores import random_cut
 from train.check_args import check_device
 
@@ -48,12 +48,15 @@ def spread(width: int, size: int):
     return sorted({int(i * size / width) for i in range(width)})
 
 
-def sub_block(kind, D, H, d_in, middle, d_out, scale, device, dtype):
-    """A one-sub-block Block of the given widths (random weights), in eval mode, adding in place."""
+def sub_block(kind, D, H, d_in, middle, d_out, scale, device, dtype, options=None):
+    """A one-sub-block Block of the given widths (random weights) with the family's layer
+    `options` (LayerScale, qk_norm, activation), in eval mode, adding in place."""
     sub = ({'in_idx': spread(d_in, D), 'out_idx': spread(d_out, D), 'num_heads': H, 'head_dim': middle}
            if kind == 'attn' else
            {'in_idx': spread(d_in, D), 'out_idx': spread(d_out, D), 'hidden_features': middle})
-    blk = Block(D, {'attn': None, 'mlp': None, kind: sub}, scale).to(device=device, dtype=dtype).eval()
+    options = dict(options or {})
+    blk = Block(D, {'attn': None, 'mlp': None, kind: sub}, scale, options.pop('qkv_bias', True), **options)
+    blk = blk.to(device=device, dtype=dtype).eval()
     for w in blk.writes():
         w.inplace = True
     return blk
@@ -68,7 +71,8 @@ def time_grid(kind, model, axes, x, amp, warmup, iters):
     for i, a in enumerate(axes[0]):
         for j, b in enumerate(axes[1]):
             for k, c in enumerate(axes[2]):
-                blk = sub_block(kind, D, H, a, b, c, model.attn_scale, x.device, x.dtype)
+                blk = sub_block(kind, D, H, a, b, c, model.attn_scale, x.device, x.dtype,
+                                {'qkv_bias': model.qkv_bias, **model.layer_options()})
                 with torch.autocast(x.device.type, enabled=amp):
                     grid[i, j, k] = 1e3 * median_seconds(lambda: getattr(blk, run)(x), x.device, warmup, iters)
     return grid
@@ -137,8 +141,7 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    if args.model not in models.CONFIGS:
-        raise UsageError(f'unknown --model {args.model!r}: one of {", ".join(sorted(models.CONFIGS))}')
+    config = model_config(args.model)
     check_at_least((('--batch-size', args.batch_size, 1), ('--points', args.points, 2),
                     ('--iters', args.iters, 1), ('--warmup', args.warmup, 0),
                     ('--num-classes', args.num_classes, 1), ('--input-size', args.input_size, 1)))
@@ -147,7 +150,7 @@ def check_args(args):
     check_device(args.device)
     if args.amp and not args.device.startswith('cuda'):
         raise UsageError('--amp times float16 autocast on CUDA; this --device is not')
-    patch = models.CONFIGS[args.model].patch_size
+    patch = config.patch_size
     if args.input_size is not None and args.input_size % patch:
         # the patch embedding would drop the rest: the table would be of a smaller input size
         raise UsageError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch '
@@ -164,10 +167,10 @@ def check_args(args):
 def main(argv=None):
     args = checked_script_args(get_args, check_args, argv)
     device = script_device(args.device)
-    args.input_size = args.input_size or models.CONFIGS[args.model].img_size
+    args.input_size = args.input_size or models.vit_config(args.model).img_size
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    dense = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.input_size).to(device).eval()
+    dense = models.create_model(args.model, num_classes=args.num_classes, img_size=args.input_size).to(device).eval()
     D, H = dense.embed_dim, dense.num_heads
     hidden, tokens = int(D * dense.mlp_ratio), dense.patch_embed.num_patches + dense.num_prefix_tokens
     x = torch.randn(args.batch_size, tokens, D, device=device)
@@ -176,7 +179,8 @@ def main(argv=None):
             'mlp': [axis(D, args.points), axis(hidden, args.points + 1), axis(D, args.points)]}
     names = {'attn': ('d_in', 'head_dim', 'd_out'), 'mlp': ('d_in', 'hidden', 'd_out')}
     table = {
-        'format': TABLE_FORMAT, 'model': args.model, 'embed_dim': D, 'num_heads': H, 'head_dim': D // H,
+        'format': TABLE_FORMAT, 'model': args.model, 'layer_options': timed_layer_options(dense),
+        'embed_dim': D, 'num_heads': H, 'head_dim': D // H,
         'mlp_hidden': hidden, 'tokens': tokens, 'batch_size': args.batch_size, 'input_size': args.input_size,
         'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({platform.processor() or platform.machine()})',
         'torch': torch.__version__, 'threads': torch.get_num_threads(),

@@ -16,9 +16,11 @@ import torch
 
 import models
 from conftest import REPO, check_ok, cli_env, micro, run_cli
+from families import FAMILIES, ours
 from pruning import DepthAwarePruner, PruneSchedule
 from pruning.cost import TABLE_FORMAT, FlopsCost, LatencyTable, ParamsCost, build_cost, sub_block_cost
-from pruning.gates import gates_of, kept_costs, kept_params
+from pruning.gates import LayerOptions, gates_of, kept_costs, kept_params
+from pruning.random_scores import fill_random_scores
 from test_pruning import pruner_with_random_scores as random_pruner
 from pruning.cost import count_flops
 from utils import read_log
@@ -265,38 +267,93 @@ def test_benchmark_cuts_in_any_unit_and_keeps_its_json_keys(tmp_path):
 
 # ---------------------------------------------------------------- one cost model for every method
 
-@pytest.mark.parametrize('name', ['deit_micro_patch4_32', 'deit_micro_distilled_patch4_32'])
+def dense_model(name):
+    """A micro model by its registered name, or the miniature of a timm family (tests/families.py)."""
+    return ours(name) if name in FAMILIES else micro(0, name=name)
+
+
+@pytest.mark.parametrize('name', ['deit_micro_patch4_32', 'deit_micro_distilled_patch4_32', *FAMILIES])
 def test_every_method_counts_the_dense_model_as_the_model_and_the_flop_counter_do(name):
     """DAP (each policy), WD-Prune and SaViT read their dense cost from pruning/cost.py: it is
-    the model's parameter count and the FLOP counter's, distillation token and head included."""
+    the model's parameter count and the FLOP counter's, distillation token and head included,
+    and in every family registers, LayerScale, qk_norm, norm_pre, fc_norm and a qkv without bias."""
     from pruning import SaViTConfig, SaViTPruner, WDPruneConfig, WDPrunePruner
     from pruning.cost import ViTShape
-    dense = {'params': micro(0, name=name).num_parameters(), 'flops': count_flops(micro(0, name=name), 32)}
+    dense = {'params': dense_model(name).num_parameters(), 'flops': count_flops(dense_model(name), 32)}
     schedule = PruneSchedule(10, 0, 1, 2, 5)
     for unit, total in dense.items():
         for method in ('block_pr', 'uniform', 'global'):
-            pruner = DepthAwarePruner(micro(0, name=name), C, PruneConfig(prune_ratio=0.5, method=method, budget=unit),
+            pruner = DepthAwarePruner(dense_model(name), C, PruneConfig(prune_ratio=0.5, method=method, budget=unit),
                                       schedule)
             assert pruner.budget_report()['total_dense_cost'] == total, (method, unit)
-        savit = SaViTPruner(micro(0, name=name), C, SaViTConfig(prune_ratio=0.5, budget=unit))
+        savit = SaViTPruner(dense_model(name), C, SaViTConfig(prune_ratio=0.5, budget=unit))
         assert savit.space().dense == total, unit
-    wdprune = WDPrunePruner(micro(0, name=name), C, WDPruneConfig(prune_ratio=0.5, classifiers=(2,)), schedule)
+    wdprune = WDPrunePruner(dense_model(name), C, WDPruneConfig(prune_ratio=0.5, classifiers=(2,)), schedule)
     assert wdprune.dense_block + wdprune.non_block == dense['params']
-    shape = ViTShape.from_model(micro(0, name=name))
-    assert shape.rest_params(D) == ParamsCost().non_block(micro(0, name=name), shape.cost('params', *shape.dense_counts())
-                                                          - shape.rest_params(D))
+    # the sub-blocks' own counts, not only their total: the rest is what lies outside the blocks
+    model = dense_model(name)
+    outside = sum(p.numel() for n, p in model.named_parameters() if not n.startswith('blocks.'))
+    assert model.num_parameters() - sum(sub_block_cost(build_cost('params', model), model)) == outside
+    assert wdprune.non_block == outside
+    shape = ViTShape.from_model(model)
+    assert shape.rest_params(D) == outside == ParamsCost().non_block(
+        model, shape.cost('params', *shape.dense_counts()) - shape.rest_params(D))
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+@pytest.mark.parametrize('method', ['block_pr', 'uniform', 'global'])
+def test_a_dap_cut_has_the_parameters_and_flops_its_costs_predict_on_every_family(family, method):
+    """A random-score DAP cut of each family: its parameters are what ParamsCost (built from the
+    model: its qkv bias, LayerScale γ, qk_norm) predicts for the kept counts, within one element
+    of the budget; its FLOPs are what FlopsCost predicts over every token, registers included."""
+    model = ours(family)
+    schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0, finalize_epoch=1, steps_update_mask=1)
+    pruner = DepthAwarePruner(model, C, PruneConfig(prune_ratio=0.5, method=method), schedule)
+    fill_random_scores(pruner, 3, heavy_tailed=True)
+    cost = build_cost('params', model)
+    assert cost.options == LayerOptions.of(model) == pruner.sbs[0].options
+    dense = sum(sb.dense_params for sb in pruner.sbs)
+    cut, rows = pruner.finalize()
+    predicted = sum(sub_block_cost(cost, cut))  # ParamsCost of the kept counts, read from the cut's arch
+    assert predicted == sum(r['kept_params'] for r in rows) == sum(r['kept_cost'] for r in rows)
+    assert cut.num_parameters() == predicted + pruner.non_block == predicted + cost.non_block(model, dense)
+    assert abs(predicted - pruner.budget) <= one_element(pruner)
+    flops = FlopsCost(model.patch_embed.num_patches + model.num_prefix_tokens)
+    for m in (ours(family), cut):
+        assert flops.non_block(m) + sum(sub_block_cost(flops, m)) == count_flops(m, 32), family
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_a_latency_table_is_checked_against_the_familys_tokens(family):
+    """check_model accepts a table of the family's widths and token count (registers included)
+    and refuses one measured with another token count."""
+    from pruning.cost import DEIT_LAYER_OPTIONS, timed_layer_options
+    model = ours(family)
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    options = timed_layer_options(model)
+    LatencyTable(made_up_table(tokens=tokens, layer_options=options)).check_model(model)
+    with pytest.raises(ValueError, match=f'tokens {tokens + 1} \\(the model: {tokens}\\)'):
+        LatencyTable(made_up_table(tokens=tokens + 1, layer_options=options)).check_model(model)
+    # a table of DeiT's layers (or one written before the options were recorded) is not the
+    # family's: LayerScale, qk_norm, QuickGELU and a missing qkv bias change a sub-block's time
+    if options != DEIT_LAYER_OPTIONS:
+        changed = next(k for k in options if options[k] != DEIT_LAYER_OPTIONS[k])
+        for table in (made_up_table(tokens=tokens), made_up_table(tokens=tokens, layer_options=DEIT_LAYER_OPTIONS)):
+            with pytest.raises(ValueError, match=f'{changed} {DEIT_LAYER_OPTIONS[changed]} \\(the model: '):
+                LatencyTable(table).check_model(model)
 
 
 @pytest.mark.parametrize('unit', ['params', 'flops'])
-def test_a_savit_cut_of_the_distilled_model_lands_within_one_element_of_its_budget(unit):
+@pytest.mark.parametrize('name', ['deit_micro_distilled_patch4_32', *FAMILIES])
+def test_a_savit_cut_lands_within_one_element_of_its_budget(name, unit):
     """Before the one cost model, SaViT counted one prefix token and one head: on the distilled
     micro model its dense count was 778 parameters short (the distillation token, its position
     row, the second head) and the cut stopped with 'cut model has 104487 parameters, closed
-    form 103961'."""
+    form 103961'. Before ViTShape knew the families, deit3's stopped with 'cut model has 104259
+    parameters, closed form 103993' (LayerScale, the position rows of no_embed_class)."""
     from pruning import SaViTConfig, SaViTPruner
     from test_savit import set_random_scores
-    name = 'deit_micro_distilled_patch4_32'
-    model = micro(0, name=name)
+    model = dense_model(name)
     total = model.num_parameters() if unit == 'params' else count_flops(model, 32)
     pruner = SaViTPruner(model, C, SaViTConfig(prune_ratio=0.5, budget=unit, population=20, children=10,
                                                generations=10))

@@ -46,7 +46,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_line():
         models.load_model({'model': state})
     with pytest.raises(ValueError, match=r'^its weights do not fit deit_micro_patch4_32: missing keys \(1\): head.bias'):
         models.load_model({'model': {k: v for k, v in state.items() if k != 'head.bias'}}, 'deit_micro_patch4_32')
-    with pytest.raises(ValueError, match=r'^Unknown model'):
+    with pytest.raises(ValueError, match=r"^unknown model 'no_such_model'"):
         models.load_model({'model': state}, 'no_such_model')
     with pytest.raises(ValueError, match=r'^holds no weights'):
         models.load_model({'args': {}}, 'deit_micro_patch4_32')

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)
 from conftest import micro
+from families import FAMILIES, ours
 import pruning.savit as savit
 from models import HEAD_GATE
 from pruning import cut_model
@@ -92,6 +93,25 @@ def test_closed_form_counts_equal_the_real_cut_model():
         cut = cut_model(model)
         counts = (torch.tensor(heads), torch.tensor(hidden), torch.tensor(E))
         assert int(shape.cost('params', *counts)) == n_params(cut) == spec_params(heads, hidden, E)
+        assert int(shape.cost('flops', *counts)) == count_flops(cut, IMG)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_closed_form_counts_equal_the_real_cut_model_on_every_family(family):
+    """ViTShape knows each family: registers, the position rows of no_embed_class, norm_pre,
+    norm or fc_norm, LayerScale's γ (narrowed with the embedding), qk_norm, qkv without bias."""
+    shape = ViTShape.from_model(ours(family))
+    assert int(shape.cost('params', *shape.dense_counts())) == n_params(ours(family))
+    assert int(shape.cost('flops', *shape.dense_counts())) == count_flops(ours(family), IMG)
+    g = torch.Generator().manual_seed(1)
+    for trial in range(3):
+        model = ours(family, seed=trial)
+        model.add_gates(names=(HEAD_GATE, 'mlp_hid'), embed=True)
+        heads, hidden, E = random_pattern(g, allow_empty=trial == 2)
+        gate_pattern(model, heads, hidden, E, g)
+        cut = cut_model(model)
+        counts = (torch.tensor(heads), torch.tensor(hidden), torch.tensor(E))
+        assert int(shape.cost('params', *counts)) == n_params(cut), (heads, hidden, E)
         assert int(shape.cost('flops', *counts)) == count_flops(cut, IMG)
 
 
@@ -255,8 +275,11 @@ def test_thresholds_are_global_with_min_keep():
 
 # ---------------------------------------------------------------- the cut is exact
 
-def test_cut_logits_equal_binarised_gated_logits(monkeypatch):
-    model = micro(5)
+@pytest.mark.parametrize('family', [None, *FAMILIES])
+def test_cut_logits_equal_binarised_gated_logits(monkeypatch, family):
+    """The micro model, and each family (the embedding gate through registers, norm_pre,
+    fc_norm, LayerScale and qk_norm)."""
+    model = micro(5) if family is None else ours(family, seed=5)
     p = SaViTPruner(model, C, SaViTConfig(prune_ratio=0.5, **SMALL_SEARCH))
     for s in range(2):  # real scores from a few backward passes
         x, y = batch(s)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import models  # noqa: F401  (registers deit_micro_patch4_32)
 from conftest import micro, round_trip
+from families import FAMILIES, ours
 from models import is_gate
 from pruning import PruneSchedule
 from pruning.wdprune import (MASKED, WDPruneConfig, WDPrunePruner, block_keep_fraction,
@@ -20,9 +21,10 @@ def count(m):
     return sum(p.numel() for n, p in m.named_parameters() if not is_gate(n))
 
 
-def make(pr=0.5, total_steps=100, seed=0, **kw):
-    """Model and pruner, its cosine over `total_steps` (one epoch of that many steps)."""
-    model = micro(seed)
+def make(pr=0.5, total_steps=100, seed=0, family=None, **kw):
+    """Model (the micro model, or the miniature of a timm family) and pruner, its cosine over
+    `total_steps` (one epoch of that many steps)."""
+    model = micro(seed) if family is None else ours(family, seed)
     schedule = PruneSchedule(steps_per_epoch=total_steps, start_epoch=0, sparse_epoch=0, finalize_epoch=1)
     return model, WDPrunePruner(model, 10, WDPruneConfig(pr, **kw), schedule)
 
@@ -185,9 +187,13 @@ def test_training_moves_s_to_target():
 
 
 # ---- (5) finalize: budget and exactness -----------------------------------------------------
-@pytest.mark.parametrize('pr,keep_depth', [(0.5, None), (0.75, None), (0.5, 2), (0.75, 3)])
-def test_finalize_meets_budget_and_cut_is_exact(pr, keep_depth):
-    model, pruner = make(pr=pr, classifiers=(2, 3), keep_depth=keep_depth)
+@pytest.mark.parametrize('pr,keep_depth,family', [
+    (0.5, None, None), (0.75, None, None), (0.5, 2, None), (0.75, 3, None),
+    *[(0.5, k, f) for f in FAMILIES for k in (None, 2)]])
+def test_finalize_meets_budget_and_cut_is_exact(pr, keep_depth, family):
+    """On the micro model and on each family, whole or with a promoted shallow classifier: the
+    rows count LayerScale's γ with the written dims, qk_norm, a qkv without bias."""
+    model, pruner = make(pr=pr, classifiers=(2, 3), keep_depth=keep_depth, family=family)
     dense = count(model)
     random_state(pruner)
     with torch.no_grad():  # non-trivial shallow classifier norms

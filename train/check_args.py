@@ -1,7 +1,6 @@
 """The one check of a command line, before anything is read or written (timm's validate.py
 evaluates a model: this module checks arguments)."""
 import copy
-import difflib
 
 import torch
 
@@ -15,11 +14,7 @@ def check_args(args):
     """A checked copy of `args` with the defaults that depend on other flags filled in
     (--input-size, --prune-finalize-epoch); UsageError names the flag of the first problem."""
     args = copy.copy(args)
-    if args.model not in models.CONFIGS:
-        close = difflib.get_close_matches(args.model, list(models.CONFIGS), n=3, cutoff=0.5)
-        hint = f'; did you mean {" or ".join(close)}?' if close else ''
-        raise UsageError(f'unknown --model {args.model!r}{hint} (available: {", ".join(models.CONFIGS)})')
-    config = models.CONFIGS[args.model]
+    config = model_config(args.model)
     if args.input_size is None:
         args.input_size = config.img_size
     check_ranges(args)
@@ -41,6 +36,15 @@ def check_args(args):
             raise UsageError(f'--prune-finalize-epoch {args.prune_finalize_epoch} is after --epochs {args.epochs}')
         methods.check_config(args)
     return args
+
+
+def model_config(name: str, flag: str = '--model') -> 'models.ViTConfig':
+    """The family of a --model name (any timm VisionTransformer name `models.vit_config` takes);
+    UsageError naming the flag if it is unknown or has an option outside the supported set."""
+    try:
+        return models.vit_config(name)
+    except ValueError as e:
+        raise UsageError(f'{flag}: {e}') from None
 
 
 # DeiT's numbers and their ranges (the pruning flags' ranges are their configurations' own)

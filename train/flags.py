@@ -97,7 +97,11 @@ def add_deit_flags(parser):
 
     # Model parameters
     parser.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
-                        help='name of the model to train')
+                        help='name of the model to train: a DeiT name or any supported timm '
+                             'VisionTransformer, with or without its pretrained tag (--list-models)')
+    parser.add_argument('--list-models', nargs='?', const='*', default=None, metavar='PATTERN',
+                        help='print the --model names that can be pruned (those matching PATTERN, '
+                             'as timm.list_models matches it), the timm ViTs that cannot and why, and exit')
     parser.add_argument('--input-size', default=None, type=int,
                         help='images input size (default: the model\'s own, 224 for deit_*)')
     parser.add_argument('--drop', type=real, default=0.0, metavar='PCT', help='dropout rate')
@@ -177,8 +181,12 @@ def add_deit_flags(parser):
 
     # * Finetuning params
     parser.add_argument('--model-path', '--finetune', dest='model_path', default='',
-                        help='checkpoint (path or URL) to start from: DeiT {"model": ...} or a '
-                             'bare state dict')
+                        help='checkpoint to start from: a path or URL (DeiT {"model": ...} or a bare state '
+                             'dict; .pth, .bin, .safetensors), local-dir:FOLDER or hf-hub:ORG/NAME[@REV] (a timm '
+                             'model, from the Hugging Face cache when offline)')
+    parser.add_argument('--pretrained', action='store_true', default=False,
+                        help='Start with pretrained version of specified network (if avail): the weights '
+                             'timm.create_model(--model, pretrained=True) loads, fitted to --input-size')
     parser.add_argument('--resize-model-by-checkpoint', '--model-resize-by-checkpoint',
                         action='store_true', dest='resize_model_by_checkpoint',
                         help='build the cut architecture stored in --model-path (first_sparse_checkpoint.pth)')

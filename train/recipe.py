@@ -13,6 +13,7 @@ import utils
 from datasets import ShardSampler, build_dataset, build_transform
 from losses import DistillationLoss
 from errors import UsageError, first_line
+from models.checkpoint import timm_pretrained_checkpoint
 from train.checkpoints import load_checkpoint_file
 
 
@@ -113,20 +114,38 @@ def model_arch(args, model_path_checkpoint, resume_checkpoint):
 
 def build_model(args, nb_classes, resume_checkpoint=None):
     """The model to train: dense, or the cut architecture stored in a checkpoint, with the
-    weights of --model-path fitted to it (classifier reset, pos_embed resampled)."""
+    weights of --model-path, or timm's of --model with --pretrained, fitted to it (foreign
+    layouts converted, classifier reset, pos_embed resampled)."""
     kwargs = dict(num_classes=nb_classes, img_size=args.input_size, drop_rate=args.drop,
                   drop_path_rate=args.drop_path)
     checkpoint = load_checkpoint_file(args.model_path, '--model-path') if args.model_path else None
     arch = model_arch(args, checkpoint, resume_checkpoint)
     model = models.load_model(None if arch is None else {'arch': arch}, args.model, weights=False, **kwargs)
+    flag, weights = '--model-path', args.model_path
+    if args.pretrained:
+        checkpoint, flag, weights = pretrained_checkpoint(args), '--pretrained', f'timm\'s {args.model}'
     if checkpoint is not None:
         try:
             state_dict, notes = models.pretrained_state_dict(model, checkpoint)
         except ValueError as e:
-            raise UsageError(f'--model-path {args.model_path}: {e}')
+            raise UsageError(f'{flag} {weights}: {e}')
         model.load_state_dict(state_dict)
-        print(f'Loaded weights from {args.model_path}' + ''.join(f'; {n}' for n in notes))
+        print(f'Loaded weights from {weights}' + ''.join(f'; {n}' for n in notes))
     return model
+
+
+def pretrained_checkpoint(args) -> dict:
+    """timm's pretrained weights of --model (`timm_pretrained_checkpoint`); UsageError (one line)."""
+    if args.model_path:
+        raise UsageError(f'--pretrained and --model-path {args.model_path} both name the starting weights: '
+                         'give one')
+    try:
+        return timm_pretrained_checkpoint(args.model)
+    except ValueError as e:
+        raise UsageError(f'--pretrained: {first_line(e)}') from None
+    except (RuntimeError, OSError) as e:  # a failed download, a damaged cached file
+        raise UsageError(f'--pretrained {args.model}: timm could not load its weights: '
+                         f'{type(e).__name__}: {first_line(e)}') from None
 
 
 def wrap(args, device, net):
@@ -212,7 +231,7 @@ def build_teacher(args, nb_classes, device):
         raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path: the teacher\'s '
                          'weights (a file, file:// or URL, or a checkpoint of this project)')
     ckpt = load_checkpoint_file(args.teacher_path, '--teacher-path')
-    extra = {'img_size': args.input_size} if ckpt.get('arch') is None and args.teacher_model in models.CONFIGS else {}
+    extra = {'img_size': args.input_size} if ckpt.get('arch') is None and models.is_supported(args.teacher_model) else {}
     try:
         teacher = models.load_model(ckpt, args.teacher_model, num_classes=nb_classes, **extra) \
             if ckpt.get('arch') is None else models.load_model(ckpt)
@@ -222,7 +241,7 @@ def build_teacher(args, nb_classes, device):
         saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
         recorded = saved.get('model') if isinstance(saved.get('model'), str) else None
         hint = f'; it is a dense checkpoint of --model {recorded}: pass --teacher-model {recorded}' \
-            if ckpt.get('arch') is None and recorded in models.CONFIGS and recorded != args.teacher_model else ''
+            if ckpt.get('arch') is None and recorded and models.is_supported(recorded) and recorded != args.teacher_model else ''
         raise UsageError(f'--teacher-path {args.teacher_path} ({what}): {first_line(e)}{hint}') from None
     size = getattr(teacher, 'img_size', args.input_size)
     if size != args.input_size:  # its position embedding is for another grid: the forward would fail

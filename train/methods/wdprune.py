@@ -7,7 +7,7 @@ from .registry import Family, from_args, register
 
 
 def config(args) -> WDPruneConfig:
-    depth = models.CONFIGS[args.model].depth
+    depth = models.vit_config(args.model).depth
     return from_args(WDPruneConfig, args, keep_depth=None if args.keep_depth == depth else args.keep_depth)
 
 
