@@ -103,10 +103,6 @@ def pretrained_state_dict(model: torch.nn.Module, checkpoint: Dict) -> Tuple[Dic
     return sd, notes
 
 
-# the modules of timm that define its VisionTransformer models and their pretrained tags
-TIMM_VIT_MODULES = ('vision_transformer', 'deit')
-
-
 def timm_pretrained_checkpoint(name: str, pretrained_cfg_overlay: Optional[Dict] = None) -> Dict:
     """{'model': the weights that `timm.create_model(name, pretrained=True)` loads} (`name`
     with or without a pretrained tag: `vit_small_patch14_dinov2.lvd142m`), for
@@ -118,6 +114,7 @@ def timm_pretrained_checkpoint(name: str, pretrained_cfg_overlay: Optional[Dict]
     import dataclasses
     import importlib
     from timm.models import split_model_name_tag
+    from .families import TIMM_VIT_MODULES
     arch, tag = split_model_name_tag(name)
     for module in (importlib.import_module(f'timm.models.{m}') for m in TIMM_VIT_MODULES):
         create, defaults = getattr(module, arch, None), getattr(module, 'default_cfgs', {}).get(arch)

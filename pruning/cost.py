@@ -206,14 +206,18 @@ class LatencyTable(Cost):
     that `scripts/latency_table.py` measured (read, attention or MLP, write; all heads kept,
     as DAP keeps them), and the measured time of the rest of the model (`other_ms`)."""
     unit = 'latency'
+    # the attention grid's middle axis: head_dim widths with all heads (DAP's §2 cut), or head
+    # counts at the full head_dim (`--prune-attn-unit head`; scripts/latency_table.py --attn-unit)
+    ATTN_MIDDLE = {'head_dim': 'head_dim', 'head': 'heads'}
     KEYS = ('format', 'model', 'embed_dim', 'num_heads', 'head_dim', 'mlp_hidden', 'tokens',
             'batch_size', 'input_size', 'device', 'torch', 'threads', 'other_ms', 'attn', 'mlp')
 
     def __init__(self, table: Dict, source: str = 'the latency table'):
         self.table = self.check(table, source)
         self.source = source
+        self.attn_unit = self.attn_unit_of(table)
         self.attn_axes = [torch.tensor(table['attn']['axes'][k], dtype=torch.float64)
-                          for k in ('d_in', 'head_dim', 'd_out')]
+                          for k in ('d_in', self.ATTN_MIDDLE[self.attn_unit], 'd_out')]
         self.attn_ms = torch.tensor(table['attn']['ms'], dtype=torch.float64)
         self.mlp_axes = [torch.tensor(table['mlp']['axes'][k], dtype=torch.float64)
                          for k in ('d_in', 'hidden', 'd_out')]
@@ -237,6 +241,12 @@ class LatencyTable(Cost):
         return cls(table, path)
 
     @classmethod
+    def attn_unit_of(cls, table) -> str:
+        """'head' for a table whose attention grid runs over head counts, else 'head_dim'."""
+        axes = table.get('attn', {}).get('axes') if isinstance(table.get('attn'), dict) else None
+        return 'head' if isinstance(axes, dict) and 'heads' in axes else 'head_dim'
+
+    @classmethod
     def check(cls, table, source):
         """The table's shape: every key, the model's sizes whole numbers, axes of whole widths
         ascending from at least 1, a positive finite grid of the axes' size; ValueError naming
@@ -250,7 +260,8 @@ class LatencyTable(Cost):
         for k in ('embed_dim', 'num_heads', 'head_dim', 'mlp_hidden', 'tokens'):
             if type(table[k]) is not int or table[k] < 1:
                 raise ValueError(f'{source}: {k} must be a whole number of at least 1, got {table[k]!r}')
-        for kind, names in (('attn', ('d_in', 'head_dim', 'd_out')), ('mlp', ('d_in', 'hidden', 'd_out'))):
+        middle = cls.ATTN_MIDDLE[cls.attn_unit_of(table)]
+        for kind, names in (('attn', ('d_in', middle, 'd_out')), ('mlp', ('d_in', 'hidden', 'd_out'))):
             part = table[kind]
             try:
                 axes = [[float(v) for v in part['axes'][n]] for n in names]
@@ -293,9 +304,11 @@ class LatencyTable(Cost):
     def attn(self, d_in, heads, head_dim, d_out):
         as_tensor, (a, h, b, c) = widths_as_tensors(d_in, heads, head_dim, d_out)
         a, h, b, c = torch.broadcast_tensors(a, h, b, c)
-        # measured with all heads (DAP's cut); fewer heads scale the time by their share
-        ms = _count(_interpolate(self.attn_axes, self.attn_ms, (a, b, c)) * h / self.table['num_heads'],
-                    (a, h, b, c), True)
+        if self.attn_unit == 'head':  # measured per head count at the full head_dim
+            ms = _interpolate(self.attn_axes, self.attn_ms, (a, h, c)) * b / self.table['head_dim']
+        else:  # measured with all heads (DAP's cut); fewer heads scale the time by their share
+            ms = _interpolate(self.attn_axes, self.attn_ms, (a, b, c)) * h / self.table['num_heads']
+        ms = _count(ms, (a, h, b, c), True)
         return ms if as_tensor else float(ms)
 
     def mlp(self, d_in, hidden, d_out):
@@ -327,9 +340,10 @@ def sub_block_cost(cost: Cost, model):
     return out
 
 
-def build_cost(unit: str, model, latency_table: Optional[str] = None) -> Cost:
+def build_cost(unit: str, model, latency_table: Optional[str] = None, attn_unit: str = 'head_dim') -> Cost:
     """The cost model of `unit` for the dense `model`; `latency_table` is the file for
-    `latency`. ValueError (one line) for an unknown unit or a table that does not fit."""
+    `latency`, timed over what `attn_unit` removes (head_dim widths or head counts).
+    ValueError (one line) for an unknown unit or a table that does not fit."""
     if unit == 'params':
         return ParamsCost(LayerOptions.of(model))
     if unit == 'flops':
@@ -340,6 +354,10 @@ def build_cost(unit: str, model, latency_table: Optional[str] = None) -> Cost:
                              'scripts/latency_table.py)')
         table = LatencyTable.load(latency_table)
         table.check_model(model)
+        if table.attn_unit != attn_unit:
+            raise ValueError(f'{latency_table} times attention by {table.attn_unit} '
+                             f'(scripts/latency_table.py --attn-unit {table.attn_unit}); --prune-attn-unit '
+                             f'{attn_unit} needs a table made with --attn-unit {attn_unit}')
         return table
     raise ValueError(f'unknown budget unit {unit!r}; units are {", ".join(BUDGET_UNITS)}')
 

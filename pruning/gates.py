@@ -9,7 +9,11 @@ from typing import List, Sequence
 
 import torch
 
-from models import ATTN_GATES, MLP_GATES, binarize
+from models import ATTN_GATES, HEAD_GATE, MLP_GATES, binarize
+
+# what the attention's middle gate removes (`--prune-attn-unit`): channels of every head (head_dim,
+# the paper's §2) or whole heads (head, an extension: METHOD.md §9)
+ATTN_UNITS = ('head_dim', 'head')
 
 
 def widths_as_tensors(*widths):
@@ -86,13 +90,24 @@ class SubBlock:
     gate_sizes: tuple   # their lengths
     num_heads: int      # H for attention, 1 for the MLP
     options: LayerOptions = LayerOptions()  # the family's (qkv bias, LayerScale, qk_norm)
+    head_dim: int = 0   # d, for an attention whose middle gate is over whole heads
+
+    @property
+    def by_heads(self) -> bool:
+        """Whether the middle gate is over whole heads (`attn_head`, `--prune-attn-unit head`)."""
+        return self.gate_names[1] == HEAD_GATE
+
+    def _attn_widths(self, b):
+        """(heads, head_dim) for kept count b of the middle gate."""
+        return (b, self.head_dim) if self.by_heads else (self.num_heads, b)
 
     def params(self, kept: Sequence):
         """Parameters kept for kept-element counts (a, b, c) of its gates (§2); the middle gate
-        of attention is the head_dim mask shared by all heads."""
+        of attention is the head_dim mask shared by all heads, or with `--prune-attn-unit head`
+        one element per head."""
         a, b, c = kept
         if self.kind == 'attn':
-            return self.options.attn_params(a, self.num_heads, b, c)
+            return self.options.attn_params(a, *self._attn_widths(b), c)
         return self.options.mlp_params(a, b, c)
 
     def cost(self, kept: Sequence, cost=None):
@@ -101,7 +116,12 @@ class SubBlock:
         if cost is None:
             return self.params(kept)
         a, b, c = kept
-        return cost.attn(a, self.num_heads, b, c) if self.kind == 'attn' else cost.mlp(a, b, c)
+        return cost.attn(a, *self._attn_widths(b), c) if self.kind == 'attn' else cost.mlp(a, b, c)
+
+    def multiples(self, round_to: int) -> tuple:
+        """What each gate's kept count is rounded down to a multiple of (`--prune-round-to`):
+        widths, not head counts."""
+        return (round_to, 1 if self.by_heads else round_to, round_to)
 
     @property
     def dense_params(self) -> int:
@@ -127,13 +147,16 @@ class SubBlock:
         return f'{self.kind}{self.layer}'
 
 
-def sub_blocks(model) -> List[SubBlock]:
-    """The 2L sub-blocks of a dense `models.VisionTransformer`."""
+def sub_blocks(model, attn_unit: str = 'head_dim') -> List[SubBlock]:
+    """The 2L sub-blocks of a dense `models.VisionTransformer`; the attention's middle gate is
+    over head_dim channels (§2) or, with `attn_unit='head'`, over whole heads."""
     d, h = model.embed_dim, model.num_heads
     hid = int(model.embed_dim * model.mlp_ratio)
     options, out = LayerOptions.of(model), []
+    attn = (ATTN_GATES, (d, d // h, d)) if attn_unit == 'head_dim' else \
+        (('attn_in', HEAD_GATE, 'attn_out'), (d, h, d))
     for layer in range(model.depth):
-        out.append(SubBlock(2 * layer, layer, 'attn', ATTN_GATES, (d, d // h, d), h, options))
+        out.append(SubBlock(2 * layer, layer, 'attn', *attn, h, options, head_dim=d // h))
         out.append(SubBlock(2 * layer + 1, layer, 'mlp', MLP_GATES, (d, hid, d), 1, options))
     return out
 

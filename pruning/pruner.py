@@ -27,7 +27,8 @@ from models import GATE_NAMES, binarize
 from .delta_psi import DeltaPsi, DeltaPsiHeads, HeadShape
 from .cost import BUDGET_UNITS, build_cost
 from .cut import cut_model
-from .gates import check_masks_consistent, gates_of, kept_costs, kept_params, non_block_params, sub_blocks
+from .gates import (ATTN_UNITS, check_masks_consistent, gates_of, kept_costs, kept_params, non_block_params,
+                    sub_blocks)
 from .keep_ratio import KeepRatioFromDeltaPsi, block_budget, ramp, uniform_keep_ratio
 from .protocol import ConfigError, Pruner, PrunerModule, Record, setting, summary_row
 from .schedule import PruneSchedule
@@ -75,6 +76,11 @@ class PruneConfig:
     latency_table: Optional[str] = setting(None, flag='--latency-table', kind='file',
                                            help='--prune-budget latency: the table of sub-block times that '
                                                 'scripts/latency_table.py measured on the target device')
+    # what the attention's middle gate removes: head_dim channels of every head (§2, the paper's) or
+    # whole heads (an extension, docs/METHOD.md §9: a cut attention with fewer heads, each whole)
+    attn_unit: str = setting('head_dim', flag='--prune-attn-unit', choices=ATTN_UNITS,
+                             help='the attention\'s middle gate: head_dim channels shared by every head (the '
+                                  'paper\'s) or whole heads, so that a cut attention has fewer heads (extension)')
     # the authors' optimizer trains the gates through a flag read on the wrong object (docs/METHOD.md
     # §10); METHOD.md §2 sets them by the pruner only, the default here
     train_gates: bool = setting(False, flag='--prune-train-gates', kind='switch',
@@ -122,6 +128,8 @@ class PruneConfig:
             raise ConfigError('gate_scale', f'names unknown gates {unknown}; gates are {", ".join(GATE_NAMES)}')
         if not all(v > 0 for v in self.gate_scale.values()):
             raise ConfigError('gate_scale', f'factors must be above 0, got {self.gate_scale}')
+        if self.attn_unit not in ATTN_UNITS:
+            raise ConfigError('attn_unit', f'{self.attn_unit!r} is not one of {", ".join(ATTN_UNITS)}')
         if self.budget not in BUDGET_UNITS:
             raise ConfigError('budget', f'{self.budget!r} is not one of {", ".join(BUDGET_UNITS)}')
         if self.budget == 'latency' and self.latency_table is None:
@@ -147,14 +155,14 @@ class DepthAwarePruner(Pruner):
     def __init__(self, model, num_classes: int, config: PruneConfig, schedule: PruneSchedule,
                  on_update=None):
         self.cfg, self.schedule, self.on_update = config, schedule, on_update
-        self.sbs = sub_blocks(model)
+        self.sbs = sub_blocks(model, config.attn_unit)
         n_sb = len(self.sbs)
         handcraft = config.keep_ratio_handcraft
         if handcraft is not None and len(handcraft) != n_sb:
             raise ConfigError('keep_ratio_handcraft', f'needs {n_sb} values (2 × depth {model.depth}), '
                                                       f'got {len(handcraft)}')
         device = next(model.parameters()).device
-        model.add_gates()
+        model.add_gates(tuple(dict.fromkeys(n for sb in self.sbs for n in sb.gate_names)))
         self.model = model
         # the gates stay the same Parameters until finalize: looked up once, not at every step
         self._gate_params = {f'{sb.index}.{n}': g for sb in self.sbs
@@ -169,7 +177,7 @@ class DepthAwarePruner(Pruner):
         self.performance = DeltaPsi(n_sb, device)
         self.taylor = TaylorScore(self._gates())
         try:  # the unit of κ, the budget and every target below (METHOD.md §4 step 4)
-            self.cost = build_cost(config.budget, model, config.latency_table)
+            self.cost = build_cost(config.budget, model, config.latency_table, config.attn_unit)
         except ValueError as e:
             raise ConfigError('latency_table', str(e)) from None
         self.dense = torch.tensor([sb.dense_cost(self.cost) for sb in self.sbs], dtype=torch.float64)
@@ -293,7 +301,8 @@ class DepthAwarePruner(Pruner):
             kappa = float(applied[sb.index])
             target = kappa * float(self.dense[sb.index])
             partial = 0 < kappa < 1
-            if partial and target + carry >= float(sb.cost([min(r, n) for n in sb.gate_sizes], self.cost)):
+            smallest = [min(m, n) for m, n in zip(sb.multiples(r), sb.gate_sizes)]  # a non-empty sub-block
+            if partial and target + carry >= float(sb.cost(smallest, self.cost)):
                 target, carry = target + carry, 0.
             importance = element_importance(self._scores(sb, final), sb.gate_names, self.cfg.gate_scale)
             masks = sub_block_masks(sb, importance, target, tau, r, self.cost)

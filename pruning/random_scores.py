@@ -28,12 +28,12 @@ def fill_random_scores(pruner: Pruner, seed: int = 0, heavy_tailed: bool = False
 
 
 def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_pr', round_to=None,
-               budget='params', latency_table=None):
+               budget='params', latency_table=None, attn_unit='head_dim'):
     """(dense, cut): the model `name` and a cut of it with the method's budget from random
     scores: for DAP random ΔΨ decide κ and random Taylor scores the elements; for SaViT random
     Taylor scores drive the search (heads, MLP neurons and embedding channels). `round_to` as
     --prune-round-to (None: its default); DAP's `budget` in params, flops or latency
-    (`latency_table`, a file)."""
+    (`latency_table`, a file); `attn_unit` as --prune-attn-unit."""
     torch.manual_seed(seed)
     model = models.create_model(name, num_classes=num_classes, img_size=img_size)
     if method == 'savit':
@@ -42,7 +42,7 @@ def random_cut(name, prune_ratio, num_classes, img_size, seed=0, method='block_p
         schedule = PruneSchedule(steps_per_epoch=1, start_epoch=0, sparse_epoch=0,
                                  finalize_epoch=1, steps_update_mask=1)
         config = PruneConfig(prune_ratio=prune_ratio, method=method, budget=budget,
-                             latency_table=latency_table,
+                             latency_table=latency_table, attn_unit=attn_unit,
                              **({} if round_to is None else {'round_to': round_to}))
         pruner = DepthAwarePruner(model, num_classes, config, schedule)
     fill_random_scores(pruner, seed)

@@ -122,10 +122,15 @@ def element_importance(scores: Sequence[torch.Tensor], gate_names: Sequence[str]
                       for s, n in zip(scores, gate_names)])
 
 
-def round_kept(kept: torch.Tensor, sizes: torch.Tensor, multiple: int) -> torch.Tensor:
+def round_kept(kept: torch.Tensor, sizes: torch.Tensor, multiple) -> torch.Tensor:
     """Kept counts rounded down to a multiple of `multiple` (`--prune-round-to`: widths that
-    suit the hardware, e.g. 8 for GPU tensor cores); a gate kept whole stays whole."""
-    if multiple <= 1:
+    suit the hardware, e.g. 8 for GPU tensor cores); a gate kept whole stays whole. `multiple`
+    is one int, or one per gate (the last dimension of `kept`; a head count is never rounded)."""
+    if not isinstance(multiple, int):
+        multiple = torch.as_tensor(multiple, dtype=kept.dtype, device=kept.device)
+        if bool((multiple == multiple[0]).all()):
+            multiple = int(multiple[0])
+    if isinstance(multiple, int) and multiple <= 1:
         return kept
     return torch.where(kept >= sizes, sizes, torch.div(kept, multiple, rounding_mode='floor') * multiple)
 
@@ -138,7 +143,7 @@ def _search(sb: SubBlock, importance: torch.Tensor, target: float, round_to: int
     onehot = torch.nn.functional.one_hot(gate_of[order], 3).double()
     dropped = torch.cat([torch.zeros(1, 3, dtype=torch.float64, device=onehot.device),
                          onehot.cumsum(0)])              # (n + 1, 3): dropped per gate for t = 0 … n
-    kept = round_kept(sizes.to(dropped) - dropped, sizes.to(dropped), round_to)
+    kept = round_kept(sizes.to(dropped) - dropped, sizes.to(dropped), sb.multiples(round_to))
     kept_cost = sb.cost([kept[:, 0], kept[:, 1], kept[:, 2]], cost)
     t = int(torch.argmin((kept_cost - target).abs()))  # first minimum: the smaller cut on ties
     return t, order, kept[t]
@@ -220,10 +225,11 @@ def global_masks(sbs: Sequence[SubBlock], scores: Sequence[torch.Tensor], target
     gate_of = torch.repeat_interleave(torch.arange(len(sizes), device=device),
                                       torch.tensor(sizes, device=device))
     dense = torch.tensor(sizes, dtype=torch.float64)
+    multiples = [m for sb in sbs for m in sb.multiples(round_to)]
 
     def kept_counts(t):
         dropped = torch.bincount(gate_of[order[:t]], minlength=len(sizes)).double().cpu()
-        return round_kept(dense - dropped, dense, round_to)
+        return round_kept(dense - dropped, dense, multiples)
 
     def kept_cost(t):
         kept = kept_counts(t)

@@ -15,10 +15,12 @@
 # Every run trains in eval mode (--no-train-mode), as the authors' runs did (METHOD.md §8 v2).
 # Usage: bash scripts/compare_methods.sh [OUTPUT_DIR]   (default output/compare; ~1 h on 2 cores)
 # METHODS="block_pr uniform", RATIOS="0.5", SEEDS="0" restrict the runs; finished runs are kept.
+# block_pr_head is DAP cutting whole heads (--prune-attn-unit head) beside block_pr's head_dim:
+#   METHODS="block_pr block_pr_head" bash scripts/compare_methods.sh   runs (or keeps) only those.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-output/compare}
-METHODS=${METHODS:-block_pr block_pr_cumulative block_pr_train_gates block_pr_latency block_pr_distill uniform global wdprune savit}
+METHODS=${METHODS:-block_pr block_pr_cumulative block_pr_train_gates block_pr_latency block_pr_distill block_pr_head uniform global wdprune savit}
 RATIOS=${RATIOS:-0.5 0.75}
 SEEDS=${SEEDS:-0 1 2}
 PRUNE_EPOCHS=${PRUNE_EPOCHS:-10}
@@ -39,6 +41,7 @@ declare -A EXTRA=(
   [block_pr_train_gates]="--prune-method block_pr --prune-train-gates $DAP_SCHEDULE"
   [block_pr_latency]="--prune-method block_pr --prune-budget latency --latency-table $OUT/latency_table.json $DAP_SCHEDULE"
   [block_pr_distill]="--prune-method block_pr $DAP_SCHEDULE"
+  [block_pr_head]="--prune-method block_pr --prune-attn-unit head $DAP_SCHEDULE"
   [uniform]="--prune-method uniform $DAP_SCHEDULE"
   [global]="--prune-method global $DAP_SCHEDULE"
   [wdprune]="--prune-method wdprune --wdprune-lr 0.05 --classifiers 6 9"

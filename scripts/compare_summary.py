@@ -24,6 +24,7 @@ NAMES = {'block_pr': 'DAP', 'block_pr_cumulative': 'DAP, cumulative Taylor',
          'block_pr_train_gates': 'DAP, gates trained (authors)',
          'block_pr_latency': 'DAP, latency budget',
          'block_pr_distill': 'DAP, dense model as teacher (soft)',
+         'block_pr_head': 'DAP, whole heads (--prune-attn-unit head)',
          'uniform': 'DAP, uniform κ', 'global': 'DAP, global threshold',
          'wdprune': 'WD-Prune', 'savit': 'SaViT'}
 

@@ -3,14 +3,16 @@ they meet it.
 
 1. main.py as a user runs it (scripts/gpu_check_runs.py): a short DAP run on DIGITS with the
    micro model through its cut and a fine-tune, in float16 (GradScaler) and bfloat16, under the
-   params, FLOPs and latency budgets (the latency table measured first, on this device), with
-   --prune-train-gates, under torchrun (1 process, nccl), and stopped in the middle of pruning
-   then resumed (the parameter digest must be the uninterrupted run's); then one epoch of
-   WD-Prune and of SaViT. Each row: passed or failed, seconds, the last top-1 printed.
+   params, FLOPs and latency budgets (the latency table measured first, on this device), cutting
+   whole heads (--prune-attn-unit head), with --prune-train-gates, under torchrun (1 process,
+   nccl), and stopped in the middle of pruning then resumed (the parameter digest must be the
+   uninterrupted run's); then one epoch of WD-Prune and of SaViT. Each row: passed or failed,
+   seconds, the last top-1 printed.
 2. a training step: fine-tuning against a DAP step (faithful and fast ΔΨ heads) under each
    autocast dtype (scripts/benchmark_train_step.py, one pair of fresh processes), peak memory;
 3. inference: the dense model against DAP cuts at prune ratios 0.5 and 0.75 under the
-   parameter and the latency budget (a latency table measured in the same check), and the uncut
+   parameter and the latency budget (a latency table measured in the same check), the
+   parameter budget's cut of whole heads (--prune-attn-unit head) beside it, and the uncut
    reference model; eager, then torch.compile'd; ms per batch, speed-up over dense, the
    FLOPs-ideal speed-up, and the peak memory of the forward.
 
@@ -82,8 +84,14 @@ def step_rows(cfg, ctx, dtype, mode, deadline):
             for name, (s, peak) in figures.items() if name in STEP_ROWS[mode]]
 
 
+# the inference rows' cuts: (budget, --prune-attn-unit) -> the row's name at a prune ratio
+CUTS = {('params', 'head_dim'): 'DAP pr {pr}, params budget',
+        ('params', 'head'): 'DAP pr {pr}, params budget, whole heads',
+        ('latency', 'head_dim'): 'DAP pr {pr}, latency budget'}
+
+
 def inference_names(cfg):
-    cuts = [f'DAP pr {pr}, {b} budget' for pr in RATIOS for b in ('params', 'latency')]
+    cuts = [name.format(pr=pr) for pr in RATIOS for name in CUTS.values()]
     return ['dense', *cuts, f'{cfg["reference"]} (uncut)']
 
 
@@ -128,10 +136,10 @@ def measure_inference(args, out):
     size, amp = cfg['input_size'], device.type == 'cuda'
     nets = {}
     for pr in RATIOS:
-        for budget in ('params', 'latency'):
-            dense, nets[f'DAP pr {pr}, {budget} budget'] = random_cut(
+        for (budget, unit), name in CUTS.items():
+            dense, nets[name.format(pr=pr)] = random_cut(
                 cfg['model'], pr, cfg['num_classes'], size, budget=budget,
-                latency_table=args.child_table if budget == 'latency' else None)
+                latency_table=args.child_table if budget == 'latency' else None, attn_unit=unit)
     nets = {'dense': dense, **nets, f'{cfg["reference"]} (uncut)':
             models.create_model(cfg['reference'], num_classes=cfg['num_classes'], img_size=size)}
     nets = {name: m.to(device).eval().set_inplace_writes(True) for name, m in nets.items()}

@@ -141,6 +141,8 @@ def rows(smoke):
     out += [
         ('dap_flops', f'DAP {dtype}, flops budget', run_s, (),
          lambda c, k, d: dap(c, k, d, ['--prune-budget', 'flops'], **short)),
+        ('dap_heads', f'DAP {dtype}, params budget, whole heads (--prune-attn-unit head)', run_s, (),
+         lambda c, k, d: dap(c, k, d, ['--prune-attn-unit', 'head'], **short)),
         ('latency_table_micro', 'latency table of the micro model', run_s, (), latency_table),
         ('dap_latency', f'DAP {dtype}, latency budget', run_s, ('latency_table_micro',),
          lambda c, k, d: dap(c, k, d, ['--prune-budget', 'latency', '--latency-table', c['micro_table']], **short)),

@@ -6,6 +6,8 @@ their widths, all heads kept as DAP keeps them, and the rest of the model (patch
 tokens, final norm, head). The budget interpolates in the grid; the table records what it was
 measured on (device, torch, threads, batch, input size). It then checks itself: predicted
 against measured milliseconds of the dense model and of cuts made from random scores.
+`--attn-unit head` times the attention over head counts at the full head_dim instead (the
+grid's middle axis `heads`), for `--prune-attn-unit head`'s cuts of whole heads.
 
     python scripts/latency_table.py --model deit_small_patch16_224 --input-size 224 \
         --batch-size 32 --device cpu --out tables/deit_small_cpu_b32.json
@@ -28,6 +30,7 @@ from models import median_seconds
 from models.layers import Block
 from train.check_args import model_config
 from pruning.cost import TABLE_FORMAT, LatencyTable, timed_layer_options
+from pruning.gates import ATTN_UNITS
 from pruning.random_scores import random_cut
 from train.check_args import check_device
 
@@ -48,10 +51,19 @@ def spread(width: int, size: int):
     return sorted({int(i * size / width) for i in range(width)})
 
 
-def sub_block(kind, D, H, d_in, middle, d_out, scale, device, dtype, options=None):
+def head_axis(H: int, points: int):
+    """Head counts of the `heads` axis (--attn-unit head): every count from 1 to H when H ≤ 16,
+    else `points` counts spread over them (with H − 1 and H)."""
+    return list(range(1, H + 1)) if H <= 16 else axis(H, points, step=1)
+
+
+def sub_block(kind, D, H, d_in, middle, d_out, scale, device, dtype, options=None, attn_unit='head_dim'):
     """A one-sub-block Block of the given widths (random weights) with the family's layer
-    `options` (LayerScale, qk_norm, activation), in eval mode, adding in place."""
-    sub = ({'in_idx': spread(d_in, D), 'out_idx': spread(d_out, D), 'num_heads': H, 'head_dim': middle}
+    `options` (LayerScale, qk_norm, activation), in eval mode, adding in place. The attention's
+    `middle` is its head_dim with all H heads, or with `attn_unit` 'head' its head count at the
+    full head_dim D // H."""
+    heads, head_dim = (H, middle) if attn_unit == 'head_dim' else (middle, D // H)
+    sub = ({'in_idx': spread(d_in, D), 'out_idx': spread(d_out, D), 'num_heads': heads, 'head_dim': head_dim}
            if kind == 'attn' else
            {'in_idx': spread(d_in, D), 'out_idx': spread(d_out, D), 'hidden_features': middle})
     options = dict(options or {})
@@ -63,7 +75,7 @@ def sub_block(kind, D, H, d_in, middle, d_out, scale, device, dtype, options=Non
 
 
 @torch.no_grad()
-def time_grid(kind, model, axes, x, amp, warmup, iters):
+def time_grid(kind, model, axes, x, amp, warmup, iters, attn_unit='head_dim'):
     """Milliseconds of one batch x through each sub-block of the grid (nested lists)."""
     D, H = model.embed_dim, model.num_heads
     run = 'forward_attn' if kind == 'attn' else 'forward_mlp'
@@ -72,7 +84,7 @@ def time_grid(kind, model, axes, x, amp, warmup, iters):
         for j, b in enumerate(axes[1]):
             for k, c in enumerate(axes[2]):
                 blk = sub_block(kind, D, H, a, b, c, model.attn_scale, x.device, x.dtype,
-                                {'qkv_bias': model.qkv_bias, **model.layer_options()})
+                                {'qkv_bias': model.qkv_bias, **model.layer_options()}, attn_unit)
                 with torch.autocast(x.device.type, enabled=amp):
                     grid[i, j, k] = 1e3 * median_seconds(lambda: getattr(blk, run)(x), x.device, warmup, iters)
     return grid
@@ -106,10 +118,12 @@ def time_model(model, images, amp, warmup, iters):
 
 def check_table(table: LatencyTable, args, dense, images, amp):
     """Predicted against measured ms per batch: the dense model and random-score DAP cuts at
-    prune ratios 0.5 and 0.75 of parameters (interleaved, best of 2 rounds)."""
+    prune ratios 0.5 and 0.75 of parameters (interleaved, best of 2 rounds), cutting the
+    attention by the table's --attn-unit."""
     cases = {'dense': dense}
     for pr in args.check_ratios:
-        _, cut = random_cut(args.model, pr, dense.num_classes, args.input_size, seed=args.seed)
+        _, cut = random_cut(args.model, pr, dense.num_classes, args.input_size, seed=args.seed,
+                            attn_unit=args.attn_unit)
         cases[f'cut pr {pr} (params)'] = cut.to(images.device).set_inplace_writes(True)
     dense.set_inplace_writes(True)
     measured = {name: [] for name in cases}
@@ -135,6 +149,9 @@ def get_args(argv=None):
     p.add_argument('--iters', type=int, default=5)
     p.add_argument('--check-ratios', type=float, nargs='*', default=[0.5, 0.75],
                    help='prune ratios of the random-score cuts the table is checked on')
+    p.add_argument('--attn-unit', default='head_dim', choices=ATTN_UNITS,
+                   help='the attention grid\'s middle axis: head_dim widths with all heads (for the '
+                        'paper\'s cut) or head counts at the full head_dim (for --prune-attn-unit head)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', required=True, help='the table, JSON')
     return p.parse_args(argv)
@@ -175,9 +192,10 @@ def main(argv=None):
     hidden, tokens = int(D * dense.mlp_ratio), dense.patch_embed.num_patches + dense.num_prefix_tokens
     x = torch.randn(args.batch_size, tokens, D, device=device)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    axes = {'attn': [axis(D, args.points), axis(D // H, max(2, args.points - 1)), axis(D, args.points)],
+    middle = axis(D // H, max(2, args.points - 1)) if args.attn_unit == 'head_dim' else head_axis(H, args.points)
+    axes = {'attn': [axis(D, args.points), middle, axis(D, args.points)],
             'mlp': [axis(D, args.points), axis(hidden, args.points + 1), axis(D, args.points)]}
-    names = {'attn': ('d_in', 'head_dim', 'd_out'), 'mlp': ('d_in', 'hidden', 'd_out')}
+    names = {'attn': ('d_in', LatencyTable.ATTN_MIDDLE[args.attn_unit], 'd_out'), 'mlp': ('d_in', 'hidden', 'd_out')}
     table = {
         'format': TABLE_FORMAT, 'model': args.model, 'layer_options': timed_layer_options(dense),
         'embed_dim': D, 'num_heads': H, 'head_dim': D // H,
@@ -189,7 +207,7 @@ def main(argv=None):
         'unit': 'milliseconds per batch (median of iters)',
         'other_ms': time_model(rest_of_model(dense).to(device), images, args.amp, args.warmup, args.iters)}
     for kind in ('attn', 'mlp'):
-        raw = time_grid(kind, dense, axes[kind], x, args.amp, args.warmup, args.iters)
+        raw = time_grid(kind, dense, axes[kind], x, args.amp, args.warmup, args.iters, args.attn_unit)
         table[kind] = {'axes': dict(zip(names[kind], axes[kind])), 'ms': monotone(raw).tolist(),
                        'measured_ms': raw.tolist()}
         print(f'{kind}: {raw.numel()} sub-blocks timed, {raw.min():.2f} … {raw.max():.2f} ms')

@@ -18,7 +18,8 @@ import gpu_check  # noqa: E402
 
 MAIN_PY_ROWS = [
     'DAP bfloat16, params budget + resized fine-tune', 'DAP bfloat16, flops budget',
-    'latency table of the micro model', 'DAP bfloat16, latency budget', 'DAP bfloat16, --prune-train-gates',
+    'DAP bfloat16, params budget, whole heads (--prune-attn-unit head)', 'latency table of the micro model',
+    'DAP bfloat16, latency budget', 'DAP bfloat16, --prune-train-gates',
     'DAP bfloat16, torchrun --nproc_per_node=1 (gloo)', 'DAP stopped mid-pruning, --resume: same parameter digest',
     'WD-Prune, one epoch', 'SaViT, one epoch']
 
@@ -42,10 +43,10 @@ def smoke(tmp_path_factory):
 
 
 def test_smoke_runs_every_row_on_the_cpu_and_each_passes(smoke):
-    """main.py's rows first (DAP through its cut and a fine-tune under each budget unit, with
-    trained gates, under torchrun, resumed with the same digest; WD-Prune, SaViT), then the
-    training steps and the inference rows (dense, DAP at both ratios under both budgets, the
-    uncut reference; each batch; eager and compiled)."""
+    """main.py's rows first (DAP through its cut and a fine-tune under each budget unit, cutting
+    whole heads, with trained gates, under torchrun, resumed with the same digest; WD-Prune,
+    SaViT), then the training steps and the inference rows (dense, DAP at both ratios under
+    both budgets and cutting whole heads, the uncut reference; each batch; eager and compiled)."""
     proc, res = smoke
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = res['rows']
@@ -58,7 +59,8 @@ def test_smoke_runs_every_row_on_the_cpu_and_each_passes(smoke):
     train = [(r['part'], r['name']) for r in rows if r['part'].startswith('train step')]
     steps = ('fine-tune', 'DAP step, faithful ΔΨ', 'DAP step, fast ΔΨ')
     assert train == [('train step, bfloat16', m) for m in steps]
-    cuts = [f'DAP pr {pr}, {b} budget' for pr in (0.5, 0.75) for b in ('params', 'latency')]
+    cuts = [f'DAP pr {pr}, {b}' for pr in (0.5, 0.75)
+            for b in ('params budget', 'params budget, whole heads', 'latency budget')]
     inference = {(r['name'], r['batch'], r['mode']) for r in rows if r['part'].startswith('inference')}
     assert inference == {(m, b, mode) for m in ['dense', *cuts, 'deit_micro_patch4_32 (uncut)']
                          for b in res['config']['batches'] for mode in ('eager', 'compiled')}

@@ -322,7 +322,7 @@ BAD_INPUTS = {  # name: (flags, with {d} the folder of bad_files, regex the erro
     'no data path': (['--data-set', 'FOLDER'], r'--data-path is required for --data-set FOLDER'),
     'no val split': (['--data-set', 'FOLDER', '--data-path', '{d}/tree'], r'no val split.*{d}/tree/val'),
     'unknown model': (['--model', 'deit_smal_patch16_224'],
-                      r"unknown --model 'deit_smal_patch16_224'; did you mean deit_small_patch16_224"),
+                      r"--model: unknown model 'deit_smal_patch16_224' \(did you mean deit_small_patch16_224"),
     'missing model path': (['--model-path', '{d}/nope.pth'], r'--model-path {d}/nope.pth does not exist'),
     'text model path': (['--model-path', '{d}/notes.txt'],
                         r'--model-path {d}/notes.txt is not a readable PyTorch checkpoint: it is not a '

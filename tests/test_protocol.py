@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+import models
 from conftest import micro
+from families import FAMILIES, register
 from pruning import Pruner, PruneConfig, PruneSchedule, Record, SaViTConfig, WDPruneConfig
 from train import methods
 
@@ -50,8 +52,11 @@ def test_the_table_holds_every_method_and_nothing_else():
 
 
 @pytest.mark.parametrize('method', list(CONFIGS))
-def test_readme_loop_prunes_with_every_method(method):
-    model = micro(num_classes=10, img_size=16)
+@pytest.mark.parametrize('family', [None, *FAMILIES])
+def test_readme_loop_prunes_with_every_method(method, family):
+    """Every method on the micro model and on every timm family of tests/families.py."""
+    model = micro(num_classes=10, img_size=16) if family is None else \
+        models.create_model(register(family), num_classes=10, img_size=16)
     dense = model.num_parameters()
     loader = batches(4)
     schedule = PruneSchedule(steps_per_epoch=len(loader), start_epoch=0, sparse_epoch=1,

@@ -94,7 +94,7 @@ CASES = {
         r'^error: --label-names \S+: Is a directory$', 1),
     'benchmark: an unknown reference': (
         'benchmark.py', lambda f: ['--model', 'deit_micro_patch4_32', '--reference', 'nope'],
-        r"^error: unknown --reference 'nope' \(available: deit_tiny_patch16_224, ", 1),
+        r"^error: --reference: unknown model 'nope': list the supported names with", 1),
     'benchmark: --json under a file': (
         'benchmark.py', lambda f: ['--model', 'deit_micro_patch4_32', '--json', a_file(f) / 'b.json'],
         r'^error: --json \S+/file/b.json: cannot write there: \S+/file is a file$', 1),
