@@ -108,6 +108,21 @@ def run_cli(args, tmp_dir, launcher=(sys.executable,), timeout=300, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def killed_after_first_epoch(args, out, tmp_dir, timeout=300):
+    """Start main.py `args --output_dir out` and kill it during its second epoch, once the
+    first epoch's checkpoint.pth and log line are written (a run to --resume)."""
+    import time
+    proc = subprocess.Popen(cli_command([*args, '--output_dir', out]), cwd=REPO, env=cli_env(tmp_dir),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / 'log.txt').exists() and len((out / 'log.txt').read_text().splitlines()) >= 2:
+            proc.kill()  # during epoch 2, after checkpoint.pth of epoch 1 was written
+            break
+        time.sleep(0.02)
+    proc.wait()
+
+
 def check_ok(proc):
     assert proc.returncode == 0, f'exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n' \
                                  f'stderr:\n{proc.stderr[-3000:]}'

@@ -109,21 +109,11 @@ PRUNE = ['--input-size', '16', '--batch-size', '32', '--prune-method', 'block_pr
 def test_a_head_run_resumed_mid_pruning_gives_the_same_cut_and_refuses_another_unit(tmp_path):
     """Killed during epoch 2 of 3 (after epoch 1's checkpoint), resumed: the cut model of the
     uninterrupted run, bit for bit. A resume with the other unit is refused in one line."""
-    import subprocess
-    import time
-    from conftest import REPO, cli_command, cli_env
+    from conftest import killed_after_first_epoch
     args = [*PRUNE, '--epochs', '3', '--prune-start-epoch', '1', '--prune-sparse-epoch', '2']
     full, out = tmp_path / 'full', tmp_path / 'interrupted'
     check_ok(run_cli([*args, '--output_dir', full], tmp_path))
-    proc = subprocess.Popen(cli_command([*args, '--output_dir', out]), cwd=REPO, env=cli_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (out / 'log.txt').exists() and len((out / 'log.txt').read_text().splitlines()) >= 2:
-            proc.kill()  # during epoch 2, after checkpoint.pth of epoch 1 was written
-            break
-        time.sleep(0.02)
-    proc.wait()
+    killed_after_first_epoch(args, out, tmp_path)
     assert not (out / 'first_sparse_checkpoint.pth').exists()
     other = [a if a != 'head' else 'head_dim' for a in args]
     refused = run_cli([*other, '--output_dir', out, '--resume', out / 'checkpoint.pth'], tmp_path)

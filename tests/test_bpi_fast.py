@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import check_ok, cli_command, free_port, micro, run_cli
+from conftest import check_ok, free_port, micro, run_cli
 from pruning import DepthAwarePruner, PruneConfig, PruneSchedule
 from pruning.delta_psi import DeltaPsi, DeltaPsiHeads, HeadShape
 
@@ -133,23 +133,13 @@ def test_evaluation_runs_only_the_reported_heads():
 
 
 def test_fast_resume_in_the_middle_of_pruning_is_exact(tmp_path):
-    import subprocess
-    import time
+    from conftest import killed_after_first_epoch
     args = [*PRUNE, *FAST, '--epochs', '3', '--prune-start-epoch', '1', '--prune-sparse-epoch', '2',
             '--prune-ratio', '0.5']
     full = tmp_path / 'full'
     check_ok(run_cli([*args, '--output_dir', full], tmp_path))
     out = tmp_path / 'interrupted'
-    from conftest import REPO, cli_env
-    proc = subprocess.Popen(cli_command([*args, '--output_dir', out]), cwd=REPO, env=cli_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (out / 'log.txt').exists() and len((out / 'log.txt').read_text().splitlines()) >= 2:
-            proc.kill()  # during epoch 2, after checkpoint.pth of epoch 1 was written
-            break
-        time.sleep(0.02)
-    proc.wait()
+    killed_after_first_epoch(args, out, tmp_path)
     assert not (out / 'first_sparse_checkpoint.pth').exists()
     check_ok(run_cli([*args, '--output_dir', out, '--resume', out / 'checkpoint.pth'], tmp_path))
     a = torch.load(full / 'first_sparse_checkpoint.pth', weights_only=True)
