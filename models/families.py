@@ -59,7 +59,7 @@ def _layer(block, D: int) -> Tuple:
     a, m = block.attn, block.mlp
     if type(a) is not Attention:
         raise UnsupportedModel(f'attn_layer {type(a).__name__}: only timm\'s Attention')
-    if not isinstance(a.norm, nn.Identity):
+    if not isinstance(getattr(a, 'norm', nn.Identity()), nn.Identity):
         raise UnsupportedModel('scale_attn_norm (a norm inside attention)')
     if getattr(a, 'gate', None) is not None:
         raise UnsupportedModel('gated attention')
@@ -94,11 +94,12 @@ def config_of(model: nn.Module) -> ViTConfig:
     if type(model) not in (TimmViT, VisionTransformerDistilled):
         raise UnsupportedModel(f'it is a {type(model).__name__} (timm.models.{type(model).__module__.split(".")[-1]}), '
                                'not a VisionTransformer')
-    if model.attn_pool is not None:
+    if getattr(model, 'attn_pool', None) is not None:
         raise UnsupportedModel(f"global_pool '{model.global_pool}' (attention pooling)")
-    if model.global_pool not in GLOBAL_POOLS or model.pool_include_prefix:
+    include_prefix = getattr(model, 'pool_include_prefix', False)
+    if model.global_pool not in GLOBAL_POOLS or include_prefix:
         raise UnsupportedModel(f"global_pool '{model.global_pool}'"
-                               f'{" with the prefix tokens" if model.pool_include_prefix else ""}: only token or avg')
+                               f'{" with the prefix tokens" if include_prefix else ""}: only token or avg')
     if model.pos_embed is None:
         raise UnsupportedModel("pos_embed 'none'")
     pe = model.patch_embed
@@ -107,7 +108,7 @@ def config_of(model: nn.Module) -> ViTConfig:
                                else f'embed_layer {type(pe).__name__}')
     if pe.patch_size[0] != pe.patch_size[1] or pe.img_size is None or pe.img_size[0] != pe.img_size[1]:
         raise UnsupportedModel(f'a non-square patch {pe.patch_size} or image {pe.img_size}')
-    if not isinstance(model.patch_drop, nn.Identity):
+    if not isinstance(getattr(model, 'patch_drop', nn.Identity()), nn.Identity):
         raise UnsupportedModel('patch_drop_rate')
     D = model.embed_dim
     layers = {_layer(b, D) for b in model.blocks}
