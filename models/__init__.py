@@ -55,11 +55,7 @@ def _entrypoint(name):
     def create(pretrained=False, **kwargs):
         if pretrained:
             raise ValueError('pretrained=True is not supported: pass a checkpoint with --model-path')
-        for k in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
-            kwargs.pop(k, None)
-        kwargs.setdefault('img_size', cfg.img_size)
-        return VisionTransformer(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                                 num_heads=cfg.num_heads, family=name, **{**cfg.options(), **kwargs})
+        return create_model(name, **kwargs)
 
     create.__name__ = name
     create.__qualname__ = name

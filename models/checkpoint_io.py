@@ -13,7 +13,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from .hub import CONFIG, WEIGHT_FILES, read_safetensors_checkpoint, read_timm_folder
+from errors import first_line
+from .hub import CONFIG, WEIGHT_FILES, read_safetensors_checkpoint, read_timm_folder, weights_file
 
 
 class CheckpointError(ValueError):
@@ -88,12 +89,7 @@ def _download(url: str, what: str) -> str:
         if digest:
             raise CheckpointError(f'{what} {url}: the download\'s sha256 begins {digest.group(1)}, '
                                   'not with the hash its name ends in: a damaged or another file (not kept)') from None
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f'{what} {url} could not be downloaded: {reason}') from None
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(f'{what} {url} could not be downloaded: {first_line(e, 200)}') from None
 
 
 def hf_hub_folder(hub_id: str, what: str = 'checkpoint') -> str:
@@ -115,7 +111,7 @@ def hf_hub_folder(hub_id: str, what: str = 'checkpoint') -> str:
                 missing = e
         if path is None:
             raise CheckpointError(f'{source}: neither {" nor ".join(WEIGHT_FILES)} is in the repo or in the '
-                                  f'local Hugging Face cache ({_first_line(missing)})')
+                                  f'local Hugging Face cache ({first_line(missing, 200)})')
         try:
             hf_hub_download(repo_id, CONFIG, revision=revision or None)  # beside the weights
         except EntryNotFoundError:
@@ -123,7 +119,7 @@ def hf_hub_folder(hub_id: str, what: str = 'checkpoint') -> str:
     except CheckpointError:
         raise
     except Exception as e:  # no such repo or revision, a bad id, no network, ...
-        raise CheckpointError(f'{source} could not be read: {type(e).__name__}: {_first_line(e)}') from None
+        raise CheckpointError(f'{source} could not be read: {type(e).__name__}: {first_line(e, 200)}') from None
     return os.path.dirname(path)
 
 
@@ -134,7 +130,7 @@ def _read_hf_hub(hub_id: str, what: str) -> dict:
     try:
         if os.path.isfile(os.path.join(folder, CONFIG)):
             return read_timm_folder(folder)
-        path = next(p for p in (os.path.join(folder, n) for n in WEIGHT_FILES) if os.path.isfile(p))
+        path = weights_file(folder)
         return read_safetensors_checkpoint(path) if path.endswith('.safetensors') else \
             read_checkpoint(path, 'its weights file')
     except ValueError as e:
@@ -179,7 +175,7 @@ def read_checkpoint(path_or_url: str, what: str = 'checkpoint') -> dict:
         raise
     except Exception as e:  # a damaged file, a refused pickle, ...
         reason = _unreadable_reason(path, e) if os.path.isfile(path) else \
-            (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first_line(e, 200)
         raise CheckpointError(f'{what} {path_or_url} is not a readable PyTorch checkpoint: {reason}') from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{what} {path_or_url} holds a {type(ckpt).__name__}, not a dict')

@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 import timm
 import torch
 import torch.nn as nn
+from timm.models import split_model_name_tag
 
 from .config import GLOBAL_POOLS, ViTConfig
 from .vision_transformer import VisionTransformer
@@ -32,7 +33,7 @@ class UnsupportedModel(ValueError):
 
 def arch_name(name: str) -> str:
     """The architecture of a timm name: without its pretrained tag ('vit_small_patch14_dinov2.lvd142m')."""
-    return name.split('.', 1)[0]
+    return split_model_name_tag(name)[0]
 
 
 def _norm_eps(norm: nn.Module, where: str) -> float:

@@ -104,6 +104,11 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
         raise ValueError(f'{path} is not a readable safetensors file: {str(e).splitlines()[0][:160]}') from None
 
 
+def weights_file(folder: str) -> Optional[str]:
+    """The weights of a timm model folder: the first of `WEIGHT_FILES` it holds, or None."""
+    return next((p for p in (os.path.join(folder, name) for name in WEIGHT_FILES) if os.path.isfile(p)), None)
+
+
 def read_timm_folder(folder: str) -> Dict:
     """{'model': state dict, 'pretrained_cfg': …} of a timm model folder: `config.json` in timm's
     format and `model.safetensors` or else `pytorch_model.bin` (timm's order; the .bin loaded
@@ -113,7 +118,7 @@ def read_timm_folder(folder: str) -> Dict:
     if not os.path.isfile(config_path):
         raise ValueError(f'{folder} has no {CONFIG}: not a timm model folder '
                          '(scripts/export.py --format timm writes one)')
-    weights = next((p for p in (os.path.join(folder, name) for name in WEIGHT_FILES) if os.path.isfile(p)), None)
+    weights = weights_file(folder)
     if weights is None:
         raise ValueError(f'{folder} has no {" or ".join(WEIGHT_FILES)}: not a timm model folder')
     try:

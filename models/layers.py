@@ -134,12 +134,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(num_heads * head_dim, dim_out)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _qk_norm(self, t, norm, keep):
+    def _qk_norm(self, t, norm, channels):
         if isinstance(norm, nn.Identity):
             return t
-        if keep is None:
+        if channels is None:
             return norm(t)
-        return masked_layer_norm(t, keep.to(t.dtype), norm.weight, norm.bias, norm.eps)
+        return masked_layer_norm(t, binarize(channels).to(t.dtype), norm.weight, norm.bias, norm.eps)
 
     def forward(self, x, in_mask: Optional[torch.Tensor] = None, out_mask: Optional[torch.Tensor] = None):
         B, N, _ = x.shape
@@ -148,8 +148,7 @@ class Attention(nn.Module):
         rows = channels.repeat(3 * self.num_heads) if channels is not None else None
         qkv = gated_linear(x, self.qkv, in_mask, rows).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        keep = binarize(channels) if channels is not None else None
-        q, k = self._qk_norm(q, self.q_norm, keep), self._qk_norm(k, self.k_norm, keep)
+        q, k = self._qk_norm(q, self.q_norm, channels), self._qk_norm(k, self.k_norm, channels)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)

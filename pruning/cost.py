@@ -19,7 +19,7 @@ import json
 import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -81,13 +81,11 @@ class ViTShape:
     num_classes: int
     patch_in: int        # c·p², the inputs of one patch-embedding channel
     patch_bias: bool
-    qkv_bias: bool
     num_prefix_tokens: int = 1
     num_classifiers: int = 1
     pos_embed_rows: Optional[int] = None  # None: one per token
     outer_norms: int = 1                  # LayerNorms outside the blocks
-    layer_scale: bool = False
-    qk_norm: bool = False
+    options: LayerOptions = LayerOptions()  # the layers' qkv bias, LayerScale and qk_norm
 
     @classmethod
     def from_model(cls, model) -> 'ViTShape':
@@ -97,18 +95,13 @@ class ViTShape:
                    mlp_hidden=int(model.embed_dim * model.mlp_ratio), embed_dim=model.embed_dim,
                    num_patches=model.patch_embed.num_patches, num_classes=model.num_classes,
                    patch_in=proj.weight[0].numel(), patch_bias=proj.bias is not None,
-                   qkv_bias=model.qkv_bias, num_prefix_tokens=model.num_prefix_tokens,
-                   num_classifiers=len(model.classifiers()), pos_embed_rows=model.pos_embed.shape[1],
-                   outer_norms=len(model.final_norms()), layer_scale=bool(model.config.init_values),
-                   qk_norm=model.config.qk_norm)
+                   num_prefix_tokens=model.num_prefix_tokens, num_classifiers=len(model.classifiers()),
+                   pos_embed_rows=model.pos_embed.shape[1], outer_norms=len(model.final_norms()),
+                   options=LayerOptions.of(model))
 
     @property
     def tokens(self) -> int:
         return self.num_patches + self.num_prefix_tokens
-
-    @property
-    def layer_options(self) -> LayerOptions:
-        return LayerOptions(self.qkv_bias, self.layer_scale, self.qk_norm)
 
     def rest_params(self, embed):
         """Parameters outside the blocks at residual width `embed`: patch embedding, prefix
@@ -131,8 +124,7 @@ class ViTShape:
         E = e.unsqueeze(-1).expand_as(h)
         d = torch.full_like(h, self.head_dim)
         if unit == 'params':
-            opts = self.layer_options
-            return opts.attn_params(E, h, d, E), opts.mlp_params(E, m, E), self.rest_params(e)
+            return self.options.attn_params(E, h, d, E), self.options.mlp_params(E, m, E), self.rest_params(e)
         flops = FlopsCost(self.tokens)
         return flops.attn(E, h, d, E), flops.mlp(E, m, E), self.rest_flops(e)
 
@@ -192,13 +184,13 @@ def _interpolate(axes: Sequence[torch.Tensor], values: torch.Tensor, points: Seq
 
 
 # what besides the widths changes a sub-block's time; DeiT's values
-DEIT_LAYER_OPTIONS = {'qkv_bias': True, 'layer_scale': False, 'qk_norm': False, 'act': 'gelu'}
+DEIT_LAYER_OPTIONS = {**asdict(LayerOptions()), 'act': 'gelu'}
 
 
 def timed_layer_options(model) -> Dict:
-    """The options of `model`'s layers that a latency table is measured with."""
-    c = model.config
-    return {'qkv_bias': c.qkv_bias, 'layer_scale': bool(c.init_values), 'qk_norm': c.qk_norm, 'act': c.act}
+    """The options of `model`'s layers that a latency table is measured with: those its
+    parameter count depends on (`LayerOptions`) and the MLP's activation."""
+    return {**asdict(LayerOptions.of(model)), 'act': model.config.act}
 
 
 class LatencyTable(Cost):

@@ -127,9 +127,8 @@ def round_kept(kept: torch.Tensor, sizes: torch.Tensor, multiple) -> torch.Tenso
     suit the hardware, e.g. 8 for GPU tensor cores); a gate kept whole stays whole. `multiple`
     is one int, or one per gate (the last dimension of `kept`; a head count is never rounded)."""
     if not isinstance(multiple, int):
-        multiple = torch.as_tensor(multiple, dtype=kept.dtype, device=kept.device)
-        if bool((multiple == multiple[0]).all()):
-            multiple = int(multiple[0])
+        multiple = multiple[0] if len(set(multiple)) == 1 else \
+            torch.tensor(multiple, dtype=kept.dtype, device=kept.device)
     if isinstance(multiple, int) and multiple <= 1:
         return kept
     return torch.where(kept >= sizes, sizes, torch.div(kept, multiple, rounding_mode='floor') * multiple)

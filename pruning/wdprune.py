@@ -117,12 +117,11 @@ class ShallowClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x):
-        # LayerNorm is per token: with token pooling, normalising the class token alone is the same
-        before = self.norm_name == 'norm' and self.pool_args[0] != 'token'
-        x = pool_tokens(getattr(self, self.norm_name)(x) if before else x, *self.pool_args)
-        if self.norm_name is not None and not before:
-            x = getattr(self, self.norm_name)(x)
-        return self.head(x)
+        if self.norm_name == 'norm' and self.pool_args[0] != 'token':  # normalise, then average
+            return self.head(pool_tokens(self.norm(x), *self.pool_args))
+        # pool first: LayerNorm is per token, so the class token alone normalises the same
+        x = pool_tokens(x, *self.pool_args)
+        return self.head(x if self.norm_name is None else getattr(self, self.norm_name)(x))
 
 
 class ShallowClassifiers(nn.ModuleDict):

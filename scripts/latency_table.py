@@ -57,17 +57,17 @@ def head_axis(H: int, points: int):
     return list(range(1, H + 1)) if H <= 16 else axis(H, points, step=1)
 
 
-def sub_block(kind, D, H, d_in, middle, d_out, scale, device, dtype, options=None, attn_unit='head_dim'):
-    """A one-sub-block Block of the given widths (random weights) with the family's layer
-    `options` (LayerScale, qk_norm, activation), in eval mode, adding in place. The attention's
-    `middle` is its head_dim with all H heads, or with `attn_unit` 'head' its head count at the
-    full head_dim D // H."""
+def sub_block(kind, model, d_in, middle, d_out, device, dtype, attn_unit='head_dim'):
+    """A one-sub-block Block of the given widths (random weights) with the layer options of the
+    dense `model` (qkv bias, LayerScale, qk_norm, activation), in eval mode, adding in place. The
+    attention's `middle` is its head_dim with all H heads, or with `attn_unit` 'head' its head
+    count at the full head_dim D // H."""
+    D, H = model.embed_dim, model.num_heads
     heads, head_dim = (H, middle) if attn_unit == 'head_dim' else (middle, D // H)
     sub = ({'in_idx': spread(d_in, D), 'out_idx': spread(d_out, D), 'num_heads': heads, 'head_dim': head_dim}
            if kind == 'attn' else
            {'in_idx': spread(d_in, D), 'out_idx': spread(d_out, D), 'hidden_features': middle})
-    options = dict(options or {})
-    blk = Block(D, {'attn': None, 'mlp': None, kind: sub}, scale, options.pop('qkv_bias', True), **options)
+    blk = Block(D, {'attn': None, 'mlp': None, kind: sub}, model.attn_scale, model.qkv_bias, **model.layer_options())
     blk = blk.to(device=device, dtype=dtype).eval()
     for w in blk.writes():
         w.inplace = True
@@ -83,8 +83,7 @@ def time_grid(kind, model, axes, x, amp, warmup, iters, attn_unit='head_dim'):
     for i, a in enumerate(axes[0]):
         for j, b in enumerate(axes[1]):
             for k, c in enumerate(axes[2]):
-                blk = sub_block(kind, D, H, a, b, c, model.attn_scale, x.device, x.dtype,
-                                {'qkv_bias': model.qkv_bias, **model.layer_options()}, attn_unit)
+                blk = sub_block(kind, model, a, b, c, x.device, x.dtype, attn_unit)
                 with torch.autocast(x.device.type, enabled=amp):
                     grid[i, j, k] = 1e3 * median_seconds(lambda: getattr(blk, run)(x), x.device, warmup, iters)
     return grid

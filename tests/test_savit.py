@@ -352,7 +352,7 @@ def test_state_dict_round_trip():
 def test_default_search_is_fast_on_deit_small_sizes():
     """12 layers × 6 heads, 1536 hidden, 384 channels, the official 100 / 50 / 100 search."""
     shape = ViTShape(depth=12, num_heads=6, head_dim=64, mlp_hidden=1536, embed_dim=384,
-                     num_patches=196, num_classes=1000, patch_in=768, patch_bias=True, qkv_bias=True,
+                     num_patches=196, num_classes=1000, patch_in=768, patch_bias=True,
                      num_prefix_tokens=1, num_classifiers=1)
     g = torch.Generator().manual_seed(0)
     cfg = SaViTConfig(prune_ratio=0.5)

@@ -174,7 +174,18 @@ def test_an_uncached_hub_model_or_a_bad_folder_is_one_line(tmp_path, hub_cache):
     one_line_error(f'local-dir:{folder}', r'pytorch_model.bin is not a readable PyTorch checkpoint')
 
 
-def test_timm_pretrained_checkpoint_gives_the_weights_timm_loads(tmp_path):
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection fails the test: these read local files only (CI has no network)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('the test tried to reach the network')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+
+
+def test_timm_pretrained_checkpoint_gives_the_weights_timm_loads(tmp_path, no_network):
     """vit_tiny_patch16_384 (timm's own; vit_tiny_patch16_224 is this project's) from a local
     file through timm's pretrained_cfg, as create_model(..., pretrained=True) reads it."""
     torch.manual_seed(12)
@@ -191,7 +202,7 @@ def test_timm_pretrained_checkpoint_gives_the_weights_timm_loads(tmp_path):
         timm_pretrained_checkpoint('deit_micro_patch4_32')
 
 
-def test_pretrained_is_a_flag_and_with_model_path_is_refused_in_one_line():
+def test_pretrained_is_a_flag_and_with_model_path_is_refused_in_one_line(no_network):
     import main
     from train.recipe import pretrained_checkpoint
     parser = argparse.ArgumentParser('t', parents=[main.get_args_parser()])
